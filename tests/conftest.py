@@ -1,0 +1,110 @@
+"""Shared pytest helpers.
+
+Multi-device and multi-process tests run their body in a fresh Python subprocess, because
+XLA_FLAGS (virtual device count) and jax.distributed must be set before jax is imported and
+must never leak into the main pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    flags = env.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split() if "force_host_platform_device_count" not in f)
+    if num_devices > 1:
+        flags += f" --xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] = flags.strip()
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_in_subprocess(
+    code: str, *, num_devices: int = 1, timeout: float = 600, env: dict[str, str] | None = None
+) -> str:
+    """Runs `code` in a fresh interpreter with `num_devices` virtual CPU devices; returns stdout.
+
+    Fails the test with the subprocess's stderr when it exits non-zero.
+    """
+    full_env = subprocess_env(num_devices, **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_multiprocess(
+    code: str, *, num_processes: int = 2, devices_per_process: int = 1, timeout: float = 600
+) -> list[str]:
+    """Runs `code` in `num_processes` processes joined by jax.distributed (gloo on 127.0.0.1).
+
+    Before `code` runs, jax.distributed is initialised; `code` can read PROCESS_ID and
+    NUM_PROCESSES. Returns each process's stdout.
+    """
+    port = free_port()
+    prelude = textwrap.dedent(
+        f"""
+        import os, jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        PROCESS_ID = int(os.environ["INSTRUCTRL_TEST_PROCESS_ID"])
+        NUM_PROCESSES = {num_processes}
+        jax.distributed.initialize(
+            coordinator_address="127.0.0.1:{port}",
+            num_processes=NUM_PROCESSES,
+            process_id=PROCESS_ID,
+        )
+        """
+    )
+    procs = []
+    for pid in range(num_processes):
+        env = subprocess_env(devices_per_process, INSTRUCTRL_TEST_PROCESS_ID=str(pid))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", prelude + textwrap.dedent(code)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = []
+    failed = []
+    for pid, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"process {pid} timed out after {timeout}s")
+        outs.append(out)
+        if p.returncode != 0:
+            failed.append(f"process {pid} exited {p.returncode}:\n{out[-3000:]}\n{err[-6000:]}")
+    if failed:
+        pytest.fail("\n".join(failed))
+    return outs
