@@ -1,0 +1,154 @@
+"""Runs the stages of an experiment config, in order, resuming unfinished ones.
+
+    python -m instructrl.main --config=experiments/tiny_instructgpt.py[:ARGS] --workdir=DIR \
+        [--config.KEY=VALUE ...]
+
+Each stage writes `DIR/<stage>/`; a stage whose folder holds a `DONE` marker is skipped,
+so re-running the same command resumes where the last run stopped. Bad input ends with
+one line naming the file and line (or config key) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import ml_collections
+
+from instructrl import config as config_lib
+from instructrl.errors import InstructrlError
+
+# Stage kind -> module holding `run(config, name, workdir)`. Imported lazily so that a
+# config that uses only some stages does not pay for the others' imports.
+STAGE_MODULES = {
+    "smoke": "instructrl.stages.smoke",
+    "world": "instructrl.stages.world",
+    "tokenizer": "instructrl.stages.tokenizer",
+    "pretrain": "instructrl.stages.pretrain",
+    "sft": "instructrl.stages.sft",
+    "collect": "instructrl.stages.collect",
+    "rm": "instructrl.stages.reward",
+    "ppo": "instructrl.stages.ppo",
+    "eval": "instructrl.evaluate",
+}
+
+DONE_MARKER = "DONE"
+
+
+class UsageError(ValueError):
+    """A bad command line; the message says which flag."""
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m instructrl.main", description=__doc__)
+    parser.add_argument("--config", required=True, help="experiments/x.py[:ARGS]")
+    parser.add_argument("--workdir", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--coordinator_address", default=None, help="jax.distributed coordinator")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (auto-detected settings on TPU pods)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            raise UsageError(f"unknown flag '{item}' (overrides look like --config.KEY=VALUE)")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+def build_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(spec)
+    config_lib.apply_overrides(config, overrides)
+    config_lib.stage_names(config)
+    return config
+
+
+def stage_runner(kind: str) -> Callable[[ml_collections.ConfigDict, str, str], None]:
+    if kind not in STAGE_MODULES:
+        raise config_lib.ConfigError(
+            f"stage kind '{kind}' is unknown (known: {', '.join(sorted(STAGE_MODULES))})"
+        )
+    module = importlib.import_module(STAGE_MODULES[kind])
+    return module.run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Runs every stage of `config.stages` not yet finished in `workdir`."""
+    import jax  # noqa: PLC0415 - after jax.distributed.initialize in main()
+
+    names = config_lib.stage_names(config)
+    runners = {name: stage_runner(config[name].kind) for name in names}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        _write_config(config, workdir)
+    for name in names:
+        stage_dir = os.path.join(workdir, name)
+        if os.path.exists(os.path.join(stage_dir, DONE_MARKER)):
+            logging.info("stage %s: finished earlier, skipped", name)
+            continue
+        logging.info("stage %s (%s): starting", name, config[name].kind)
+        start = time.time()
+        runners[name](config, name, workdir)
+        if jax.process_index() == 0:
+            with open(os.path.join(stage_dir, DONE_MARKER), "w") as f:
+                f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+        logging.info("stage %s: done in %.1f s", name, time.time() - start)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    text = config_lib.to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old != text:
+            # Keep the earlier config next to the new one: finished stages ran with it.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+            logging.warning("config differs from the one in %s; the old one was kept", path)
+        else:
+            return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config = build_config(args.config, overrides)
+    except (InstructrlError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax  # noqa: PLC0415 - only after the config is known to be good
+
+    if args.coordinator_address or args.distributed:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    try:
+        run(config, args.workdir)
+    except InstructrlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
