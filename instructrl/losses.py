@@ -74,8 +74,9 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) ->
 
 def explained_variance(pred: Array, target: Array, mask: Array) -> Array:
     """1 - Var[target - pred] / Var[target] over the mask; 0 when Var[target] == 0 (a log metric)."""
-    residual = _up(target) - _up(pred)
-    return 1.0 - _safe_div(masked_var(residual, mask), masked_var(target, mask))
+    var_y = masked_var(target, mask)
+    var_res = masked_var(_up(target) - _up(pred), mask)
+    return jnp.where(var_y > 0, 1.0 - _safe_div(var_res, var_y), 0)
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -273,7 +274,7 @@ def ppo_policy_loss(
         loss = masked_sum(per_token, valid) / normalizer
     sg = jax.lax.stop_gradient
     stats = {
-        "pg_clip_frac": masked_mean(sg(clipped > unclipped), valid),
+        "pg_clip_frac": masked_mean(sg(clipped > unclipped).astype(per_token.dtype), valid),
         "approx_kl": masked_mean(sg((ratio - 1.0) - log_ratio), valid),
         "ratio_mean": masked_mean(sg(ratio), valid),
     }
@@ -309,7 +310,7 @@ def ppo_value_loss(
         loss = masked_sum(per_token, valid) / normalizer
     sg = jax.lax.stop_gradient
     stats = {
-        "vf_clip_frac": masked_mean(sg(clipped > unclipped), valid),
+        "vf_clip_frac": masked_mean(sg(clipped > unclipped).astype(per_token.dtype), valid),
         "vf_explained_var": sg(explained_variance(v, ret, valid)),
     }
     return loss, stats

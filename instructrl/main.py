@@ -38,7 +38,7 @@ STAGE_MODULES = {
     "eval": "instructrl.evaluate",
 }
 
-DONE_MARKER = "DONE"
+from instructrl.stages.inputs import DONE_MARKER
 
 
 class UsageError(ValueError):

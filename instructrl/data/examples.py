@@ -1,0 +1,192 @@
+"""Records -> token arrays, one example at a time (pure numpy; the grain maps of pipeline.py).
+
+Layouts (model conventions of models/transformer.py: `mask` 0 = pad, > 0 = segment id):
+
+  SFT        sequence [BOS] prompt completion [EOS] (<= seq_len tokens); tokens = seq[:-1],
+             targets = seq[1:], loss_mask = 1 exactly where the target is a completion token
+             or the EOS.
+  pretrain   [BOS] text [EOS], split into rows later; loss_mask = 1 on every target.
+  RM         K rows [BOS] prompt response_k [EOS], right-padded to [K_max, T];
+             response_mask [K_max], pair_mask [K_max, K_max] (1 iff i ranked above j, ties
+             and padding excluded; losses.pairs_from_ranking).
+  prompts    [BOS] prompt, LEFT-padded to [P] (pads first), as sampling expects.
+
+A response longer than its room (LengthLimits.response_room) is cut and gets no EOS: a
+model must not learn to stop where the cut happened. Prompts are never cut here; the
+builder already dropped those over max_prompt_len.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from instructrl.data.records import LengthLimits
+from instructrl.losses import pairs_from_ranking
+
+Example = dict[str, np.ndarray]
+
+
+def _decode(element: dict[str, Any] | bytes) -> dict[str, Any]:
+    raw = element["record"] if isinstance(element, dict) else element
+    return json.loads(raw)
+
+
+def _response(ids: list[int], room: int, eos: int) -> list[int]:
+    return ids + [eos] if len(ids) <= room else ids[:room]
+
+
+def sft_example(prompt_ids: list[int], completion_ids: list[int], limits: LengthLimits, bos: int, eos: int) -> Example:
+    """Unpadded tokens/targets/loss_mask int32 [n], n <= seq_len - 1."""
+    prompt = [bos, *prompt_ids]
+    seq = prompt + _response(completion_ids, limits.response_room(len(prompt)), eos)
+    loss_mask = np.zeros(len(seq) - 1, np.int32)
+    loss_mask[len(prompt) - 1 :] = 1  # targets from the first completion token on
+    return {
+        "tokens": np.asarray(seq[:-1], np.int32),
+        "targets": np.asarray(seq[1:], np.int32),
+        "loss_mask": loss_mask,
+    }
+
+
+def lm_example(text_ids: list[int], bos: int, eos: int) -> Example:
+    """Pretraining document: unpadded tokens/targets/loss_mask int32 [len(text) + 1]."""
+    seq = [bos, *text_ids, eos]
+    n = len(seq) - 1
+    return {
+        "tokens": np.asarray(seq[:-1], np.int32),
+        "targets": np.asarray(seq[1:], np.int32),
+        "loss_mask": np.ones(n, np.int32),
+    }
+
+
+def pad_lm(example: Example, seq_len: int, pad_id: int) -> Example:
+    """Right-pads an unpadded LM example to [seq_len]; adds mask (1 = real) and positions."""
+    n = len(example["tokens"])
+    out = {}
+    for key, value in example.items():
+        fill = pad_id if key in ("tokens", "targets") else 0
+        out[key] = np.full(seq_len, fill, np.int32)
+        out[key][:n] = value
+    out["mask"] = (np.arange(seq_len) < n).astype(np.int32)
+    out["positions"] = np.where(out["mask"] > 0, np.arange(seq_len), 0).astype(np.int32)
+    return out
+
+
+def chunk_lm(example: Example, seq_len: int) -> list[Example]:
+    """Splits an LM example longer than seq_len into consecutive rows of <= seq_len."""
+    n = len(example["tokens"])
+    return [{k: v[s : s + seq_len] for k, v in example.items()} for s in range(0, n, seq_len)]
+
+
+def from_packed(packed: Example) -> Example:
+    """grain packing output -> model keys: mask = segment ids, positions restart per segment."""
+    return {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "loss_mask": packed["loss_mask"],
+        "mask": packed["tokens_segment_ids"].astype(np.int32),
+        "positions": packed["tokens_positions"].astype(np.int32),
+    }
+
+
+def rm_example(
+    prompt_ids: list[int],
+    responses_ids: list[list[int]],
+    ranking: list[int],
+    ties: list[list[int]],
+    limits: LengthLimits,
+    k_max: int,
+    bos: int,
+    eos: int,
+    pad_id: int,
+) -> Example:
+    """tokens/mask/positions int32 [K_max, seq_len], response_mask int32 [K_max],
+    pair_mask float32 [K_max, K_max]."""
+    k, t = len(responses_ids), limits.seq_len
+    if k > k_max:
+        raise ValueError(f"comparison has {k} responses but K_max={k_max} (data.max_responses)")
+    prompt = [bos, *prompt_ids]
+    room = limits.response_room(len(prompt))
+    tokens = np.full((k_max, t), pad_id, np.int32)
+    mask = np.zeros((k_max, t), np.int32)
+    for i, ids in enumerate(responses_ids):
+        seq = prompt + _response(ids, room, eos)
+        tokens[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    positions = np.where(mask > 0, np.arange(t)[None, :], 0).astype(np.int32)
+    return {
+        "tokens": tokens,
+        "mask": mask,
+        "positions": positions,
+        "response_mask": (np.arange(k_max) < k).astype(np.int32),
+        "pair_mask": pairs_from_ranking(ranking, k, k_max, ties),
+    }
+
+
+def prompt_example(prompt_ids: list[int], prompt_len: int, bos: int, pad_id: int, index: int) -> Example:
+    """prompt_tokens/prompt_mask int32 [prompt_len] left-padded; index int64 [] (source row)."""
+    seq = [bos, *prompt_ids]
+    if len(seq) > prompt_len:
+        raise ValueError(f"prompt of {len(seq)} tokens > max_prompt_len={prompt_len}; rebuild the dataset")
+    tokens = np.full(prompt_len, pad_id, np.int32)
+    mask = np.zeros(prompt_len, np.int32)
+    tokens[prompt_len - len(seq) :] = seq
+    mask[prompt_len - len(seq) :] = 1
+    return {"prompt_tokens": tokens, "prompt_mask": mask, "index": np.asarray(index, np.int64)}
+
+
+# ----------------------------------------------------------------------------- grain maps
+# Picklable callables (grain may run them in worker processes).
+
+
+class _Tokenizing:
+    def __init__(self, tokenizer: Any, limits: LengthLimits | None = None):
+        self.tok = tokenizer
+        self.limits = limits
+
+
+class SFTMap(_Tokenizing):
+    def __call__(self, element: dict[str, Any]) -> Example:
+        r = _decode(element)
+        tok = self.tok
+        return sft_example(tok.encode(r["prompt"]), tok.encode(r["completion"]), self.limits, tok.bos_id, tok.eos_id)
+
+
+class LMMap(_Tokenizing):
+    def __call__(self, element: dict[str, Any]) -> Example:
+        return lm_example(self.tok.encode(_decode(element)["text"]), self.tok.bos_id, self.tok.eos_id)
+
+
+class RMMap(_Tokenizing):
+    def __init__(self, tokenizer: Any, limits: LengthLimits, k_max: int):
+        super().__init__(tokenizer, limits)
+        self.k_max = k_max
+
+    def __call__(self, element: dict[str, Any]) -> Example:
+        r = _decode(element)
+        tok = self.tok
+        return rm_example(
+            tok.encode(r["prompt"]),
+            [tok.encode(x) for x in r["responses"]],
+            r["ranking"],
+            r.get("ties", []),
+            self.limits,
+            self.k_max,
+            tok.bos_id,
+            tok.eos_id,
+            tok.pad_id,
+        )
+
+
+class PromptMap(_Tokenizing):
+    def __call__(self, indexed: tuple[int, dict[str, Any]]) -> Example:
+        index, element = indexed
+        ids = self.tok.encode(_decode(element)["prompt"])
+        return prompt_example(ids, self.limits.max_prompt_len, self.tok.bos_id, self.tok.pad_id, index)
+
+
+def with_index(index: int, element: Any) -> tuple[int, Any]:
+    return index, element

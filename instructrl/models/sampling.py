@@ -1,0 +1,230 @@
+"""Autoregressive sampling with a KV cache, and log-probs of given tokens.
+
+`sample` is pure and traceable: call it inside your own jit (the PPO rollout does), or use
+`sample_jit`, which compiles once per (model, shapes, static settings). The prompt is
+prefilled in one forward pass, then a `lax.while_loop` decodes one token per step (stopping
+early once every row has emitted `stop_token`).
+
+Log-probs: every sampled token's log-prob is taken from the FULL temperature-scaled
+distribution log_softmax(logits / temperature), before top-k/top-p filtering, so it equals
+what `sequence_logprobs` computes at the same temperature (PPO's policy/reference log-probs).
+Greedy decoding reports temperature-1 log-probs.
+
+Not here: the model itself (transformer.py), PPO rewards and losses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from instructrl.models.transformer import Transformer, init_cache, positions_from_mask
+
+__all__ = [
+    "SampleOutput",
+    "filter_logits",
+    "init_cache",
+    "response_logprobs",
+    "sample",
+    "sample_jit",
+    "sequence_logprobs",
+]
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B,N] int32; pad_id after a row's stop token
+    logprobs: jax.Array  # [B,N] f32 log_softmax(logits / temperature) at tokens; 0 where mask == 0
+    mask: jax.Array  # [B,N] int32; 1 up to and including the stop token
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / nucleus set to -inf. logits f32 [..., V].
+
+    top_k keeps the k largest (all tokens tied with the k-th are kept); 0 = off.
+    top_p then keeps the smallest prefix of tokens sorted by probability (softmax of the
+    top-k-filtered logits) whose mass reaches top_p, at least one token; 1.0 = off.
+    Apply after dividing by the temperature (the nucleus depends on it).
+    """
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"filter_logits: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    neg_inf = jnp.array(-jnp.inf, logits.dtype)
+    if 0 < top_k < logits.shape[-1]:
+        kth = lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        count = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(desc, count - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+def _choose(logits, key, temperature, top_k, top_p, greedy):
+    """logits f32 [B,V] -> (token int32 [B], logprob f32 [B] from the unfiltered distribution)."""
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        scaled = logits
+    else:
+        scaled = logits / temperature
+        token = jax.random.categorical(
+            key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1
+        )
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def sample(
+    model: Transformer,
+    params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float | jax.Array = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    stop_token: int | None = None,
+    pad_id: int = 0,
+) -> SampleOutput:
+    """Samples `max_new_tokens` continuations of LEFT-padded prompts.
+
+    prompt_tokens/prompt_mask int32 [B,P] (each row needs >= 1 real token; unpacked prompts).
+    params: the model's (unboxed) "params" tree. Generated tokens continue each row's
+    positions and segment id; pads are never attended to. Once a row emits `stop_token` it
+    is done: later entries are pad_id with mask 0 and logprob 0.
+    Returns SampleOutput(tokens [B,N] int32, logprobs [B,N] f32, mask [B,N] int32).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(temperature, (int, float)) and not greedy and temperature <= 0:
+        raise ValueError(f"sample: temperature must be > 0 (or greedy=True), got {temperature}")
+    filter_logits(jnp.zeros((1, 1)), top_k=top_k, top_p=top_p)  # validates the settings early
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    batch, p_len = prompt_tokens.shape
+    n = max_new_tokens
+    variables = {"params": params}
+    choose = functools.partial(
+        _choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    )
+
+    positions = positions_from_mask(prompt_mask)
+    cache = init_cache(model.config, batch, p_len + n - 1)
+    logits, cache = model.apply(
+        variables, prompt_tokens, positions, prompt_mask, cache=cache, last_only=True
+    )
+    last_real = prompt_mask[:, -1] != 0
+    segment = jnp.where(last_real, prompt_mask[:, -1], 1)
+    first_pos = jnp.where(last_real, positions[:, -1] + 1, 0)
+
+    def emit(state, i, logits):
+        """Draws token i from logits [B,V] and writes it (or pad if the row is done)."""
+        tokens, logprobs, mask, done = state
+        token, logp = choose(logits, jax.random.fold_in(rng, i))
+        valid = ~done
+        token = jnp.where(valid, token, pad_id)
+        if stop_token is not None:
+            done = done | (token == stop_token)
+        tokens = lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        logprobs = lax.dynamic_update_slice(logprobs, jnp.where(valid, logp, 0.0)[:, None], (0, i))
+        mask = lax.dynamic_update_slice(mask, valid.astype(jnp.int32)[:, None], (0, i))
+        return tokens, logprobs, mask, done
+
+    state = (
+        jnp.full((batch, n), pad_id, jnp.int32),
+        jnp.zeros((batch, n), jnp.float32),
+        jnp.zeros((batch, n), jnp.int32),
+        jnp.zeros((batch,), bool),
+    )
+    state = emit(state, 0, logits)
+
+    def cond(carry):
+        i, _, state = carry
+        return (i < n) & ~jnp.all(state[3])
+
+    def body(carry):
+        i, cache, state = carry
+        tokens, _, mask = state[:3]
+        prev = lax.dynamic_slice(tokens, (0, i - 1), (batch, 1))
+        prev_mask = lax.dynamic_slice(mask, (0, i - 1), (batch, 1)) * segment[:, None]
+        pos = (first_pos + i - 1)[:, None]
+        logits, cache = model.apply(variables, prev, pos, prev_mask, cache=cache, last_only=True)
+        return i + 1, cache, emit(state, i, logits)
+
+    _, _, (tokens, logprobs, mask, _) = lax.while_loop(cond, body, (jnp.int32(1), cache, state))
+    return SampleOutput(tokens, logprobs, mask)
+
+
+sample_jit = jax.jit(
+    sample,
+    static_argnums=(0,),
+    static_argnames=("max_new_tokens", "top_k", "top_p", "greedy", "stop_token", "pad_id"),
+)
+sample_jit.__doc__ = (
+    "`sample` compiled once per (model, shapes, static settings); temperature is traced."
+)
+
+
+def sequence_logprobs(
+    model: Transformer,
+    params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    targets: jax.Array,
+    target_mask: jax.Array,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Per-token log_softmax(logits / temperature)[targets] by one full forward pass.
+
+    tokens/positions/mask/targets/target_mask [B,T]; targets[t] is predicted from logits[t].
+    Returns f32 [B,T], 0 where target_mask == 0.
+    """
+    logits = model.apply({"params": params}, tokens, positions, mask) / temperature
+    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[
+        ..., 0
+    ]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.where(jnp.asarray(target_mask) != 0, logp, 0.0)
+
+
+def response_logprobs(
+    model: Transformer,
+    params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    response_tokens: jax.Array,
+    response_mask: jax.Array,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Log-probs of right-padded responses [B,N] after LEFT-padded prompts [B,P], in one pass.
+
+    Recomputes `sample`'s logprobs (same temperature) for PPO's policy and reference.
+    Returns f32 [B,N], 0 where response_mask == 0.
+    """
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    p_len = prompt_tokens.shape[1]
+    segment = jnp.where(prompt_mask[:, -1:] != 0, prompt_mask[:, -1:], 1)
+    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, (jnp.asarray(response_mask) != 0) * segment], axis=1)
+    # Response token j is predicted at index P-1+j; the last index predicts nothing we need.
+    inputs, inputs_mask = tokens[:, :-1], mask[:, :-1]
+    logp = sequence_logprobs(
+        model,
+        params,
+        inputs,
+        positions_from_mask(inputs_mask),
+        inputs_mask,
+        tokens[:, 1:],
+        mask[:, 1:],
+        temperature,
+    )
+    return logp[:, p_len - 1 :]

@@ -1,0 +1,63 @@
+"""Where stages find their inputs: other stages' folders, named in the config.
+
+A stage names each input by the name of the stage that produced it (`init_from="sft"`,
+`reward_from="rm"`, `tokenizer_from="tokenizer"`); nothing is found by convention alone.
+A missing or unfinished input stage is an `InputError` naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from instructrl.errors import InputError
+
+DONE_MARKER = "DONE"
+EXPORT_DIR = "export"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def stage_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, name)
+
+
+def is_done(workdir: str, name: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir(workdir, name), DONE_MARKER))
+
+
+def input_stage(
+    config: ml_collections.ConfigDict, name: str, key: str, workdir: str, default: str = ""
+) -> str:
+    """The folder of the stage named by `config.<name>.<key>`; it must have finished."""
+    source = config[name].get(key, default)
+    where = f"config key '{name}.{key}'"
+    if not source:
+        raise InputError(f"{where} is empty: stage '{name}' needs an input stage")
+    if source not in config:
+        raise InputError(f"{where} names stage '{source}', which is not in the config")
+    if not is_done(workdir, source):
+        raise InputError(
+            f"{where}: input stage '{source}' has not finished in {stage_dir(workdir, source)} "
+            f"(add it to config.stages before '{name}')"
+        )
+    return stage_dir(workdir, source)
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, name: str, workdir: str) -> str:
+    """The sentencepiece model for stage `name`: `tokenizer_from` names a stage or a .model file."""
+    source = config[name].get("tokenizer_from", "tokenizer")
+    if source.endswith(".model"):
+        if not os.path.isfile(source):
+            raise InputError(f"config key '{name}.tokenizer_from': {source} not found")
+        return source
+    folder = input_stage(config, name, "tokenizer_from", workdir, default="tokenizer")
+    return os.path.join(folder, TOKENIZER_FILE)
+
+
+def export_dir(config: ml_collections.ConfigDict, name: str, key: str, workdir: str) -> str:
+    """The params export (params + model_config.json) of the stage named by `config.<name>.<key>`."""
+    path = os.path.join(input_stage(config, name, key, workdir), EXPORT_DIR)
+    if not os.path.isdir(path):
+        raise InputError(f"config key '{name}.{key}': {path} has no exported params")
+    return path
