@@ -25,6 +25,7 @@ from instructrl.tasks import (
     synthetic_responses,
     write_world,
 )
+from instructrl.tasks.families import slip
 from instructrl.tasks.vocab import fact, perturb_answer
 from instructrl.tasks.world import SPLIT_FRACTIONS, pretrain_prompt_sampler
 
@@ -99,7 +100,8 @@ def test_scores_in_unit_interval_and_perturbations_mostly_wrong(family):
         for resp, st in zip(responses, stopped, strict=True):
             assert 0.0 <= score(r, resp, st) <= 1.0
         slipped.append(score(r, perturb_answer(gold_answer(r, rng), rng)) < 1.0)
-    assert np.mean(slipped) > 0.75
+        assert score(r, slip(r, gold_answer(r, rng), rng)) < 1.0
+    assert np.mean(slipped) > 0.3  # single word-level slips are often, not always, errors
 
 
 def test_partial_credit_values():
@@ -177,7 +179,7 @@ def test_demonstration_error_rate_is_measured():
     assert all(score(r, d["completion"]) == 1.0 for r, d in zip(records, clean, strict=False))
     demos = [make_demonstration(r, rng, 0.1) for r in records]
     wrong = np.mean([score(r, d["completion"]) < 1.0 for r, d in zip(records, demos, strict=True)])
-    assert 0.06 < wrong < 0.13, wrong
+    assert 0.08 < wrong < 0.12, wrong
 
 
 def test_public_task_is_in_the_pretraining_distribution():
@@ -195,6 +197,11 @@ def test_public_task_is_in_the_pretraining_distribution():
         public_task_accuracy(records, [])
 
 
+def _bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _read(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -205,9 +212,9 @@ def test_write_world_files_formats_disjointness_and_determinism(tmp_path):
     again = write_world(str(tmp_path / "b"), seed=3, **SMALL)
     other = write_world(str(tmp_path / "c"), seed=4, **SMALL)
     for name, path in paths.items():
-        assert open(path, "rb").read() == open(again[name], "rb").read(), name
+        assert _bytes(path) == _bytes(again[name]), name
         if name != "world":
-            assert open(path, "rb").read() != open(other[name], "rb").read(), name
+            assert _bytes(path) != _bytes(other[name]), name
     assert not [f for f in os.listdir(tmp_path / "a") if f.endswith(".tmp")]
 
     data = {name: _read(p) for name, p in paths.items() if name != "world"}
@@ -243,5 +250,5 @@ def test_write_world_files_formats_disjointness_and_determinism(tmp_path):
 def test_write_world_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="demo_error_rate"):
         write_world(str(tmp_path), seed=0, demo_error_rate=1.5, **SMALL)
-    with pytest.raises(ValueError, match="unique prompts"):
+    with pytest.raises(ValueError, match="ran out of unique 'word_limit' prompts"):
         write_world(str(tmp_path), seed=0, **{**SMALL, "num_eval": 9 * 200})

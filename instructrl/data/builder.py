@@ -54,7 +54,9 @@ class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(FORMAT_VERSION)
     RELEASE_NOTES = {"1.0.0": "One JSON-encoded normalised record per example."}  # noqa: RUF012
 
-    def __init__(self, *, staged: dict[str, str] | None = None, stats: LoadStats | None = None, **kw: Any):
+    def __init__(
+        self, *, staged: dict[str, str] | None = None, stats: LoadStats | None = None, **kw: Any
+    ):
         self._staged = staged or {}
         self._stats = stats
         super().__init__(**kw)
@@ -162,7 +164,11 @@ def length_limits(config: ml_collections.ConfigDict, tokenizer: Any) -> LengthLi
 
 
 def build_inputs(
-    kind: str, config: ml_collections.ConfigDict, tokenizer: Any, train: list[str], validation: list[str]
+    kind: str,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    train: list[str],
+    validation: list[str],
 ) -> dict[str, Any]:
     """Everything the built records depend on; its hash names the builder config."""
     inputs: dict[str, Any] = {
@@ -188,12 +194,22 @@ def in_validation(key: str, fraction: float) -> bool:
 
 
 def _stage(
-    kind: str, config: ml_collections.ConfigDict, tokenizer: Any, train: list[str], validation: list[str], tmp: str
+    kind: str,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    train: list[str],
+    validation: list[str],
+    tmp: str,
 ) -> tuple[dict[str, str], LoadStats]:
     """Validates all records and writes one normalised JSON line per record and split."""
     stats = LoadStats(kind)
     limits = None if kind == "pretrain" else length_limits(config, tokenizer)
-    kw = dict(skip_invalid=config.skip_invalid, limits=limits, max_responses=config.max_responses, stats=stats)
+    kw = dict(
+        skip_invalid=config.skip_invalid,
+        limits=limits,
+        max_responses=config.max_responses,
+        stats=stats,
+    )
     counts = dict.fromkeys(_SPLITS, 0)
     files = {s: open(f"{tmp}/{s}.jsonl", "w", encoding="utf-8") for s in _SPLITS}  # noqa: SIM115
     try:
@@ -211,12 +227,18 @@ def _stage(
     stats.splits = {s: n for s, n in counts.items() if n}
     if not counts["train"]:
         stats.log(kind)
-        raise InputError(f"{', '.join(train)}: no {kind} records left for training after validation")
+        raise InputError(
+            f"{', '.join(train)}: no {kind} records left for training after validation"
+        )
     return {s: f"{tmp}/{s}.jsonl" for s in _SPLITS if counts[s]}, stats
 
 
 def build_dataset(
-    kind: str, config: ml_collections.ConfigDict, tokenizer: Any = None, *, data_dir: str | None = None
+    kind: str,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any = None,
+    *,
+    data_dir: str | None = None,
 ) -> BuiltDataset:
     """Builds (or reuses) the array_record dataset of `kind` from config.data's files.
 
@@ -231,7 +253,9 @@ def build_dataset(
     train, validation = resolve_files(kind, config)
     inputs = build_inputs(kind, config, tokenizer, train, validation)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    builder_config = tfds.core.BuilderConfig(name=f"{kind}-{digest}", description=json.dumps(inputs))
+    builder_config = tfds.core.BuilderConfig(
+        name=f"{kind}-{digest}", description=json.dumps(inputs)
+    )
     common = dict(config=builder_config, data_dir=data_dir, file_format="array_record")
     builder = InstructrlRecords(**common)
     if builder.is_prepared():
@@ -241,7 +265,9 @@ def build_dataset(
         epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir, prefix=".staging-") as tmp:
             staged, stats = _stage(kind, config, tokenizer, train, validation, tmp)
-            logging.info("data: building %s from %d files", builder.data_path, len(train) + len(validation))
+            logging.info(
+                "data: building %s from %d files", builder.data_path, len(train) + len(validation)
+            )
             InstructrlRecords(staged=staged, stats=stats, **common).download_and_prepare()
     stats.log(f"{kind} ({builder.data_path})")
     sources = tfds.data_source(

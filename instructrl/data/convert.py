@@ -92,7 +92,9 @@ def tldr_record(obj: Any) -> dict[str, Any]:
     texts = [_text(s, "text", f"summaries[{i}].") for i, s in enumerate(summaries)]
     choice = _field(obj, "choice")
     if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(texts):
-        raise InvalidRecord("bad_ranking", f"choice {choice!r} is not an index into the {len(texts)} summaries")
+        raise InvalidRecord(
+            "bad_ranking", f"choice {choice!r} is not an index into the {len(texts)} summaries"
+        )
     ranking = [choice] + [i for i in range(len(texts)) if i != choice]
     return {"prompt": prompt, "responses": texts, "ranking": ranking}
 
@@ -143,7 +145,10 @@ def _items(path: str) -> Iterator[tuple[str, Any]]:
         try:
             yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", InvalidRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})")
+            yield (
+                f"{path}:{lineno}",
+                InvalidRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"),
+            )
 
 
 def _expand(inputs: str | Sequence[str]) -> list[str]:
@@ -183,24 +188,32 @@ def convert_records(
     return out, stats
 
 
-def convert(fmt: str, inputs: str | Sequence[str], out: str, *, skip_invalid: bool = False) -> LoadStats:
+def convert(
+    fmt: str, inputs: str | Sequence[str], out: str, *, skip_invalid: bool = False
+) -> LoadStats:
     """Converts `inputs` and writes `out` (JSONL, UTF-8) atomically; returns the counts."""
     records, stats = convert_records(fmt, inputs, skip_invalid=skip_invalid)
     out_path = epath.Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
     tmp.replace(out_path)
     stats.log(out)
     return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instructrl.data.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m instructrl.data.convert", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, help="comma-separated files or globs (.gz ok)")
     parser.add_argument("--out", required=True, help="output .jsonl")
-    parser.add_argument("--skip_invalid", action="store_true", help="skip bad records, report counts")
+    parser.add_argument(
+        "--skip_invalid", action="store_true", help="skip bad records, report counts"
+    )
     args = parser.parse_args(argv)
     try:
         stats = convert(args.format, args.input, args.out, skip_invalid=args.skip_invalid)
@@ -208,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(stats.skipped.items()))
-    print(f"wrote {stats.records} {stats.kind} to {args.out}" + (f"; skipped {skipped}" if skipped else ""))
+    print(
+        f"wrote {stats.records} {stats.kind} to {args.out}"
+        + (f"; skipped {skipped}" if skipped else "")
+    )
     return 0
 
 

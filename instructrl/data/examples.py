@@ -35,10 +35,12 @@ def _decode(element: dict[str, Any] | bytes) -> dict[str, Any]:
 
 
 def _response(ids: list[int], room: int, eos: int) -> list[int]:
-    return ids + [eos] if len(ids) <= room else ids[:room]
+    return [*ids, eos] if len(ids) <= room else ids[:room]
 
 
-def sft_example(prompt_ids: list[int], completion_ids: list[int], limits: LengthLimits, bos: int, eos: int) -> Example:
+def sft_example(
+    prompt_ids: list[int], completion_ids: list[int], limits: LengthLimits, bos: int, eos: int
+) -> Example:
     """Unpadded tokens/targets/loss_mask int32 [n], n <= seq_len - 1."""
     prompt = [bos, *prompt_ids]
     seq = prompt + _response(completion_ids, limits.response_room(len(prompt)), eos)
@@ -126,11 +128,15 @@ def rm_example(
     }
 
 
-def prompt_example(prompt_ids: list[int], prompt_len: int, bos: int, pad_id: int, index: int) -> Example:
+def prompt_example(
+    prompt_ids: list[int], prompt_len: int, bos: int, pad_id: int, index: int
+) -> Example:
     """prompt_tokens/prompt_mask int32 [prompt_len] left-padded; index int64 [] (source row)."""
     seq = [bos, *prompt_ids]
     if len(seq) > prompt_len:
-        raise ValueError(f"prompt of {len(seq)} tokens > max_prompt_len={prompt_len}; rebuild the dataset")
+        raise ValueError(
+            f"prompt of {len(seq)} tokens > max_prompt_len={prompt_len}; rebuild the dataset"
+        )
     tokens = np.full(prompt_len, pad_id, np.int32)
     mask = np.zeros(prompt_len, np.int32)
     tokens[prompt_len - len(seq) :] = seq
@@ -152,12 +158,20 @@ class SFTMap(_Tokenizing):
     def __call__(self, element: dict[str, Any]) -> Example:
         r = _decode(element)
         tok = self.tok
-        return sft_example(tok.encode(r["prompt"]), tok.encode(r["completion"]), self.limits, tok.bos_id, tok.eos_id)
+        return sft_example(
+            tok.encode(r["prompt"]),
+            tok.encode(r["completion"]),
+            self.limits,
+            tok.bos_id,
+            tok.eos_id,
+        )
 
 
 class LMMap(_Tokenizing):
     def __call__(self, element: dict[str, Any]) -> Example:
-        return lm_example(self.tok.encode(_decode(element)["text"]), self.tok.bos_id, self.tok.eos_id)
+        return lm_example(
+            self.tok.encode(_decode(element)["text"]), self.tok.bos_id, self.tok.eos_id
+        )
 
 
 class RMMap(_Tokenizing):
@@ -185,7 +199,9 @@ class PromptMap(_Tokenizing):
     def __call__(self, indexed: tuple[int, dict[str, Any]]) -> Example:
         index, element = indexed
         ids = self.tok.encode(_decode(element)["prompt"])
-        return prompt_example(ids, self.limits.max_prompt_len, self.tok.bos_id, self.tok.pad_id, index)
+        return prompt_example(
+            ids, self.limits.max_prompt_len, self.tok.bos_id, self.tok.pad_id, index
+        )
 
 
 def with_index(index: int, element: Any) -> tuple[int, Any]:

@@ -218,16 +218,22 @@ def _comparison(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
     listwise = "responses" in obj or "ranking" in obj
     pairwise = "chosen" in obj or "rejected" in obj
     if listwise and pairwise:
-        raise InvalidRecord("ambiguous_format", "has both 'responses'/'ranking' and 'chosen'/'rejected'")
+        raise InvalidRecord(
+            "ambiguous_format", "has both 'responses'/'ranking' and 'chosen'/'rejected'"
+        )
     if pairwise:
         responses = [_string(obj, "chosen"), _string(obj, "rejected")]
         ranking = [0, 1]
     else:
         if "responses" not in obj:
-            raise InvalidRecord("missing_field", "missing field 'responses' (or 'chosen'/'rejected')")
+            raise InvalidRecord(
+                "missing_field", "missing field 'responses' (or 'chosen'/'rejected')"
+            )
         raw = obj["responses"]
         if not isinstance(raw, list):
-            raise InvalidRecord("wrong_type", f"field 'responses' must be a list, got {_json_type(raw)}")
+            raise InvalidRecord(
+                "wrong_type", f"field 'responses' must be a list, got {_json_type(raw)}"
+            )
         responses = [_check_string(r, f"responses[{i}]") for i, r in enumerate(raw)]
         if "ranking" not in obj:
             raise InvalidRecord("missing_field", "missing field 'ranking'")
@@ -238,7 +244,9 @@ def _comparison(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
     first: dict[str, int] = {}
     for i, r in enumerate(responses):
         if r in first:
-            raise InvalidRecord("duplicate_responses", f"responses {first[r]} and {i} are identical")
+            raise InvalidRecord(
+                "duplicate_responses", f"responses {first[r]} and {i} are identical"
+            )
         first[r] = i
     if max_responses and k > max_responses:
         raise InvalidRecord(
@@ -335,7 +343,9 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise InvalidRecord(
+            "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"
+        ) from None
     if not isinstance(obj, dict):
         raise InvalidRecord("not_object", f"expected a JSON object, got {_json_type(obj)}")
     return obj

@@ -24,6 +24,7 @@ from instructrl.tasks.families import (
     gold_answer,
     make_prompt,
     score,
+    slip,
 )
 from instructrl.tasks.vocab import PROMPT_SUFFIX, format_completion, format_prompt
 from instructrl.tasks.world import prompt_split, split_prompts, write_world
@@ -46,6 +47,7 @@ __all__ = [
     "public_task",
     "public_task_accuracy",
     "score",
+    "slip",
     "split_prompts",
     "synthetic_responses",
     "write_world",

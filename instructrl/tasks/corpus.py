@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from instructrl.tasks import vocab
-from instructrl.tasks.families import gold_answer, make_prompt
+from instructrl.tasks.families import gold_answer, make_prompt, slip
 from instructrl.tasks.vocab import ANIMALS, fact, format_completion, perturb_answer, pick
 
 # Document kinds and their share of the corpus.
@@ -97,19 +97,13 @@ def _item(record: dict, follow: str) -> str:
 
 def pretrain_document(rng: np.random.Generator, sample_prompt: SamplePrompt) -> dict:
     """One document: {"text": str, "kind": str, "instructions": [prompt records used]}."""
-    kinds = list(DOC_WEIGHTS)
-    kind = kinds[
-        int(
-            rng.choice(
-                len(kinds), p=np.array(list(DOC_WEIGHTS.values())) / sum(DOC_WEIGHTS.values())
-            )
-        )
-    ]
+    kinds, weights = list(DOC_WEIGHTS), np.array(list(DOC_WEIGHTS.values()))
+    kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
     used: list[dict] = []
     if kind == "facts":
         text = _facts_doc(rng)
     elif kind == "story":
-        text = " ".join(_story_sentences(rng) + [_fact_sentence(rng, pick(rng, ANIMALS))])
+        text = " ".join([*_story_sentences(rng), _fact_sentence(rng, pick(rng, ANIMALS))])
     elif kind == "lists":
         text = "\n".join(_list_line(rng) for _ in range(int(rng.integers(2, 5))))
     elif kind in ("exam", "answer_key"):
@@ -192,10 +186,11 @@ def public_task_accuracy(records: Sequence[dict], predictions: Sequence[str]) ->
 
 # ---------------------------------------------------------------- demonstrations, few-shot
 def make_demonstration(record: dict, rng: np.random.Generator, error_rate: float) -> dict:
-    """{"prompt", "completion", "family", "params"}: a gold answer, slipped with prob error_rate."""
+    """{"prompt", "completion", "family", "params"}: a gold answer; with probability
+    error_rate a wrong one instead (families.slip: the gold score is below 1)."""
     answer = gold_answer(record, rng)
     if rng.random() < error_rate:
-        answer = perturb_answer(answer, rng)
+        answer = slip(record, answer, rng)
     return {"prompt": record["prompt"], "completion": format_completion(answer), **_extra(record)}
 
 
@@ -214,18 +209,31 @@ def few_shot_prompt(record: dict, examples: Sequence[dict]) -> dict:
 
 
 def few_shot_examples(
-    record: dict, pool: Sequence[dict], k: int, rng: np.random.Generator, same_family: bool = True
+    record: dict,
+    pool: Sequence[dict],
+    k: int,
+    rng: np.random.Generator,
+    same_family: bool = True,
+    max_chars: int | None = None,
 ) -> list[dict]:
-    """k examples from pool (demonstration records) other than the query itself."""
+    """k examples from pool (demonstration records) other than the query itself.
+
+    max_chars: only examples short enough that the few-shot prompt stays within max_chars
+    characters (each example gets an equal share of what the query leaves), so the prompt
+    fits the model's context.
+    """
+    budget = None if max_chars is None else (max_chars - len(record["prompt"])) // max(k, 1)
     candidates = [
         ex
         for ex in pool
         if ex["prompt"] != record["prompt"]
         and (not same_family or ex["family"] == record["family"])
+        and (budget is None or len(ex["prompt"]) + len(ex["completion"]) + 1 <= budget)
     ]
     if len(candidates) < k:
         raise ValueError(
-            f"only {len(candidates)} few-shot candidates for family {record['family']}"
+            f"only {len(candidates)} few-shot candidates for family {record['family']!r} "
+            f"within max_chars={max_chars}; raise it or lower k"
         )
     return [candidates[int(i)] for i in rng.choice(len(candidates), size=k, replace=False)]
 

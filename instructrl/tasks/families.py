@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from instructrl.tasks import vocab
-from instructrl.tasks.vocab import answer_words, fact, format_prompt, pick
+from instructrl.tasks.vocab import answer_words, fact, format_prompt, perturb_answer, pick
 
 EXTRA_TEXT_FACTOR = 0.7  # answered, then kept talking (e.g. wrote the next instruction)
 NO_STOP_FACTOR = 0.5  # never emitted the stop token within the sampling budget
@@ -345,6 +345,18 @@ def score(record: dict, response: str, stopped: bool = True) -> float:
     """Gold score in [0, 1] of `response` (the text after the prompt) for a prompt record."""
     words, extra = answer_words(response)
     grade = float(_family(record).grade(record["params"], words))
-    if not 0.0 <= grade <= 1.0:
+    if not -1e-9 <= grade <= 1.0 + 1e-9:
         raise AssertionError(f"{record['family']} grade {grade} outside [0, 1]")
+    grade = min(max(grade, 0.0), 1.0)  # weighted sums of exact 1s may round to 1 +- 1 ulp
     return grade * (EXTRA_TEXT_FACTOR if extra else 1.0) * (1.0 if stopped else NO_STOP_FACTOR)
+
+
+def slip(record: dict, answer: str, rng: np.random.Generator) -> str:
+    """A labeler's mistake on `answer`: word-level slips (vocab.perturb_answer), compounded
+    until the gold scorer marks the result below 1 (a dropped word is harmless in
+    "describe in at most 5 words", so one slip is not always an error)."""
+    for _ in range(100):
+        answer = perturb_answer(answer, rng)
+        if score(record, answer) < 1.0:
+            return answer
+    raise RuntimeError(f"no slip found for {record['prompt']!r}")

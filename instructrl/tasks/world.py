@@ -106,15 +106,18 @@ def write_world(
     num_eval: int = 450,
     num_public: int = 200,
     demo_error_rate: float = 0.1,
-    fewshot_k: int = 2,
+    fewshot_k: int = 1,
+    fewshot_max_chars: int | None = 200,
 ) -> dict[str, str]:
     """Writes the world's files into out_dir; returns {name: path}.
 
     Names: pretrain, pretrain_heldout ({"text"}); demonstrations ({"prompt", "completion",
     "family", "params"}); prompts_rm, prompts_ppo, prompts_eval ({"prompt", "family",
     "params"}); prompts_eval_fewshot (eval prompts with `fewshot_k` answered examples from
-    the demonstration bucket prepended, plus "fewshot_k"); public_task ({"prompt", "answer",
-    "choices", "kind"}); world (world.json: the arguments, for the record).
+    the demonstration bucket prepended, at most `fewshot_max_chars` characters -- 200 is
+    at most ~90 tokens with a 384-piece sentencepiece model -- plus "fewshot_k");
+    public_task ({"prompt", "answer", "choices", "kind"}); world (world.json: the
+    arguments, for the record).
     """
     if not 0.0 <= demo_error_rate <= 1.0:
         raise ValueError(f"demo_error_rate={demo_error_rate} is not in [0, 1]")
@@ -142,10 +145,12 @@ def write_world(
 
     # Few-shot examples: gold-written answers to demonstration-bucket prompts.
     rng = _stream(seed, "fewshot")
-    pool_prompts = split_prompts(rng, "demonstrations", 40 * len(families.FAMILIES), seed)
+    pool_prompts = split_prompts(rng, "demonstrations", 100 * len(families.FAMILIES), seed)
     pool = [corpus.make_demonstration(r, rng, 0.0) for r in pool_prompts]
     fewshot = [
-        corpus.few_shot_prompt(r, corpus.few_shot_examples(r, pool, fewshot_k, rng))
+        corpus.few_shot_prompt(
+            r, corpus.few_shot_examples(r, pool, fewshot_k, rng, max_chars=fewshot_max_chars)
+        )
         for r in eval_prompts
     ]
     put("prompts_eval_fewshot", fewshot)
@@ -162,6 +167,7 @@ def write_world(
         num_public=num_public,
         demo_error_rate=demo_error_rate,
         fewshot_k=fewshot_k,
+        fewshot_max_chars=fewshot_max_chars,
         families=list(families.FAMILY_NAMES),
         split_fractions=SPLIT_FRACTIONS,
     )
