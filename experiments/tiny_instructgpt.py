@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "tokenizer,smoke"
+    config.stages = "smoke"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     vocab_size = 128 if arg.smoke else 512

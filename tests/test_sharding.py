@@ -236,7 +236,13 @@ from tests.test_sharding import Tiny, TINY_SPECS, tiny_loss
 assert jax.device_count() == 8
 
 assert dict(S.make_mesh({"data": 2, "fsdp": -1, "tensor": 2}).shape) == dict(data=2, fsdp=2, tensor=2)
-assert dict(S.make_mesh({"tensor": -1}).shape) == dict(data=1, fsdp=1, tensor=8)
+mesh8 = S.make_mesh({"tensor": -1})
+assert dict(mesh8.shape) == dict(data=1, fsdp=1, tensor=8)
+try:
+    S.abstract_params_and_shardings(Tiny(), (np.zeros((1, 8), np.int32),), mesh8)
+    raise AssertionError("expected a divisibility error")
+except ValueError as e:
+    assert str(e).startswith("params/o: dim 0 (heads=4) not divisible by mesh axis tensor=8"), e
 mesh = S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 model = Tiny()
 key = jax.random.key(1)

@@ -55,10 +55,16 @@ class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "One JSON-encoded normalised record per example."}  # noqa: RUF012
 
     def __init__(
-        self, *, staged: dict[str, str] | None = None, stats: LoadStats | None = None, **kw: Any
+        self,
+        *,
+        staged: dict[str, str] | None = None,
+        stats: LoadStats | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kw: Any,
     ):
         self._staged = staged or {}
         self._stats = stats
+        self._inputs = inputs
         super().__init__(**kw)
 
     # tfds 4.9.10 resolves code_path through `importlib_resources`, which it does not install
@@ -72,6 +78,7 @@ class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
         metadata = tfds.core.MetadataDict()
         if self._stats is not None:
             metadata["stats"] = self._stats.to_dict()
+            metadata["inputs"] = self._inputs  # what the config name's hash covers
         return self.dataset_info_from_configs(
             description="instructrl records (normalised JSON, see instructrl/data/records.py)",
             features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
@@ -253,9 +260,7 @@ def build_dataset(
     train, validation = resolve_files(kind, config)
     inputs = build_inputs(kind, config, tokenizer, train, validation)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    builder_config = tfds.core.BuilderConfig(
-        name=f"{kind}-{digest}", description=json.dumps(inputs)
-    )
+    builder_config = tfds.core.BuilderConfig(name=f"{kind}-{digest}", description=f"{kind} records")
     common = dict(config=builder_config, data_dir=data_dir, file_format="array_record")
     builder = InstructrlRecords(**common)
     if builder.is_prepared():
@@ -268,7 +273,9 @@ def build_dataset(
             logging.info(
                 "data: building %s from %d files", builder.data_path, len(train) + len(validation)
             )
-            InstructrlRecords(staged=staged, stats=stats, **common).download_and_prepare()
+            InstructrlRecords(
+                staged=staged, stats=stats, inputs=inputs, **common
+            ).download_and_prepare()
     stats.log(f"{kind} ({builder.data_path})")
     sources = tfds.data_source(
         DATASET_NAME,

@@ -61,3 +61,22 @@ def export_dir(config: ml_collections.ConfigDict, name: str, key: str, workdir: 
     if not os.path.isdir(path):
         raise InputError(f"config key '{name}.{key}': {path} has no exported params")
     return path
+
+
+def resolve_path(path: str, workdir: str) -> str:
+    """`@stage/rel/path` -> `<workdir>/stage/rel/path` (a file another stage wrote); other
+    paths are returned unchanged. Comma-separated lists are resolved item by item."""
+    if "," in path:
+        return ",".join(resolve_path(p.strip(), workdir) for p in path.split(",") if p.strip())
+    if path.startswith("@"):
+        return os.path.join(workdir, path[1:])
+    return path
+
+
+def resolve_data_paths(data: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of the data config with every `@stage/...` string resolved under `workdir`."""
+    resolved = ml_collections.ConfigDict(data.to_dict())
+    for key, value in data.items():
+        if isinstance(value, str) and "@" in value:
+            resolved[key] = resolve_path(value, workdir)
+    return resolved

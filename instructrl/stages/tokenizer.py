@@ -1,0 +1,57 @@
+"""Stage `tokenizer`: trains a SentencePiece model, or copies an existing `.model`.
+
+Writes `DIR/<name>/tokenizer.model`; other stages name it with `tokenizer_from="<name>"`.
+`input` is a comma-separated list of .txt/.jsonl files (`@stage/file` for another stage's
+output); `model_path` instead copies a ready model (Llama-, Gemma-style or your own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections
+
+from instructrl.errors import InputError
+from instructrl.stages.inputs import TOKENIZER_FILE, resolve_path
+from instructrl.tokenizer import Tokenizer
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(kind="tokenizer", vocab_size=512, input="", model_path="", model_type="bpe")
+    )
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    c = config[name]
+    out_dir = os.path.join(workdir, name)
+    target = os.path.join(out_dir, TOKENIZER_FILE)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if c.model_path:
+            try:
+                Tokenizer.load(c.model_path)
+            except (ValueError, OSError) as e:
+                raise InputError(f"config key '{name}.model_path': {e}") from None
+            shutil.copyfile(c.model_path, target + ".tmp")
+        else:
+            if not c.input:
+                raise InputError(f"config key '{name}.input' is empty: give text files to train on")
+            files = resolve_path(c.input, workdir).split(",")
+            try:
+                path = Tokenizer.train(
+                    files, c.vocab_size, os.path.join(out_dir, "tmp"), model_type=c.model_type
+                )
+            except (ValueError, FileNotFoundError) as e:
+                raise InputError(f"stage {name}: {e}") from None
+            os.replace(path, target + ".tmp")
+            os.remove(os.path.join(out_dir, "tmp.vocab"))
+        os.replace(target + ".tmp", target)
+        logging.info("tokenizer: %r", Tokenizer.load(target))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(f"instructrl_stage_{name}")

@@ -1,0 +1,49 @@
+"""Stage `world`: writes the built-in synthetic instruction world as standard JSONL files.
+
+`DIR/<name>/` receives pretrain.jsonl, demonstrations.jsonl, prompts_*.jsonl, ... (see
+`instructrl.tasks.write_world`). Data configs refer to them as `@<name>/<file>`. With your
+own data, leave this stage out and point `config.data.*` at your files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import ml_collections
+
+from instructrl import tasks
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            kind="world",
+            seed=0,
+            num_pretrain=20000,
+            num_pretrain_heldout=1000,
+            num_demonstrations=3000,
+            num_rm=1500,
+            num_ppo=3000,
+            num_eval=450,
+            num_public=200,
+            demo_error_rate=0.1,
+            fewshot_k=1,
+            fewshot_max_chars=200,
+        )
+    )
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    c = config[name]
+    out_dir = os.path.join(workdir, name)
+    if jax.process_index() == 0:
+        kwargs = {k: v for k, v in c.items() if k not in ("kind", "seed")}
+        paths = tasks.write_world(out_dir, seed=c.seed, **kwargs)
+        for kind, path in sorted(paths.items()):
+            logging.info("world: %s -> %s", kind, path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(f"instructrl_stage_{name}")

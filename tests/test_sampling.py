@@ -1,0 +1,215 @@
+"""KV-cache decoding and sampling against full forwards and exact filtered distributions."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructrl.models import (
+    ModelConfig,
+    Transformer,
+    filter_logits,
+    init_cache,
+    positions_from_mask,
+    response_logprobs,
+    sample_jit,
+)
+from tests.test_transformer import STYLES, make_params, rand_tokens
+
+PROMPT_MASK = jnp.array([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], jnp.int32)
+N_NEW = 6
+
+
+@pytest.fixture(scope="module", params=sorted(STYLES))
+def lm(request):
+    model, params = make_params(STYLES[request.param])
+    fwd = jax.jit(lambda p, t, pos, m: model.apply({"params": p}, t, pos, m))
+    return model, params, fwd
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def full_forward_logits(fwd, params, prompt, prompt_mask, response, response_mask):
+    """Logits [B,N,V] predicting each response token, from ONE full forward of prompt+response."""
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    logits = fwd(params, tokens, positions_from_mask(mask), mask)
+    p = prompt.shape[1]
+    return np.asarray(logits[:, p - 1 : p - 1 + response.shape[1]])
+
+
+# ---------------------------------------------------------------- filtering
+
+
+def np_filter(logits, top_k, top_p):
+    """Naive float64 top-k then top-p keep-set per row."""
+    keep = np.ones(logits.shape, bool)
+    for b, row in enumerate(np.asarray(logits, np.float64)):
+        if top_k:
+            keep[b] = row >= np.sort(row)[::-1][top_k - 1]
+        probs = np.where(keep[b], np.exp(row - row.max()), 0.0)
+        probs /= probs.sum()
+        mass = 0.0
+        nucleus = np.zeros_like(keep[b])
+        for i in np.argsort(-probs, kind="stable"):
+            if keep[b, i] and (mass < top_p or not nucleus.any()):
+                nucleus[i] = True
+                mass += probs[i]
+        keep[b] &= nucleus | (probs >= probs[nucleus].min())  # ties at the boundary are kept
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.5), (5, 0.8), (0, 1e-6), (1, 0.9), (16, 0.95)])
+def test_filter_logits_against_numpy(top_k, top_p):
+    logits = np.random.default_rng(top_k).normal(0, 2, (8, 16)).astype(np.float32)
+    logits[0, :4] = 3.0  # a tie at the top
+    got = np.isfinite(filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+    np.testing.assert_array_equal(got, np_filter(logits, top_k, top_p))
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(jnp.asarray(logits), top_p=0.0)
+
+
+def controlled_model(logits_row):
+    """A model whose logits are `logits_row` [V] for every input (final norm scale 0, bias e_0)."""
+    v = len(logits_row)
+    cfg = ModelConfig(vocab_size=v, max_len=16, num_layers=1, d_model=v, num_heads=2, d_ff=8, tie_embeddings=False)
+    model, params = make_params(cfg)
+    params = dict(params)
+    params["final_norm"] = {"scale": jnp.zeros(v), "bias": jnp.zeros(v).at[0].set(1.0)}
+    params["unembed"] = jnp.zeros((v, v)).at[0].set(jnp.asarray(logits_row, jnp.float32))
+    return model, params
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 4, 1.0), (1.3, 0, 0.7), (0.8, 5, 0.8)])
+def test_sample_frequencies_match_filtered_distribution(temperature, top_k, top_p):
+    logits = np.array([2.0, 1.5, 1.0, 0.9, 0.5, 0.0, -0.5, -1.0])
+    model, params = controlled_model(logits)
+    b, n = 1000, 4
+    prompts = jnp.ones((b, 2), jnp.int32)
+    out = sample_jit(
+        model, params, prompts, prompts, jax.random.key(1), max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    scaled = logits / temperature
+    keep = np_filter(scaled[None], top_k, top_p)[0]
+    want = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+    want /= want.sum()
+    freq = np.bincount(np.asarray(out.tokens).ravel(), minlength=len(logits)) / (b * n)
+    assert np.all(freq[~keep] == 0)
+    np.testing.assert_allclose(freq, want, atol=5 * np.sqrt(want * (1 - want) / (b * n)) + 1e-9)
+    # Log-probs come from the full (unfiltered) temperature-scaled distribution.
+    np.testing.assert_allclose(out.logprobs, np_log_softmax(scaled)[np.asarray(out.tokens)], rtol=1e-5)
+    assert np.all(np.asarray(out.mask) == 1)
+
+
+def test_greedy_stops_every_row_early():
+    model, params = controlled_model(np.array([0.0, 3.0, 1.0, 2.0]))
+    prompts = jnp.ones((3, 2), jnp.int32)
+    out = sample_jit(model, params, prompts, prompts, jax.random.key(0), max_new_tokens=5, greedy=True, stop_token=1, pad_id=2)
+    np.testing.assert_array_equal(out.tokens, [[1, 2, 2, 2, 2]] * 3)
+    np.testing.assert_array_equal(out.mask, [[1, 0, 0, 0, 0]] * 3)
+    np.testing.assert_allclose(out.logprobs[:, 0], np_log_softmax(np.array([0.0, 3.0, 1.0, 2.0]))[1], rtol=1e-6)
+    np.testing.assert_array_equal(out.logprobs[:, 1:], 0)
+
+
+# ---------------------------------------------------------------- KV cache and decoding
+
+
+def test_kv_cache_decode_matches_full_forward(lm):
+    model, params, fwd = lm
+    prompt = rand_tokens(0, PROMPT_MASK.shape)
+    response = rand_tokens(1, (3, N_NEW))
+    full_mask = jnp.concatenate([PROMPT_MASK, jnp.ones((3, N_NEW), jnp.int32)], axis=1)
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    positions = positions_from_mask(full_mask)
+    want = np.asarray(fwd(params, tokens, positions, full_mask))
+
+    step = jax.jit(lambda p, t, pos, m, c: model.apply({"params": p}, t, pos, m, cache=c))
+    p_len = prompt.shape[1]
+    cache = init_cache(model.config, 3, p_len + N_NEW)
+    logits, cache = step(params, prompt, positions[:, :p_len], PROMPT_MASK, cache)
+    real = np.asarray(PROMPT_MASK) != 0
+    np.testing.assert_allclose(np.asarray(logits)[real], want[:, :p_len][real], rtol=1e-5, atol=1e-5)
+    for i in range(N_NEW):
+        sl = slice(p_len + i, p_len + i + 1)
+        logits, cache = step(params, tokens[:, sl], positions[:, sl], full_mask[:, sl], cache)
+        np.testing.assert_allclose(logits[:, 0], want[:, sl][:, 0], rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == p_len + N_NEW
+
+
+def test_greedy_equals_argmax_rollout_and_stop(lm):
+    model, params, fwd = lm
+    prompt = rand_tokens(2, PROMPT_MASK.shape)
+    out = sample_jit(model, params, prompt, PROMPT_MASK, jax.random.key(0), max_new_tokens=N_NEW, greedy=True)
+    # Naive rollout: one full forward per new token over a fixed-size right-padded buffer.
+    p_len = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, jnp.zeros((3, N_NEW), jnp.int32)], axis=1)
+    mask = jnp.concatenate([PROMPT_MASK, jnp.zeros((3, N_NEW), jnp.int32)], axis=1)
+    want_lp = []
+    for i in range(N_NEW):
+        logits = fwd(params, tokens, positions_from_mask(mask), mask)[:, p_len - 1 + i]
+        tokens = tokens.at[:, p_len + i].set(jnp.argmax(logits, -1))
+        mask = mask.at[:, p_len + i].set(1)
+        want_lp.append(np_log_softmax(logits)[np.arange(3), np.argmax(logits, -1)])
+    np.testing.assert_array_equal(out.tokens, tokens[:, p_len:])
+    np.testing.assert_allclose(out.logprobs, np.stack(want_lp, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out.mask, 1)
+
+    # Stop at the token row 0 emits third: rows cut after their first occurrence of it.
+    greedy = np.asarray(out.tokens)
+    stop = int(greedy[0, 2])
+    pad_id = 63 if stop != 63 else 62
+    stopped = sample_jit(
+        model, params, prompt, PROMPT_MASK, jax.random.key(0), max_new_tokens=N_NEW, greedy=True, stop_token=stop, pad_id=pad_id
+    )
+    for row in range(3):
+        hits = np.flatnonzero(greedy[row] == stop)
+        end = hits[0] + 1 if len(hits) else N_NEW
+        np.testing.assert_array_equal(stopped.tokens[row, :end], greedy[row, :end])
+        np.testing.assert_array_equal(stopped.tokens[row, end:], pad_id)
+        np.testing.assert_array_equal(stopped.mask[row], np.arange(N_NEW) < end)
+        np.testing.assert_array_equal(stopped.logprobs[row, end:], 0)
+
+
+def test_sampled_logprobs_equal_full_forward(lm):
+    model, params, fwd = lm
+    prompt = rand_tokens(3, PROMPT_MASK.shape)
+    temperature = 0.7
+    kw = dict(max_new_tokens=N_NEW, top_k=8, top_p=0.9, stop_token=5)
+    out = sample_jit(model, params, prompt, PROMPT_MASK, jax.random.key(3), temperature=temperature, **kw)
+    logits = full_forward_logits(fwd, params, prompt, PROMPT_MASK, out.tokens, out.mask)
+    want = np_log_softmax(logits / temperature)
+    want = np.take_along_axis(want, np.asarray(out.tokens)[..., None], -1)[..., 0] * np.asarray(out.mask)
+    np.testing.assert_allclose(out.logprobs, want, rtol=1e-5, atol=1e-5)
+    ranks = (logits > np.take_along_axis(logits, np.asarray(out.tokens)[..., None], -1)).sum(-1)
+    assert np.all(ranks[np.asarray(out.mask) == 1] < 8)  # top-k was applied
+    got = response_logprobs(model, params, prompt, PROMPT_MASK, out.tokens, out.mask, temperature)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_compiles_once_per_shape():
+    model, params = make_params(STYLES["llama"])
+    args = (model, params, rand_tokens(4, PROMPT_MASK.shape), PROMPT_MASK)
+    kw = dict(max_new_tokens=3, top_k=4)
+    first = sample_jit(*args, jax.random.key(0), temperature=1.0, **kw)
+    size = sample_jit._cache_size()
+    second = sample_jit(*args, jax.random.key(1), temperature=0.5, **kw)
+    third = sample_jit(*args, jax.random.key(0), temperature=1.0, **kw)
+    assert sample_jit._cache_size() == size
+    np.testing.assert_array_equal(first.tokens, third.tokens)
+    assert not np.array_equal(first.logprobs, second.logprobs)
+    sample_jit(*args, jax.random.key(0), **dict(kw, max_new_tokens=1))
+    assert sample_jit._cache_size() == size + 1
+
+
+def test_bf16_sampling_runs():
+    model, params = make_params(STYLES["gpt"])
+    bf16 = Transformer(dataclasses.replace(model.config, dtype="bfloat16"))
+    out = sample_jit(bf16, params, rand_tokens(5, PROMPT_MASK.shape), PROMPT_MASK, jax.random.key(0), max_new_tokens=3)
+    assert out.tokens.shape == (3, 3) and out.logprobs.dtype == jnp.float32
+    assert np.all(np.isfinite(out.logprobs)) and np.all(np.asarray(out.logprobs) <= 0)
