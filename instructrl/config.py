@@ -113,7 +113,9 @@ def _walk(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.C
     leaf = parts[-1]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         section = ".".join(parts[:-1])
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        known = (
+            ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        )
         where = f" (keys under {section or 'the root'}: {known})" if known else ""
         raise ConfigError(f"config key '{key}' does not exist{where}")
     return node, leaf

@@ -15,3 +15,7 @@ class ConfigError(InstructrlError):
 
 class InputError(InstructrlError):
     """Bad input data, or a missing input stage."""
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM after saving a checkpoint; re-running resumes it."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 
 from instructrl import config as config_lib
-from instructrl.errors import InstructrlError
+from instructrl.errors import InstructrlError, Preempted
 
 # Stage kind -> module holding `run(config, name, workdir)`. Imported lazily so that a
 # config that uses only some stages does not pay for the others' imports.
@@ -38,7 +38,7 @@ STAGE_MODULES = {
     "eval": "instructrl.evaluate",
 }
 
-from instructrl.stages.inputs import DONE_MARKER
+DONE_MARKER = "DONE"  # written in DIR/<stage>/ when the stage has finished
 
 
 class UsageError(ValueError):
@@ -84,7 +84,7 @@ def stage_runner(kind: str) -> Callable[[ml_collections.ConfigDict, str, str], N
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage of `config.stages` not yet finished in `workdir`."""
-    import jax  # noqa: PLC0415 - after jax.distributed.initialize in main()
+    import jax
 
     names = config_lib.stage_names(config)
     runners = {name: stage_runner(config[name].kind) for name in names}
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InstructrlError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import jax  # noqa: PLC0415 - only after the config is known to be good
+    import jax
 
     if args.coordinator_address or args.distributed:
         jax.distributed.initialize(
@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InstructrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     return 0
 
 

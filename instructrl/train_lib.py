@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from instructrl.errors import ConfigError
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 StepFn = Callable[["TrainState", PyTree, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
@@ -57,20 +59,20 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
 
 
 def _resolve(cfg: Mapping[str, Any] | None, name: str) -> ml_collections.ConfigDict:
-    """Defaults updated with `cfg`; unknown keys are an error naming `name.key`."""
+    """Defaults updated with `cfg`; bad keys/values raise ConfigError naming `name.key`."""
     out = default_optimizer_config()
     for key, value in dict(cfg or {}).items():
         if key not in out:
-            raise ValueError(f"{name}.{key}: unknown key (expected one of {sorted(out.keys())})")
+            raise ConfigError(f"{name}.{key}: unknown key (expected one of {sorted(out.keys())})")
         out[key] = value
     if out.schedule not in SCHEDULES:
-        raise ValueError(f"{name}.schedule: {out.schedule!r} is not one of {SCHEDULES}")
+        raise ConfigError(f"{name}.schedule: {out.schedule!r} is not one of {SCHEDULES}")
     if not out.lr > 0:
-        raise ValueError(f"{name}.lr: must be > 0, got {out.lr}")
+        raise ConfigError(f"{name}.lr: must be > 0, got {out.lr}")
     if out.warmup_steps < 0 or not 0.0 <= out.warmup_init <= 1.0:
-        raise ValueError(f"{name}.warmup_steps/warmup_init: need steps >= 0 and init in [0, 1]")
+        raise ConfigError(f"{name}.warmup_steps/warmup_init: need steps >= 0 and init in [0, 1]")
     if not 0.0 <= out.end_ratio <= 1.0:
-        raise ValueError(f"{name}.end_ratio: must be in [0, 1], got {out.end_ratio}")
+        raise ConfigError(f"{name}.end_ratio: must be in [0, 1], got {out.end_ratio}")
     return out
 
 
@@ -85,9 +87,9 @@ def make_schedule(
     """
     c = _resolve(cfg, name)
     if total_steps < 1:
-        raise ValueError(f"{name}: total_steps must be >= 1, got {total_steps}")
+        raise ConfigError(f"{name}: total_steps must be >= 1, got {total_steps}")
     if c.schedule == "cosine" and c.warmup_steps >= total_steps:
-        raise ValueError(f"{name}.warmup_steps={c.warmup_steps} >= total_steps={total_steps}")
+        raise ConfigError(f"{name}.warmup_steps={c.warmup_steps} >= total_steps={total_steps}")
     peak, warm, init, end = float(c.lr), int(c.warmup_steps), float(c.warmup_init), c.end_ratio
     decay_steps = max(total_steps - warm, 1)
 
@@ -315,11 +317,12 @@ def jit_train_step(
     def split(s: TrainState):
         return (s.params, s.opt_state, s.extras), (s.step, s.rng)
 
+    def join(donated, kept) -> TrainState:
+        (params, opt_state, extras), (step, rng) = donated, kept
+        return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, extras=extras)
+
     def inner(donated, kept, batch, rng):
-        (params, opt_state, extras), (step, state_rng) = donated, kept
-        state = TrainState(step=step, params=params, opt_state=opt_state, rng=state_rng,
-                           extras=extras)  # fmt: skip
-        new_state, metrics = step_fn(state, batch, rng)
+        new_state, metrics = step_fn(join(donated, kept), batch, rng)
         return (*split(new_state), metrics)
 
     donated_sh, kept_sh = split(state_shardings)
@@ -331,10 +334,8 @@ def jit_train_step(
     )
 
     def train_step(state: TrainState, batch: PyTree, rng: jax.Array):
-        (params, opt_state, extras), (step, state_rng), metrics = jitted(*split(state), batch, rng)
-        new = TrainState(step=step, params=params, opt_state=opt_state, rng=state_rng,
-                         extras=extras)  # fmt: skip
-        return new, metrics
+        donated, kept, metrics = jitted(*split(state), batch, rng)
+        return join(donated, kept), metrics
 
     train_step.jitted = jitted
     return train_step

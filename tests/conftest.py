@@ -48,7 +48,9 @@ def run_in_subprocess(
         timeout=timeout,
     )
     if proc.returncode != 0:
-        pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        pytest.fail(
+            f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc.stdout
 
 

@@ -36,9 +36,12 @@ def _make_state(seed=0, extras=None):
     opt = train_lib.make_optimizer({"lr": 1e-2, "weight_decay": 0.1}, 100)
     extras = extras if extras is not None else {"ema": jax.tree.map(jnp.copy, params)}
     abstract, shardings = train_lib.abstract_train_state(
-        opt, jax.eval_shape(lambda: params), jax.tree.map(lambda _: rep, params), mesh,
+        opt,
+        jax.eval_shape(lambda: params),
+        jax.tree.map(lambda _: rep, params),
+        mesh,
         extras=jax.eval_shape(lambda: extras),
-    )  # fmt: skip
+    )
     state = jax.jit(
         lambda p, e: train_lib.create_train_state(p, opt, jax.random.key(seed), e),
         out_shardings=shardings,
@@ -52,7 +55,7 @@ def _make_state(seed=0, extras=None):
 def _assert_trees_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -138,7 +141,8 @@ def test_done_marker(tmp_path):
         ckpt.save(10, state, force=True)
         ckpt.mark_done({"final_step": 10})
     assert checkpoint.is_done(stage)
-    record = json.loads(open(os.path.join(stage, "DONE")).read())
+    with open(os.path.join(stage, "DONE")) as f:
+        record = json.load(f)
     assert record["final_step"] == 10 and record["latest_step"] == 10
 
 
@@ -156,7 +160,7 @@ def test_export_and_load(tmp_path):
     checkpoint.export_params(jax.tree.map(lambda x: x + 1, state.params), cfg, out)  # overwrite
     params, _ = checkpoint.load_exported(out)
     np.testing.assert_array_equal(params["bias"], state.params["bias"] + 1)
-    with pytest.raises(FileNotFoundError, match="model_config.json: missing"):
+    with pytest.raises(FileNotFoundError, match=r"model_config\.json: missing"):
         checkpoint.load_exported(str(tmp_path / "nothing"))
 
 
@@ -310,7 +314,8 @@ def test_sigkill_then_resume_is_bit_identical(train_script, reference_run, tmp_p
     for k, v in reference_run.items():
         assert np.array_equal(final[k], v), f"{k} differs after resume (killed at {kill_at})"
     assert checkpoint.is_done(workdir)
-    steps = [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(x)["step"] for x in f]
     assert steps == list(range(1, 21))
 
 
@@ -352,12 +357,12 @@ def test_sigterm_saves_and_exits_cleanly(train_script, tmp_path):
 
 SAVE_8 = """
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from instructrl import checkpoint, train_lib
+from jax.sharding import NamedSharding, PartitionSpec as P
+from instructrl import checkpoint, sharding, train_lib
 
 assert jax.device_count() == 8
 def mesh_of(shape):
-    return Mesh(np.array(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
+    return sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
 
 def specs():  # fsdp over the embedding dim, tensor over heads/mlp
     return {"embed": P("fsdp", "tensor"), "mlp": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")},
@@ -399,11 +404,11 @@ CHECK
 
 RESTORE_1 = """
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from instructrl import checkpoint, train_lib
+from jax.sharding import NamedSharding, PartitionSpec as P
+from instructrl import checkpoint, sharding, train_lib
 
 assert jax.device_count() == 1
-mesh = Mesh(np.array(jax.devices()).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+mesh = sharding.make_mesh({})
 params = {"embed": jnp.zeros((64, 16)), "mlp": {"kernel": jnp.zeros((16, 32)), "bias": jnp.zeros(32)},
           "norm": jnp.zeros(16)}
 opt = train_lib.make_optimizer({"lr": 1e-2}, 10)
@@ -453,3 +458,48 @@ def test_sgd_state_round_trip_without_extras(tmp_path):
         restored = ckpt.restore_latest(abstract)
     _assert_trees_equal(restored.state, state)
     assert restored.data_state is None and restored.meta == {}
+
+
+MULTIPROCESS = """
+import numpy as np
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from instructrl import checkpoint, sharding, train_lib
+from instructrl.stages import common
+
+assert jax.process_count() == 2 and jax.device_count() == 4
+mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2})
+params = {"w": jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6), "b": jnp.ones(6)}
+shard = {"w": NamedSharding(mesh, P("fsdp", "tensor")), "b": NamedSharding(mesh, P("tensor"))}
+opt = train_lib.make_optimizer({"lr": 1e-2}, 10)
+abstract, state_sh = train_lib.abstract_train_state(opt, jax.eval_shape(lambda: params), shard, mesh)
+state = jax.jit(lambda: train_lib.create_train_state(params, opt, jax.random.key(5)),
+                out_shardings=state_sh)()
+assert not state.params["w"].is_fully_addressable
+with checkpoint.Checkpointer(WORKDIR, save_interval_steps=5) as ckpt:
+    assert ckpt.should_save(5) and not ckpt.should_save(6)
+    ckpt.save(5, state, data_state={"pos": 100 + PROCESS_ID}, meta={"beta": 0.02})
+    ckpt.mark_done()
+with checkpoint.Checkpointer(WORKDIR, save_interval_steps=5) as ckpt:
+    restored = ckpt.restore_latest(abstract)
+assert restored.step == 5 and restored.data_state == {"pos": 100 + PROCESS_ID}, restored
+assert restored.meta == {"beta": 0.02}
+np.testing.assert_array_equal(sharding.to_host(restored.state.params["w"]), np.asarray(params["w"]))
+assert checkpoint.is_done(WORKDIR)
+
+term = common.TerminationSignal()
+assert not term.should_stop(0)
+term.received = PROCESS_ID == 1  # the notice reached one host only
+assert term.should_stop(1)  # both processes stop at the same step
+print("OK")
+"""
+
+
+def test_multiprocess_save_restore(tmp_path):
+    """2 processes x 2 devices: cross-process sharded state, per-process data states."""
+    from tests.conftest import run_multiprocess
+
+    outs = run_multiprocess(
+        f"WORKDIR = {str(tmp_path)!r}\n" + MULTIPROCESS, num_processes=2, devices_per_process=2
+    )
+    assert all("OK" in out for out in outs)

@@ -53,7 +53,9 @@ def test_schedule_matches_naive(cfg):
             init=cfg.get("warmup_init", 0.0),
             end=cfg.get("end_ratio", 0.1),
         )
-        np.testing.assert_allclose(float(sched(t)), want, rtol=1e-5, atol=1e-6 * peak, err_msg=f"t={t}")
+        np.testing.assert_allclose(
+            float(sched(t)), want, rtol=1e-5, atol=1e-6 * peak, err_msg=f"t={t}"
+        )
 
 
 def test_schedule_landmarks():
@@ -248,8 +250,10 @@ def test_jit_train_step_compiles_once_and_donates():
     )(params)
     step = train_lib.jit_train_step(
         train_lib.make_train_step(
-            counting_loss, opt, accum_steps=2, lr_schedule=train_lib.make_schedule(
-                {"lr": 1e-2, "warmup_steps": 2}, 10)  # fmt: skip
+            counting_loss,
+            opt,
+            accum_steps=2,
+            lr_schedule=train_lib.make_schedule({"lr": 1e-2, "warmup_steps": 2}, 10),
         ),
         shardings,
         NamedSharding(mesh, PartitionSpec("data")),
@@ -275,7 +279,9 @@ def test_evaluate_weighted_mean():
     def eval_fn(params, batch):
         return {"loss": batch["v"] * params, "weight": batch["w"]}
 
-    batches = [{"v": jnp.float32(v), "w": jnp.float32(w)} for v, w in zip(values, weights)]
+    batches = [
+        {"v": jnp.float32(v), "w": jnp.float32(w)} for v, w in zip(values, weights, strict=True)
+    ]
     out = train_lib.evaluate(eval_fn, jnp.float32(2.0), batches)
     assert out["loss"] == pytest.approx(2 * (values * weights).sum() / weights.sum(), rel=1e-5)
     out = train_lib.evaluate(lambda p, b: {"loss": b["v"]}, None, batches)
@@ -316,9 +322,10 @@ def test_metrics_writer(tmp_path):
         w.write(3, {"loss": 9.0})
     steps = [json.loads(x)["step"] for x in (tmp_path / "sft" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3]
-    with pytest.raises(ValueError, match="expected a scalar"), common.MetricsWriter(
-        workdir, enabled=True
-    ) as w:
+    with (
+        pytest.raises(ValueError, match="expected a scalar"),
+        common.MetricsWriter(workdir, enabled=True) as w,
+    ):
         w.write(5, {"v": np.zeros(3)})
 
 
@@ -331,8 +338,14 @@ def test_metrics_writer_disabled(tmp_path):
 def test_progress_line():
     clock = iter([0.0, 1.0, 10.0, 11.0, 20.0])
     out = io.StringIO()
-    p = common.Progress(100, tokens_per_step=1000, interval_s=5.0, stream=out,
-                        clock=lambda: next(clock), enabled=True)  # fmt: skip
+    p = common.Progress(
+        100,
+        tokens_per_step=1000,
+        interval_s=5.0,
+        stream=out,
+        clock=lambda: next(clock),
+        enabled=True,
+    )
     assert p.update(1) is None  # starts the clock (compilation excluded)
     assert p.update(2) is None  # within the interval
     line = p.update(11)  # 10 steps in 10 s
@@ -408,6 +421,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_sharded_transformer_accumulation():
     """Tiny Transformer on a (data=2, fsdp=2, tensor=2) mesh: accum 2 == accum 1, one trace."""
     from tests.conftest import run_in_subprocess

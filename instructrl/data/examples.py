@@ -204,5 +204,11 @@ class PromptMap(_Tokenizing):
         )
 
 
-def with_index(index: int, element: Any) -> tuple[int, Any]:
-    return index, element
+class WithIndex:
+    """(row of the source, element). grain hands later epochs indices past the end, hence %."""
+
+    def __init__(self, num_records: int):
+        self.n = num_records
+
+    def __call__(self, index: int, element: Any) -> tuple[int, Any]:
+        return index % self.n, element

@@ -35,7 +35,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from instructrl.data import examples
 from instructrl.data.builder import BuiltDataset, length_limits
@@ -102,7 +102,7 @@ def shard_records(
     pc = jax.process_count() if process_count is None else process_count
     ds = grain.MapDataset.source(source)
     if with_index:
-        ds = ds.map_with_index(examples.with_index)
+        ds = ds.map_with_index(examples.WithIndex(len(ds)))
     per = len(ds) // pc
     if per == 0:
         raise ConfigError(f"{len(ds)} records cannot be shared by {pc} processes")
@@ -129,9 +129,19 @@ def _finish(
             batch_size,
             batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size),
         )
-    if num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return ds
+    return _workers(ds, num_workers)
+
+
+def _workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    if num_workers <= 0:
+        return ds
+    if not flags.FLAGS.is_parsed():
+        # grain 0.2.18 worker processes read an absl flag and fail when the program did not
+        # parse absl flags (google/grain#1355, fixed upstream later); argparse programs such as
+        # instructrl.main never do, so mark them parsed with their defaults.
+        logging.info("data: marking absl flags as parsed for grain worker processes")
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def _options(
@@ -327,9 +337,7 @@ def ppo_pipeline(
             num_workers=0,
         )
         ds = grain.experimental.ZipIterDataset([ds, ptx], strict=False).map(_merge_ptx)
-    if config.num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-    return DataIterator(ds, stats)
+    return DataIterator(_workers(ds, config.num_workers), stats)
 
 
 def prompt_record(

@@ -61,7 +61,9 @@ class MetricsWriter:
     them too. Only process 0 writes (enabled=None means "am I process 0").
     """
 
-    def __init__(self, workdir: str, *, resume_step: int | None = None, enabled: bool | None = None):
+    def __init__(
+        self, workdir: str, *, resume_step: int | None = None, enabled: bool | None = None
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file: TextIO | None = None

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
+from instructrl.data import BuiltDataset, build_dataset
 from instructrl.errors import InputError
+from instructrl.main import DONE_MARKER
 
-DONE_MARKER = "DONE"
 EXPORT_DIR = "export"
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -80,3 +82,18 @@ def resolve_data_paths(data: ml_collections.ConfigDict, workdir: str) -> ml_coll
         if isinstance(value, str) and "@" in value:
             resolved[key] = resolve_path(value, workdir)
     return resolved
+
+
+def build_data(kind: str, data_config: ml_collections.ConfigDict, tokenizer) -> BuiltDataset:
+    """Builds (or reuses) the array_record dataset of `kind`: process 0 first, then the others
+    find it prepared (they share the tfds folder)."""
+    if jax.process_count() == 1:
+        return build_dataset(kind, data_config, tokenizer)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        built = build_dataset(kind, data_config, tokenizer)
+    multihost_utils.sync_global_devices(f"instructrl_build_{kind}")
+    if jax.process_index() != 0:
+        built = build_dataset(kind, data_config, tokenizer)
+    return built

@@ -42,9 +42,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     mask = np.ones_like(tokens)
     mask[0, : c.prompt_len // 2] = 0  # one left-padded row
     dummy = (tokens[:1], positions_from_mask(mask[:1]), mask[:1])
-    params = sharding.init_params_sharded(
-        model, jax.random.key(config.seed), dummy, mesh, rules
-    )
+    params = sharding.init_params_sharded(model, jax.random.key(config.seed), dummy, mesh, rules)
     start = time.time()
     with sharding.mesh_context(mesh, rules):
         logits = jax.jit(model.apply)({"params": params}, tokens, positions_from_mask(mask), mask)

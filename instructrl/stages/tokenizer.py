@@ -52,6 +52,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         os.replace(target + ".tmp", target)
         logging.info("tokenizer: %r", Tokenizer.load(target))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"instructrl_stage_{name}")

@@ -44,6 +44,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         for kind, path in sorted(paths.items()):
             logging.info("world: %s -> %s", kind, path)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"instructrl_stage_{name}")

@@ -1,0 +1,414 @@
+"""PPO rollout: sample responses, score them and build per-token rewards in one program.
+
+method.md section 3. One call of `rollout` is one batch of bandit episodes:
+
+  prompts [B,P] (left-padded) --sample(policy, KV cache, temperature)--> responses [B,N]
+  (right-padded, mask 1 up to and including the first stop token), then ONE full forward each
+  over prompt+response for the policy (log-probs at the sampling temperature, entropy, values
+  when the value head sits on the policy trunk), the frozen reference (log-probs at the same
+  temperature), the value network (if separate) and the reward model (score read at the last
+  real token, i.e. the stop token). A response without a stop token gets a fixed penalty score
+  instead (Ziegler et al.); every response token up to and including the stop token gets
+  -beta * (logp - ref_logp) and the score is added at the last one.
+
+Also here, because the update needs them too: `PPOConfig` (the PPO settings), `PPOModels`
+(the Flax modules in play) and `policy_forward` / `value_forward`.
+
+The score is pluggable: by default the reward model; any jittable
+`score_fn(reward_params, prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]`
+may replace it (programmatic rewards, tests). Its output goes through the same
+normalisation `gain * score + bias` and the same no-stop penalty.
+
+Not here: the update (ppo.py), jit/sharding wrappers (ppo.py), data loading, the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from instructrl import losses
+from instructrl.errors import ConfigError
+from instructrl.models import Transformer, positions_from_mask, sample
+
+PyTree = Any
+ScoreFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+# Keys of the `ppo.optimizer` / `ppo.value_optimizer` sub-configs are train_lib's.
+_OPTIMIZER_SECTIONS = ("optimizer", "value_optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO settings (hashable: closed over by the compiled programs). Defaults: the paper's."""
+
+    batch_size: int = 512  # episodes (prompts) per iteration
+    num_minibatches: int = 8  # minibatch 64
+    num_epochs: int = 1
+    max_new_tokens: int = 256  # response length N
+    temperature: float = 1.0  # sampling AND log-prob temperature
+    top_k: int = 0  # 0 = off (filtering during rollouts is a known failure mode)
+    top_p: float = 1.0  # 1.0 = off
+    stop_token: int = -1  # must be set: the tokenizer's EOS id
+    pad_id: int = 0
+    penalize_no_stop: bool = True
+    no_stop_penalty: float = -1.0  # score of a response without a stop token (Ziegler et al.)
+    kl_coef: float = 0.02  # beta (initial beta when adaptive)
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1  # only when the value head shares the policy trunk
+    value_head_on_policy: bool = False  # False: separate value network initialised from the RM
+    ptx_coef: float = 27.8  # gamma of PPO-ptx; 0 = plain PPO
+    ptx_ratio: float = 8.0  # pretraining sequences per episode
+    ema_decay: float = 0.992  # EMA of the policy params, updated after every optimizer step
+    warmup_iterations: int = 10  # LR warm-up from optimizer.warmup_init * lr, in iterations
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.num_minibatches * self.num_epochs
+
+    @property
+    def ptx_batch_size(self) -> int:
+        """Pretraining rows per iteration (0 without ptx)."""
+        return round(self.ptx_ratio * self.batch_size) if self.ptx_coef > 0 else 0
+
+    @classmethod
+    def from_config(
+        cls, cfg: Mapping[str, Any], *, name: str = "ppo", extra_keys=(), **overrides: Any
+    ) -> PPOConfig:
+        """From a ConfigDict section; unknown keys (not in `extra_keys`, e.g. the driver's
+        own) are a ConfigError naming `name.key`. `overrides` win (e.g. stop_token=tok.eos_id).
+        """
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in fields and key not in _OPTIMIZER_SECTIONS and key not in extra_keys:
+                raise ConfigError(f"config key '{name}.{key}' does not exist")
+        values = {k: v for k, v in d.items() if k in fields}
+        values.update(overrides)
+        out = cls(**values)
+        out.validate(name)
+        return out
+
+    def validate(self, name: str = "ppo") -> None:
+        """ConfigError naming the first bad key."""
+        checks = [
+            ("stop_token", self.stop_token >= 0, "must be set (the tokenizer's EOS id)"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("num_minibatches", self.num_minibatches >= 1, "must be >= 1"),
+            ("num_epochs", self.num_epochs >= 1, "must be >= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            (
+                "batch_size",
+                self.batch_size >= 1 and self.batch_size % self.num_minibatches == 0,
+                f"must be a positive multiple of num_minibatches={self.num_minibatches}",
+            ),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
+            ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+            ("warmup_iterations", self.warmup_iterations >= 0, "must be >= 0"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{name}.{key}' = {getattr(self, key)!r}: {why}")
+        if self.ptx_coef > 0 and (
+            self.ptx_batch_size < self.num_minibatches
+            or self.ptx_batch_size % self.num_minibatches
+        ):
+            raise ConfigError(
+                f"config key '{name}.ptx_ratio' = {self.ptx_ratio}: ptx_ratio * batch_size = "
+                f"{self.ptx_batch_size} must be a positive multiple of num_minibatches"
+            )
+
+
+def default_ppo_config() -> ml_collections.ConfigDict:
+    """The paper's PPO-ptx settings (method.md 3) plus the optimizer sub-configs.
+
+    `optimizer` (policy) and `value_optimizer` take train_lib.default_optimizer_config keys;
+    their warm-up is set from `warmup_iterations` (do not set warmup_steps). The policy LR is
+    not given in method.md: 1e-5 is a placeholder to tune. The value LR is the paper's 9e-6.
+    """
+    c = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+    c.optimizer = ml_collections.ConfigDict(
+        {"lr": 1e-5, "schedule": "constant", "warmup_init": 0.1}
+    )
+    c.value_optimizer = ml_collections.ConfigDict(
+        {"lr": 9e-6, "schedule": "constant", "warmup_init": 0.1}
+    )
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOModels:
+    """The Flax modules in play. The reference is `policy` with frozen params."""
+
+    policy: Transformer  # head="lm"
+    reward: Transformer | None = None  # head="scalar"; None when a score_fn replaces the RM
+    value: Transformer | None = None  # head="scalar"; None when value_head_on_policy
+
+    def check(self, cfg: PPOConfig) -> None:
+        if self.policy.head != "lm":
+            raise ConfigError(f"PPOModels.policy: head must be 'lm', got {self.policy.head!r}")
+        for name in ("reward", "value"):
+            model = getattr(self, name)
+            if model is not None and model.head != "scalar":
+                raise ConfigError(f"PPOModels.{name}: head must be 'scalar', got {model.head!r}")
+        if cfg.value_head_on_policy != (self.value is None):
+            raise ConfigError(
+                "config key 'ppo.value_head_on_policy' = "
+                f"{cfg.value_head_on_policy} but PPOModels.value is "
+                f"{'set' if self.value is not None else 'None'} (need exactly one value source)"
+            )
+
+
+@flax.struct.dataclass
+class RolloutParams:
+    """Params the rollout reads; none are differentiated.
+
+    value: the separate value network's params, or the value head {"kernel" [D,1], "bias" [1]}
+    on the policy trunk (value_head_on_policy). reward: the RM params, or whatever the custom
+    score_fn takes (may be None). reward_gain/bias: f32 [] normalisation, score = g * r + b.
+    """
+
+    policy: PyTree
+    reference: PyTree
+    value: PyTree
+    reward: PyTree
+    reward_gain: jax.Array
+    reward_bias: jax.Array
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of episodes: everything the update needs, plus metrics (f32 scalars)."""
+
+    prompt_tokens: jax.Array  # [B,P] int32, left-padded
+    prompt_mask: jax.Array  # [B,P] int32
+    response_tokens: jax.Array  # [B,N] int32; pad_id after the stop token
+    response_mask: jax.Array  # [B,N] int32; 1 up to and including the stop token
+    logprobs: jax.Array  # [B,N] f32 policy log-probs at the sampling temperature; 0 on pads
+    ref_logprobs: jax.Array  # [B,N] f32 reference log-probs, same temperature; 0 on pads
+    values: jax.Array  # [B,N] f32 V(s_t) before response token t; 0 on pads
+    rewards: jax.Array  # [B,N] f32 -beta * log-ratio per token, + score at the last token
+    scores: jax.Array  # [B] f32 score entering the rewards (normalised, or the penalty)
+    raw_scores: jax.Array  # [B] f32 score_fn / RM output before gain, bias and penalty
+    kl: jax.Array  # [B] f32 summed log-ratio logp - ref_logp over the response
+    metrics: dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+def join_prompt_response(
+    prompt_tokens: jax.Array, prompt_mask: jax.Array, response_tokens: jax.Array, response_mask
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens, mask, positions) [B,P+N] of left-padded prompts followed by right-padded responses.
+
+    Response tokens take the prompt's segment id (as the sampler does), so positions run on
+    from the prompt's last real token; pads (mask 0) are never attended to.
+    """
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    segment = jnp.where(prompt_mask[:, -1:] != 0, prompt_mask[:, -1:], 1)
+    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, (jnp.asarray(response_mask) != 0) * segment], axis=1)
+    return tokens, mask, positions_from_mask(mask)
+
+
+def _is_final_norm(module: nn.Module, method_name: str) -> bool:
+    return module.name == "final_norm" and method_name == "__call__"
+
+
+def policy_forward(
+    model: Transformer,
+    params: PyTree,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    response_tokens: jax.Array,
+    response_mask: jax.Array,
+    temperature: float,
+    *,
+    value_head: PyTree | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """One forward pass over prompt [B,P] + response [B,N] (the response's last token is not fed).
+
+    Returns (logprobs [B,N] of the response tokens under log_softmax(logits / temperature),
+    entropy f32 [] masked mean over response tokens of that distribution, values [B,N] or None).
+    With `value_head` ({"kernel" [D,1], "bias" [1]}: the head on the policy trunk) the values
+    are read from the same pass: the final-norm output (captured, so gradients reach the
+    trunk) projected like the scalar head. All [B,N] outputs are 0 where response_mask == 0.
+    """
+    p_len = prompt_tokens.shape[1]
+    tokens, mask, positions = join_prompt_response(
+        prompt_tokens, prompt_mask, response_tokens, response_mask
+    )
+    # Response token j is predicted at index P-1+j; the last index predicts nothing we need.
+    args = (tokens[:, :-1], positions[:, :-1], mask[:, :-1])
+    values = None
+    if value_head is None:
+        logits = model.apply({"params": params}, *args)
+    else:
+        logits, state = model.apply(
+            {"params": params},
+            *args,
+            capture_intermediates=_is_final_norm,
+            mutable=["intermediates"],
+        )
+        hidden = state["intermediates"]["final_norm"]["__call__"][0][:, p_len - 1 :]
+        kernel = value_head["kernel"].astype(jnp.float32)[:, 0]
+        values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), kernel)
+        values = values + value_head["bias"].astype(jnp.float32)[0]
+    valid = jnp.asarray(response_mask) != 0
+    logits = logits[:, p_len - 1 :] / temperature
+    logp = jnp.where(valid, losses.token_logprobs(logits, response_tokens), 0.0)
+    entropy = losses.entropy_from_logits(logits, valid)
+    if values is not None:
+        values = jnp.where(valid, values, 0.0)
+    return logp, entropy, values
+
+
+def value_forward(
+    model: Transformer,
+    params: PyTree,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    response_tokens: jax.Array,
+    response_mask: jax.Array,
+) -> jax.Array:
+    """Separate value network: V(s_t) [B,N] read where the policy predicts response token t."""
+    p_len = prompt_tokens.shape[1]
+    tokens, mask, positions = join_prompt_response(
+        prompt_tokens, prompt_mask, response_tokens, response_mask
+    )
+    values = model.apply(
+        {"params": params}, tokens[:, :-1], positions[:, :-1], mask[:, :-1], per_token=True
+    )[:, p_len - 1 :]
+    return jnp.where(jnp.asarray(response_mask) != 0, values, 0.0)
+
+
+def rm_score_fn(model: Transformer) -> ScoreFn:
+    """The default score: the reward model read at the last real token of prompt + response.
+
+    With a left-padded prompt and right-padded response that token is the stop token (or the
+    last response token when there is none).
+    """
+
+    def score(params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+        tokens, mask, positions = join_prompt_response(
+            prompt_tokens, prompt_mask, response_tokens, response_mask
+        )
+        return model.apply({"params": params}, tokens, positions, mask).astype(jnp.float32)
+
+    return score
+
+
+# ---------------------------------------------------------------------------- rollout
+
+
+def rollout(
+    models: PPOModels,
+    cfg: PPOConfig,
+    params: RolloutParams,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    beta: jax.Array,
+    *,
+    score_fn: ScoreFn | None = None,
+) -> Rollout:
+    """One batch of episodes (pure; `make_rollout_fn` in ppo.py jits it with shardings).
+
+    prompt_tokens/prompt_mask int32 [B,P], left-padded, >= 1 real token per row.
+    rng: key for sampling. beta: f32 [] KL coefficient (the controller's current value).
+    score_fn: replaces the reward model (see module docstring); None -> rm_score_fn.
+    """
+    if score_fn is None:
+        if models.reward is None:
+            raise ConfigError("ppo rollout: PPOModels.reward is None and no score_fn given")
+        score_fn = rm_score_fn(models.reward)
+    sg = jax.lax.stop_gradient
+    params = sg(params)
+    out = sample(
+        models.policy,
+        params.policy,
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stop_token=cfg.stop_token,
+        pad_id=cfg.pad_id,
+    )
+    resp, resp_mask = out.tokens, out.mask
+    seq = (prompt_tokens, prompt_mask, resp, resp_mask)
+    head = params.value if cfg.value_head_on_policy else None
+    logp, entropy, values = policy_forward(
+        models.policy, params.policy, *seq, cfg.temperature, value_head=head
+    )
+    if values is None:
+        values = value_forward(models.value, params.value, *seq)
+    ref_logp, _, _ = policy_forward(models.policy, params.reference, *seq, cfg.temperature)
+
+    valid = resp_mask != 0
+    raw = sg(jnp.asarray(score_fn(params.reward, *seq), jnp.float32))
+    normalised = params.reward_gain * raw + params.reward_bias
+    has_stop = jnp.any(valid & (resp == cfg.stop_token), axis=1)
+    scores = normalised
+    if cfg.penalize_no_stop:
+        scores = losses.score_no_stop_penalty(normalised, has_stop, cfg.no_stop_penalty)
+    rewards = losses.kl_penalty_rewards(logp, ref_logp, resp_mask, scores, beta)
+    kl = losses.sequence_kl(logp, ref_logp, resp_mask)
+
+    length = jnp.sum(valid, axis=1).astype(jnp.float32)
+    metrics = {
+        "score_raw": jnp.mean(raw),
+        "score": jnp.mean(normalised),
+        "score_final": jnp.mean(scores),
+        "kl": jnp.mean(kl),
+        "kl_per_token": losses.masked_mean(logp - ref_logp, valid),
+        "beta": jnp.asarray(beta, jnp.float32),
+        "reward_sum": jnp.mean(jnp.sum(rewards, axis=1)),
+        "response_length": jnp.mean(length),
+        "no_stop_frac": 1.0 - jnp.mean(has_stop.astype(jnp.float32)),
+        "entropy": entropy,
+        "values_mean": losses.masked_mean(values, valid),
+        # The KV-cache sampler and the full forward must agree (a classic RLHF bug).
+        "logprob_mismatch": jnp.max(jnp.where(valid, jnp.abs(out.logprobs - logp), 0.0)),
+    }
+    return Rollout(
+        prompt_tokens=jnp.asarray(prompt_tokens, jnp.int32),
+        prompt_mask=jnp.asarray(prompt_mask, jnp.int32),
+        response_tokens=resp,
+        response_mask=resp_mask,
+        logprobs=logp,
+        ref_logprobs=ref_logp,
+        values=values,
+        rewards=rewards,
+        scores=scores,
+        raw_scores=raw,
+        kl=kl,
+        metrics={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()},
+    )
