@@ -3,18 +3,24 @@ r"""The built-in tiny InstructGPT experiment: the whole pipeline on a CPU in min
     python -m instructrl.main --config=experiments/tiny_instructgpt.py --workdir=runs/demo
 
 Arguments (big_vision style, after ':'): `smoke` shrinks everything to seconds (tests,
-notebooks); `full` runs both model sizes and all methods. Example:
-`--config=experiments/tiny_instructgpt.py:smoke`.
+notebooks); `full` runs both model sizes and all methods; `seed=N`. Example:
+`--config=experiments/tiny_instructgpt.py:smoke,seed=1`.
 
 Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
-  world      synthetic instruction world -> standard JSONL files (skipped with your own data)
-  tokenizer  sentencepiece model trained on the pretraining text
-  smoke      forward pass + KV-cache sampling check of the model config
+  world      the synthetic instruction world as standard JSONL files (instructrl/tasks)
+  tokenizer  a SentencePiece model trained on its pretraining text and demonstrations
+  pretrain   the base model: next-token loss on the pretraining corpus
+  sft        supervised fine-tuning on demonstrations
+
+Your own data: drop `world` from `config.stages` and point `--config.data.<kind>=FILE`
+(pretrain, demonstrations, comparisons, prompts) and `--config.tokenizer.input` at files.
 """
 
 import ml_collections
 
 from instructrl import config as config_lib
+from instructrl.data import default_data_config
+from instructrl.stages import pretrain, sft, smoke, tokenizer, world
 
 
 def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.ConfigDict:
@@ -45,19 +51,52 @@ def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.Con
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0)
+    s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "smoke"
+    config.stages = "world,tokenizer,pretrain,sft"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-    vocab_size = 128 if arg.smoke else 512
-    max_len = 64 if arg.smoke else 128
-    config.model = model_config("tiny" if arg.smoke else arg.size, vocab_size, max_len)
+    vocab_size = 384
+    max_len = 128
+    config.model = model_config("tiny" if s else arg.size, vocab_size, max_len)
 
-    config.tokenizer = ml_collections.ConfigDict(
-        dict(kind="tokenizer", vocab_size=vocab_size, input="", num_lines=2000 if arg.smoke else 0)
-    )
-    config.smoke = ml_collections.ConfigDict(
-        dict(kind="smoke", batch_size=2, prompt_len=8, max_new_tokens=8)
-    )
+    config.data = default_data_config()
+    config.data.pretrain = "@world/pretrain.jsonl"
+    config.data.demonstrations = "@world/demonstrations.jsonl"
+    config.data.prompts = "@world/prompts_ppo.jsonl"
+    config.data.seq_len = max_len
+    config.data.max_prompt_len = 96
+    config.data.max_response_len = 32
+    config.data.seed = arg.seed
+
+    config.world = world.default_config()
+    config.world.seed = arg.seed
+    if s:
+        config.world.update(
+            num_pretrain=600, num_pretrain_heldout=50, num_demonstrations=300, num_rm=120,
+            num_ppo=200, num_eval=45, num_public=40,
+        )  # fmt: skip
+
+    config.tokenizer = tokenizer.default_config()
+    config.tokenizer.vocab_size = vocab_size
+    config.tokenizer.input = "@world/pretrain.jsonl,@world/demonstrations.jsonl"
+
+    config.pretrain = pretrain.default_config()
+    config.pretrain.batch_size = 8 if s else 32
+    config.pretrain.num_epochs = 1 if s else 2
+    config.pretrain.optimizer.lr = 3e-3
+    config.pretrain.optimizer.warmup_steps = 5 if s else 50
+    config.pretrain.log_every = 5 if s else 25
+
+    config.sft = sft.default_config()
+    config.sft.init_from = "pretrain"
+    config.sft.batch_size = 8 if s else 32
+    config.sft.num_epochs = 1 if s else 4
+    config.sft.dropout = 0.0 if s else 0.1
+    config.sft.optimizer.lr = 1e-3
+    config.sft.select_by = "val_loss"
+    config.sft.log_every = 5 if s else 25
+
+    config.smoke = smoke.default_config()
     return config

@@ -1,4 +1,6 @@
 # shellcheck shell=bash
+# The globals set here (OPTS, PASSTHRU, SCRIPT, ...) are read by the sourcing scripts:
+# shellcheck disable=SC2034
 # Sourced by every gcp/*.sh script. Not meant to be run on its own.
 #
 # Provides:

@@ -6,7 +6,7 @@ USAGE="usage: gcp/create.sh [--env FILE] [--dry-run]
 Creates TPU_NAME (ACCELERATOR_TYPE, RUNTIME_VERSION) in ZONE of PROJECT.
 SPOT=true asks for Spot capacity; QUEUED=true goes through a queued resource
 named TPU_NAME whose single node is also TPU_NAME."
-# shellcheck source=gcp/common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 parse_common_args "$@"

@@ -10,7 +10,7 @@ On all workers of TPU_NAME: clone REPO_URL into ~/instructrl (or fetch it when i
 already there), check out BRANCH (a branch or tag) as a detached HEAD, make
 ~/instructrl/.venv with Python PYTHON_VERSION (default 3.12; uv provides it when the
 image lacks it) unless a working one exists, and pip install -e '.[tpu]'."
-# shellcheck source=gcp/common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 parse_common_args "$@"

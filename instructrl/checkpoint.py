@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 STATE, DATA, META = "state", "data", "meta"
 DONE_FILE = "DONE"
@@ -246,8 +247,6 @@ class Checkpointer:
             record = {"time": time.time(), "latest_step": self.latest_step(), **dict(info or {})}
             _write_json_atomic(os.path.join(self.stage_dir, DONE_FILE), record)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("instructrl_checkpoint_mark_done")
 
     def close(self) -> None:
@@ -282,8 +281,6 @@ def export_params(params: Any, model_config: Mapping[str, Any], out_dir: str) ->
     if jax.process_index() == 0:
         _write_json_atomic(config_path, dict(model_config))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("instructrl_export_params")
 
 

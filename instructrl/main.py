@@ -124,10 +124,24 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, path)
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops INFO chatter of orbax and jax internals (each save logs ~30 lines); keeps
+    their warnings and errors, and every line of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(
+            p in record.pathname
+            for p in ("/orbax/", "/jax/_src/", "/etils/", "/tensorflow_datasets/")
+        )
+        return record.levelno >= logging.WARNING or not noisy
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         config = build_config(args.config, overrides)

@@ -134,8 +134,7 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(f"config key '{name}.{key}' = {getattr(self, key)!r}: {why}")
         if self.ptx_coef > 0 and (
-            self.ptx_batch_size < self.num_minibatches
-            or self.ptx_batch_size % self.num_minibatches
+            self.ptx_batch_size < self.num_minibatches or self.ptx_batch_size % self.num_minibatches
         ):
             raise ConfigError(
                 f"config key '{name}.ptx_ratio' = {self.ptx_ratio}: ptx_ratio * batch_size = "

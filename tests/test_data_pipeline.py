@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from instructrl.data.pipeline import (
     shard_records,
 )
 from instructrl.errors import ConfigError
+from instructrl.tokenizer import Tokenizer
 from tests.conftest import run_multiprocess
 
 SHORT = dict(prompt_words=(1, 4), response_words=(1, 6))
@@ -145,6 +147,22 @@ def test_pretraining_batches(env, pack):
     assert starts == len(docs)  # every document starts one segment with BOS
 
 
+def test_padding_uses_the_tokenizers_pad_id(env):
+    tok, c, built = env
+    unk_pad = Tokenizer.load(
+        os.path.join(os.path.dirname(c.dir), "tok", "tok.model"), pad_id=tok.unk_id
+    )
+    for it in (
+        pretrain_pipeline(built["pretrain"], unk_pad, c, batch_size=2, pack=True, num_epochs=1),
+        sft_pipeline(built["demonstrations"], unk_pad, c, batch_size=4, pack=True),
+        sft_pipeline(built["demonstrations"], unk_pad, c, batch_size=4, pack=False),
+    ):
+        batches = list(itertools.islice(it, 20))
+        pads = np.concatenate([b["tokens"][b["mask"] == 0] for b in batches])
+        assert pads.size and np.all(pads == tok.unk_id)
+        assert all(np.all(b["loss_mask"][b["mask"] == 0] == 0) for b in batches)
+
+
 def _naive_pairs(rec):
     """All ordered (winner, loser) pairs implied by the ranking, minus tied ones."""
     ranking = rec.get("ranking", [0, 1])
@@ -240,6 +258,9 @@ def test_ppo_prompts_left_padded_with_passthrough_and_ptx(env):
     c.ptx_ratio = 1.0
     with pytest.raises(ConfigError, match=r"data.ptx_ratio"):
         ppo_pipeline(built["prompts"], tok, c, batch_size=4)
+    c.ptx_ratio = 0.1
+    with pytest.raises(ConfigError, match=r"gives 0 ptx rows for batch size 4"):
+        ppo_pipeline(built["prompts"], tok, c, batch_size=4, ptx_data=built["pretrain"])
 
 
 def test_two_processes_read_disjoint_shards_covering_each_epoch(env):
@@ -332,7 +353,7 @@ from instructrl.data.pipeline import ppo_pipeline
 from instructrl.tokenizer import Tokenizer
 c = default_data_config()
 c.update(json.loads({json.dumps(c.to_dict())!r}))
-tok = Tokenizer.load({str(c.dir.replace("data", "tok") + "/tok.model")!r})
+tok = Tokenizer.load({os.path.join(os.path.dirname(c.dir), "tok", "tok.model")!r})
 built = build_dataset("prompts", c, tok)  # prepared already: both processes only read
 it = ppo_pipeline(built, tok, c, batch_size=4, num_epochs=1)
 print("INDICES", json.dumps([int(i) for b in it for i in b["index"]]))

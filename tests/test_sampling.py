@@ -18,7 +18,9 @@ from instructrl.models import (
 )
 from tests.test_transformer import STYLES, make_params, rand_tokens
 
-PROMPT_MASK = jnp.array([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], jnp.int32)
+# Left-padded prompts; row 1 uses segment id 2, which generated tokens must continue.
+PROMPT_MASK = jnp.array([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1]], jnp.int32)
+SEGMENT = PROMPT_MASK[:, -1:]
 N_NEW = 6
 
 
@@ -38,7 +40,7 @@ def np_log_softmax(x):
 def full_forward_logits(fwd, params, prompt, prompt_mask, response, response_mask):
     """Logits [B,N,V] predicting each response token, from ONE full forward of prompt+response."""
     tokens = jnp.concatenate([prompt, response], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask * prompt_mask[:, -1:]], axis=1)
     logits = fwd(params, tokens, positions_from_mask(mask), mask)
     p = prompt.shape[1]
     return np.asarray(logits[:, p - 1 : p - 1 + response.shape[1]])
@@ -153,7 +155,7 @@ def test_kv_cache_decode_matches_full_forward(lm):
     model, params, fwd = lm
     prompt = rand_tokens(0, PROMPT_MASK.shape)
     response = rand_tokens(1, (3, N_NEW))
-    full_mask = jnp.concatenate([PROMPT_MASK, jnp.ones((3, N_NEW), jnp.int32)], axis=1)
+    full_mask = jnp.concatenate([PROMPT_MASK, jnp.ones((3, N_NEW), jnp.int32) * SEGMENT], axis=1)
     tokens = jnp.concatenate([prompt, response], axis=1)
     positions = positions_from_mask(full_mask)
     want = np.asarray(fwd(params, tokens, positions, full_mask))
@@ -187,7 +189,7 @@ def test_greedy_equals_argmax_rollout_and_stop(lm):
     for i in range(N_NEW):
         logits = fwd(params, tokens, positions_from_mask(mask), mask)[:, p_len - 1 + i]
         tokens = tokens.at[:, p_len + i].set(jnp.argmax(logits, -1))
-        mask = mask.at[:, p_len + i].set(1)
+        mask = mask.at[:, p_len + i].set(SEGMENT[:, 0])
         want_lp.append(np_log_softmax(logits)[np.arange(3), np.argmax(logits, -1)])
     np.testing.assert_array_equal(out.tokens, tokens[:, p_len:])
     np.testing.assert_allclose(out.logprobs, np.stack(want_lp, 1), rtol=1e-5, atol=1e-6)

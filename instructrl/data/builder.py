@@ -26,10 +26,12 @@ data_dir, or process 0 builds into a shared one before the others call build_dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -273,9 +275,10 @@ def build_dataset(
             logging.info(
                 "data: building %s from %d files", builder.data_path, len(train) + len(validation)
             )
-            InstructrlRecords(
-                staged=staged, stats=stats, inputs=inputs, **common
-            ).download_and_prepare()
+            new = InstructrlRecords(staged=staged, stats=stats, inputs=inputs, **common)
+            # tfds prints progress to stdout; keep stdout for the programs' own output (JSON).
+            with contextlib.redirect_stdout(sys.stderr):
+                new.download_and_prepare()
     stats.log(f"{kind} ({builder.data_path})")
     sources = tfds.data_source(
         DATASET_NAME,

@@ -83,15 +83,23 @@ def chunk_lm(example: Example, seq_len: int) -> list[Example]:
     return [{k: v[s : s + seq_len] for k, v in example.items()} for s in range(0, n, seq_len)]
 
 
-def from_packed(packed: Example) -> Example:
-    """grain packing output -> model keys: mask = segment ids, positions restart per segment."""
-    return {
-        "tokens": packed["tokens"],
-        "targets": packed["targets"],
-        "loss_mask": packed["loss_mask"],
-        "mask": packed["tokens_segment_ids"].astype(np.int32),
-        "positions": packed["tokens_positions"].astype(np.int32),
-    }
+class FromPacked:
+    """grain packing output -> model keys: mask = segment ids, positions restart per segment;
+    padding gets pad_id (grain's concat-then-split packer pads with 0)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, packed: Example) -> Example:
+        mask = packed["tokens_segment_ids"].astype(np.int32)
+        real = mask > 0
+        return {
+            "tokens": np.where(real, packed["tokens"], self.pad_id).astype(np.int32),
+            "targets": np.where(real, packed["targets"], self.pad_id).astype(np.int32),
+            "loss_mask": np.where(real, packed["loss_mask"], 0).astype(np.int32),
+            "mask": mask,
+            "positions": np.where(real, packed["tokens_positions"], 0).astype(np.int32),
+        }
 
 
 def rm_example(

@@ -201,7 +201,7 @@ def lm_dataset(
     if pack and kind == "pretrain":
         # Documents run on across rows; each piece is its own segment with positions from 0.
         ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths).map(
-            examples.from_packed
+            examples.FromPacked(pad)
         )
     elif pack:
         ds = grain.experimental.FirstFitPackIterDataset(
@@ -210,7 +210,7 @@ def lm_dataset(
             num_packing_bins=rows,
             shuffle_bins=False,
             padding_struct={"tokens": pad, "targets": pad, "loss_mask": 0},
-        ).map(examples.from_packed)
+        ).map(examples.FromPacked(pad))
     else:
         if kind == "pretrain":
             ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(seq_len))
@@ -324,6 +324,11 @@ def ppo_pipeline(
         if ptx_data is None:
             raise ConfigError("config key 'data.ptx_ratio' > 0 but no pretraining data was given")
         ptx_rows = round(config.ptx_ratio * batch_size)
+        if ptx_rows < pc:
+            raise ConfigError(
+                f"config key 'data.ptx_ratio'={config.ptx_ratio} gives {ptx_rows} ptx rows for "
+                f"batch size {batch_size}; need at least one per process ({pc})"
+            )
         ptx, _ = lm_dataset(
             ptx_data,
             tokenizer,

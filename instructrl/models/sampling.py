@@ -75,7 +75,7 @@ def _choose(logits, key, temperature, top_k, top_p, greedy):
         token = jax.random.categorical(
             key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1
         )
-    logp = jax.nn.log_softmax(filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 

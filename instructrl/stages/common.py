@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -226,7 +227,5 @@ class TerminationSignal:
             return self.received
         if step % sync_every:
             return False
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.int32(self.received))
         return bool(np.any(flags))

@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +28,8 @@ import numpy as np
 from instructrl import checkpoint as ckpt_lib
 from instructrl import losses, sharding, train_lib
 from instructrl.data import pretrain_pipeline, sft_pipeline
-from instructrl.errors import ConfigError, Preempted
-from instructrl.models import ModelConfig, Transformer
-from instructrl.stages import common, inputs
+from instructrl.errors import ConfigError
+from instructrl.stages import driver, inputs
 from instructrl.tokenizer import Tokenizer
 
 SELECT_BY = ("last", "val_loss", "rm_score")
@@ -86,33 +83,12 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
     stage_dir = inputs.stage_dir(workdir, name)
 
     # ---- model and mesh
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.get("rules"))
-    init_dir = inputs.export_dir(config, name, "init_from", workdir) if c.init_from else None
-    if init_dir:
-        with open(os.path.join(init_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
-            model_dict = json.load(f)
-    else:
-        model_dict = config.model.to_dict()
-    if c.dropout >= 0:
-        model_dict["dropout"] = c.dropout
-    model_config = ModelConfig.from_dict(model_dict)
-    model = Transformer(model_config)
-    seq_len = config.data.seq_len
-    if seq_len > model_config.max_len:
-        raise ConfigError(
-            f"config key 'data.seq_len' ({seq_len}) exceeds the model's max_len "
-            f"({model_config.max_len})"
-        )
-    dummy = [np.zeros((1, seq_len), np.int32)] * 3
-    abstract_params, param_shardings = sharding.abstract_params_and_shardings(
-        model, dummy, mesh, rules
-    )
+    setup = driver.setup_model(config, name, workdir)
+    model, mesh, rules = setup.model, setup.mesh, setup.rules
 
     # ---- data
     tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
-    data_cfg = inputs.resolve_data_paths(config.data, workdir)
-    data_cfg.tfds_dir = data_cfg.tfds_dir or os.path.join(workdir, "tfds")
+    data_cfg = driver.data_config(config, workdir)
     shard_index, shard_count = sharding.data_shard_info(mesh)
     data_kind = "demonstrations" if kind == "sft" else "pretrain"
     built = inputs.build_data(data_kind, data_cfg, tokenizer)
@@ -120,7 +96,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
     main_rows = c.batch_size - ptx_rows
     pipeline = sft_pipeline if kind == "sft" else pretrain_pipeline
 
-    def train_iter(num_epochs: int) -> common_iter:
+    def train_iter(num_epochs: int):
         it = pipeline(
             built,
             tokenizer,
@@ -133,9 +109,8 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         )
         if not ptx_rows:
             return it
-        ptx_built = inputs.build_data("pretrain", data_cfg, tokenizer)
         ptx = pretrain_pipeline(
-            ptx_built,
+            inputs.build_data("pretrain", data_cfg, tokenizer),
             tokenizer,
             data_cfg,
             batch_size=ptx_rows,
@@ -147,8 +122,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         return MixedIterator(it, ptx)
 
     if c.num_steps > 0:
-        total_steps = c.num_steps
-        steps_per_epoch = c.num_steps
+        total_steps = steps_per_epoch = c.num_steps
     else:
         steps_per_epoch = sum(1 for _ in train_iter(1))
         if steps_per_epoch == 0:
@@ -157,39 +131,24 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
                 f"{data_kind} data"
             )
         total_steps = steps_per_epoch * c.num_epochs
-    eval_every = steps_per_epoch * max(c.eval_every_epochs, 1)
     data_iter = train_iter(0 if c.num_steps > 0 else c.num_epochs)
     logging.info("%s: %d steps (%d per epoch), batch %d", name, total_steps, steps_per_epoch,
                  c.batch_size)  # fmt: skip
 
-    # ---- train state
+    # ---- train state (fresh or resumed)
     optimizer = train_lib.make_optimizer(c.optimizer, total_steps)
-    schedule = train_lib.make_schedule(c.optimizer, total_steps)
-    abstract_state, state_shardings = train_lib.abstract_train_state(
-        optimizer, abstract_params, param_shardings, mesh
-    )
     checkpointer = ckpt_lib.Checkpointer(
         stage_dir, save_interval_steps=c.checkpoint_every, max_to_keep=c.max_to_keep
     )
-    selection = Selection(metric=c.select_by)
-    restored = checkpointer.restore_latest(abstract_state)
-    if restored is not None:
-        state = restored.state
-        data_iter.set_state(restored.data_state)
-        selection = Selection(**restored.meta["selection"])
-        logging.info("%s: resumed from step %d", name, restored.step)
-    else:
-        if init_dir:
-            params, _ = ckpt_lib.load_exported(init_dir, param_shardings)
-        else:
-            params = sharding.init_params_sharded(
-                model, jax.random.key(config.seed), dummy, mesh, rules
-            )
-        init = jax.jit(
-            lambda p: train_lib.create_train_state(p, optimizer, jax.random.key(config.seed + 1)),
-            out_shardings=state_shardings,
-        )
-        state = init(params)
+    run, state_shardings = driver.start_run(
+        setup,
+        stage_dir,
+        checkpointer,
+        optimizer,
+        data_iter,
+        seed=config.seed,
+        meta={"selection": dataclasses.asdict(Selection(metric=c.select_by))},
+    )
 
     # ---- step
     def loss_fn(params, batch, rng):
@@ -210,97 +169,83 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         return {"val_loss": total / jnp.maximum(count, 1.0), "weight": count}
 
     batch_sh = sharding.batch_sharding(mesh)
+    schedule = train_lib.make_schedule(c.optimizer, total_steps)
     with sharding.mesh_context(mesh, rules):
         step_fn = train_lib.make_train_step(
             loss_fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
         )
         train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
-        eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sh))
+        eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
 
-    def validate(params) -> dict[str, float]:
-        if "validation" not in built.sources:
-            return {}
-        it = pipeline(
-            built,
-            tokenizer,
-            data_cfg,
-            batch_size=main_rows,
-            split="validation",
-            num_epochs=1,
-            shuffle=False,
-            drop_remainder=False,
-            process_index=shard_index,
-            process_count=shard_count,
-        )
-        batches = (sharding.shard_batch(b, mesh) for b in _take(it, c.eval_batches))
-        with sharding.mesh_context(mesh, rules):
-            return train_lib.evaluate(eval_step, params, batches)
+    # ---- evaluation and selection
+    best_dir = os.path.join(stage_dir, "best")
 
-    def selection_value(params, metrics: dict[str, float]) -> float | None:
+    def evaluate(state, step: int) -> dict[str, float]:
+        metrics = {}
+        if "validation" in built.sources:
+            it = pipeline(
+                built,
+                tokenizer,
+                data_cfg,
+                batch_size=main_rows,
+                split="validation",
+                num_epochs=1,
+                shuffle=False,
+                drop_remainder=False,
+                process_index=shard_index,
+                process_count=shard_count,
+            )
+            batches = (sharding.shard_batch(b, mesh) for b in driver.take(it, c.eval_batches))
+            with sharding.mesh_context(mesh, rules):
+                metrics = train_lib.evaluate(eval_step, state.params, batches)
         if c.select_by == "val_loss":
-            return metrics.get("val_loss")
-        if c.select_by == "rm_score":
-            from instructrl.stages import selection as selection_lib
+            value = metrics.get("val_loss")
+        elif c.select_by == "rm_score":
+            from instructrl.stages import reward
 
-            return selection_lib.mean_rm_score(config, name, workdir, model, params, mesh, rules)
-        return None
+            value = reward.mean_greedy_score(config, name, workdir, setup, state.params)
+        else:
+            return metrics
+        if value is None:
+            raise ConfigError(f"config key '{name}.select_by': no validation split to select on")
+        selection = Selection(**run.meta["selection"])
+        metrics[f"select_{c.select_by}"] = value
+        selection.history.append({"step": step, "value": value})
+        if selection.better(value):
+            selection.best, selection.best_step = value, step
+            ckpt_lib.export_params(state.params, setup.model_dict, best_dir)
+        run.meta["selection"] = dataclasses.asdict(selection)
+        return metrics
 
     # ---- loop
-    step = int(jax.device_get(state.step))
-    tokens_per_step = c.batch_size * seq_len
-    progress = common.Progress(total_steps, tokens_per_step=tokens_per_step)
-    best_dir = os.path.join(stage_dir, "best")
-    with (
-        common.MetricsWriter(stage_dir, resume_step=step if restored else None) as writer,
-        common.TerminationSignal() as term,
-    ):
-        while step < total_steps:
-            batch = sharding.shard_batch(next(data_iter), mesh)
-            with sharding.mesh_context(mesh, rules):
-                state, metrics = train_step(state, batch, state.rng)
-            step += 1
-            progress.update(step)
-            end_of_eval = step % eval_every == 0 or step == total_steps
-            if step % c.log_every == 0 or end_of_eval:
-                host = jax.device_get(metrics)
-                common.check_finite(host, step)
-                if end_of_eval:
-                    host.update(validate(state.params))
-                    value = selection_value(state.params, host)
-                    if value is not None:
-                        host[f"select_{c.select_by}"] = value
-                        selection.history.append({"step": step, "value": value})
-                        if selection.better(value):
-                            selection.best, selection.best_step = value, step
-                            ckpt_lib.export_params(state.params, model_dict, best_dir)
-                writer.write(step, host)
-            meta = {"selection": dataclasses.asdict(selection)}
-            stop = term.should_stop(step)
-            if checkpointer.should_save(step) or step == total_steps or stop:
-                checkpointer.save(
-                    step, state, data_state=data_iter.get_state(), meta=meta, force=True
-                )
-            if stop:
-                checkpointer.close()
-                raise Preempted(f"stage {name}: stopped by signal at step {step}; checkpoint saved")
-    checkpointer.close()
+    state = driver.train_loop(
+        run,
+        train_step,
+        name=name,
+        stage_dir=stage_dir,
+        setup=setup,
+        checkpointer=checkpointer,
+        total_steps=total_steps,
+        log_every=c.log_every,
+        eval_every=steps_per_epoch * max(c.eval_every_epochs, 1),
+        evaluate=evaluate,
+        tokens_per_step=c.batch_size * data_cfg.seq_len,
+    )
 
     # ---- export
+    selection = Selection(**run.meta["selection"])
     export_dir = os.path.join(stage_dir, inputs.EXPORT_DIR)
     if c.select_by == "last" or selection.best_step is None:
-        ckpt_lib.export_params(state.params, model_dict, export_dir)
-        chosen = step
+        ckpt_lib.export_params(state.params, setup.model_dict, export_dir)
+        chosen = total_steps
     else:
-        params, _ = ckpt_lib.load_exported(best_dir, param_shardings)
-        ckpt_lib.export_params(params, model_dict, export_dir)
+        params, _ = ckpt_lib.load_exported(best_dir, setup.param_shardings)
+        ckpt_lib.export_params(params, setup.model_dict, export_dir)
         chosen = selection.best_step
     if jax.process_index() == 0:
         with open(os.path.join(stage_dir, "selection.json"), "w") as f:
             json.dump({**dataclasses.asdict(selection), "exported_step": chosen}, f, indent=2)
     logging.info("%s: exported step %d (%s) to %s", name, chosen, c.select_by, export_dir)
-
-
-common_iter = Iterator[dict[str, np.ndarray]]
 
 
 class MixedIterator:
@@ -326,14 +271,3 @@ class MixedIterator:
         d = json.loads(state)
         self.main.set_state(d["main"])
         self.ptx.set_state(d["ptx"])
-
-
-def _take(it, n: int):
-    for i, batch in enumerate(it):
-        if n and i >= n:
-            return
-        yield batch
-
-
-def epochs_to_steps(num_records: int, batch_size: int, num_epochs: int) -> int:
-    return math.ceil(num_records * num_epochs / batch_size)

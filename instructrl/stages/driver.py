@@ -1,0 +1,201 @@
+"""Pieces every training stage driver shares: model + mesh setup, train state (fresh or
+resumed), and the loop (log, check finite, evaluate, checkpoint, stop on SIGTERM).
+
+A driver (lm.py, reward.py) builds its data iterator, loss and eval functions and calls
+these in order; see `lm.run_lm_stage` for the shape of a driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from instructrl import checkpoint as ckpt_lib
+from instructrl import sharding, train_lib
+from instructrl.errors import ConfigError, Preempted
+from instructrl.models import ModelConfig, Transformer
+from instructrl.stages import common, inputs
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """A model on a mesh: what a stage needs to init, restore, shard and export params."""
+
+    model: Transformer
+    model_dict: dict[str, Any]  # the ModelConfig as JSON (saved next to exports)
+    init_dir: str | None  # export dir of the input stage, None for a random init
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+    abstract_params: Any
+    param_shardings: Any
+    dummy: list[np.ndarray]  # [1, T] tokens/positions/mask for model.init
+
+    def init_params(self, seed: int, from_lm: bool = False) -> Any:
+        """Params from the input stage's export (the trunk only, when `from_lm` and this is a
+        scalar-head model), else a random init; always born sharded."""
+        fresh = sharding.init_params_sharded(
+            self.model, jax.random.key(seed), self.dummy, self.mesh, self.rules
+        )
+        if self.init_dir is None:
+            return fresh
+        if not from_lm:
+            params, _ = ckpt_lib.load_exported(self.init_dir, self.param_shardings)
+            return params
+        lm = Transformer(self.model.config, head="lm")
+        _, lm_shardings = sharding.abstract_params_and_shardings(
+            lm, self.dummy, self.mesh, self.rules
+        )
+        lm_params, _ = ckpt_lib.load_exported(self.init_dir, lm_shardings)
+        from instructrl.models import init_scalar_from_lm
+
+        return init_scalar_from_lm(lm_params, fresh)
+
+
+def setup_model(
+    config: ml_collections.ConfigDict,
+    name: str,
+    workdir: str,
+    *,
+    head: str = "lm",
+    init_key: str = "init_from",
+    seq_len: int | None = None,
+) -> ModelSetup:
+    """The model of stage `name`: the config of the stage named by `config.<name>.<init_key>`
+    (its export's model_config.json), else `config.model`; `<name>.dropout` >= 0 overrides."""
+    c = config[name]
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.get("rules"))
+    init_dir = inputs.export_dir(config, name, init_key, workdir) if c.get(init_key) else None
+    if init_dir:
+        with open(os.path.join(init_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
+            model_dict = json.load(f)
+    else:
+        model_dict = config.model.to_dict()
+    if c.get("dropout", -1.0) >= 0:
+        model_dict["dropout"] = c.dropout
+    model_config = ModelConfig.from_dict(model_dict)
+    seq_len = seq_len or config.data.seq_len
+    if seq_len > model_config.max_len:
+        raise ConfigError(
+            f"config key 'data.seq_len' ({seq_len}) exceeds the model's max_len "
+            f"({model_config.max_len})"
+        )
+    model = Transformer(model_config, head=head)
+    dummy = [np.zeros((1, seq_len), np.int32)] * 2 + [np.ones((1, seq_len), np.int32)]
+    abstract, shardings = sharding.abstract_params_and_shardings(model, dummy, mesh, rules)
+    return ModelSetup(model, model_dict, init_dir, mesh, rules, abstract, shardings, dummy)
+
+
+def data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """config.data with `@stage/...` paths resolved and the tfds folder defaulted to DIR/tfds."""
+    data = inputs.resolve_data_paths(config.data, workdir)
+    data.tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
+    return data
+
+
+@dataclasses.dataclass
+class Run:
+    """The mutable parts of a training run that the loop advances and checkpoints."""
+
+    state: train_lib.TrainState
+    data_iter: Any  # has __next__, get_state(), set_state()
+    meta: dict[str, Any]  # JSON stage metadata, saved with every checkpoint
+    resumed_step: int | None
+
+
+def start_run(
+    setup: ModelSetup,
+    stage_dir: str,
+    checkpointer: ckpt_lib.Checkpointer,
+    optimizer,
+    data_iter: Any,
+    *,
+    seed: int,
+    from_lm: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[Run, train_lib.TrainState]:
+    """Resumes from the latest checkpoint (state, data position, meta) or starts fresh.
+    Returns the run and the state's shardings."""
+    abstract, shardings = train_lib.abstract_train_state(
+        optimizer, setup.abstract_params, setup.param_shardings, setup.mesh
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        data_iter.set_state(restored.data_state)
+        logging.info("%s: resumed from step %d", stage_dir, restored.step)
+        return Run(restored.state, data_iter, dict(restored.meta), restored.step), shardings
+    params = setup.init_params(seed, from_lm=from_lm)
+    init = jax.jit(
+        lambda p: train_lib.create_train_state(p, optimizer, jax.random.key(seed + 1)),
+        out_shardings=shardings,
+    )
+    return Run(init(params), data_iter, dict(meta or {}), None), shardings
+
+
+def train_loop(
+    run: Run,
+    train_step: Callable,
+    *,
+    name: str,
+    stage_dir: str,
+    setup: ModelSetup,
+    checkpointer: ckpt_lib.Checkpointer,
+    total_steps: int,
+    log_every: int,
+    eval_every: int,
+    evaluate: Callable[[train_lib.TrainState, int], Mapping[str, float]] | None = None,
+    tokens_per_step: int | None = None,
+) -> train_lib.TrainState:
+    """Runs `train_step` until `total_steps`; returns the final state.
+
+    Every `log_every` steps the metrics are fetched, checked for NaN/inf and written; every
+    `eval_every` steps and at the end `evaluate(state, step)` adds its metrics (it may also
+    update `run.meta`, which is checkpointed). A SIGTERM saves a checkpoint and raises
+    Preempted; re-running resumes from it.
+    """
+    step = int(jax.device_get(run.state.step))
+    progress = common.Progress(total_steps, tokens_per_step=tokens_per_step)
+    state = run.state
+    with (
+        common.MetricsWriter(stage_dir, resume_step=run.resumed_step) as writer,
+        common.TerminationSignal() as term,
+    ):
+        while step < total_steps:
+            batch = sharding.shard_batch(next(run.data_iter), setup.mesh)
+            with sharding.mesh_context(setup.mesh, setup.rules):
+                state, metrics = train_step(state, batch, state.rng)
+            step += 1
+            progress.update(step)
+            at_eval = evaluate is not None and (step % eval_every == 0 or step == total_steps)
+            if step % log_every == 0 or at_eval or step == total_steps:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                common.check_finite(host, step)
+                if at_eval:
+                    host.update(evaluate(state, step))
+                writer.write(step, host)
+            stop = term.should_stop(step)
+            if checkpointer.should_save(step) or step == total_steps or stop:
+                checkpointer.save(
+                    step, state, data_state=run.data_iter.get_state(), meta=run.meta, force=True
+                )
+            if stop:
+                checkpointer.close()
+                raise Preempted(f"stage {name}: stopped by signal at step {step}; checkpoint saved")
+    checkpointer.close()
+    return state
+
+
+def take(it: Iterator, n: int) -> Iterator:
+    """The first n items of `it` (all of them when n == 0)."""
+    for i, item in enumerate(it):
+        if n and i >= n:
+            return
+        yield item

