@@ -11,6 +11,8 @@ Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
   tokenizer  a SentencePiece model trained on its pretraining text and demonstrations
   pretrain   the base model: next-token loss on the pretraining corpus
   sft        supervised fine-tuning on demonstrations
+  collect    K = 4..9 samples per prompt from SFT and base models, ranked by simulated labelers
+  rm         reward model on those rankings, normalised so demonstrations score mean 0
 
 Your own data: drop `world` from `config.stages` and point `--config.data.<kind>=FILE`
 (pretrain, demonstrations, comparisons, prompts) and `--config.tokenizer.input` at files.
@@ -20,7 +22,7 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.data import default_data_config
-from instructrl.stages import pretrain, sft, smoke, tokenizer, world
+from instructrl.stages import collect, pretrain, reward, sft, smoke, tokenizer, world
 
 
 def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.ConfigDict:
@@ -54,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "world,tokenizer,pretrain,sft"
+    config.stages = "world,tokenizer,pretrain,sft,collect,rm"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     vocab_size = 384
@@ -65,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pretrain = "@world/pretrain.jsonl"
     config.data.demonstrations = "@world/demonstrations.jsonl"
     config.data.prompts = "@world/prompts_ppo.jsonl"
+    config.data.comparisons = "@collect/comparisons.jsonl"
     config.data.seq_len = max_len
     config.data.max_prompt_len = 96
     config.data.max_response_len = 32
@@ -97,6 +100,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sft.optimizer.lr = 1e-3
     config.sft.select_by = "val_loss"
     config.sft.log_every = 5 if s else 25
+
+    config.collect = collect.default_config()
+    config.collect.seed = arg.seed
+    config.collect.calibrate = not s  # untrained smoke models give no agreement to fit
+
+    config.rm = reward.default_config()
+    config.rm.init_from = "sft"
+    config.rm.batch_size = 8 if s else 32
+    config.rm.num_epochs = 1 if s else 2
+    config.rm.optimizer.lr = 1e-3 if s else 3e-4
+    config.rm.log_every = 5 if s else 10
+    config.rm.normalize_num = 64 if s else 512
 
     config.smoke = smoke.default_config()
     return config

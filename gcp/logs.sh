@@ -67,12 +67,11 @@ if [[ ! $worker =~ ^[0-9]+$ ]]; then
   tail_cmd="$tail_cmd | sed -u \"s/^/\$(hostname): /\""
 fi
 
-quote_word "$run"
 # shellcheck disable=SC2016
 remote=(
   'set -euo pipefail'
   'logs="$HOME/instructrl-logs"'
-  "run=$QUOTED"
+  "run=\"$run\""  # checked above: empty, or letters, digits and ._-
   'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi'
   'if [ -z "$run" ]; then echo "$(hostname): no runs in $logs" >&2; exit 1; fi'
   "$tail_cmd"

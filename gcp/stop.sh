@@ -38,12 +38,11 @@ if [[ -n $run ]]; then
   check_run_name "$run"
 fi
 
-quote_word "$run"
 # shellcheck disable=SC2016
 remote=(
   'set -euo pipefail'
   'logs="$HOME/instructrl-logs"'
-  "run=$QUOTED"
+  "run=\"$run\""  # checked above: empty, or letters, digits and ._-
   'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi'
   'pid=$(cat "$logs/$run/worker-$(hostname).pid" 2>/dev/null || true)'
   'if [ -n "$run" ] && [ -n "$pid" ] && grep -qa instructrl.main "/proc/$pid/cmdline" 2>/dev/null; then'

@@ -227,6 +227,11 @@ def config_from_hf(
     if kind == "gpt2":
         fields["d_ff"] = fields["d_ff"] or 4 * fields["d_model"]
     else:
+        # Defaults spelled out by HF are stored as None, our spelling of "the default".
+        if fields["num_kv_heads"] == fields["num_heads"]:
+            fields["num_kv_heads"] = None
+        if fields["head_dim"] == fields["d_model"] // fields["num_heads"]:
+            fields["head_dim"] = None
         if hf.get("mlp_bias", False) != fields["use_bias"]:
             raise InputError(
                 f"{where}: attention_bias={fields['use_bias']} with mlp_bias="
@@ -431,14 +436,17 @@ def from_pretrained(
     config = config_from_hf(hf, dtype=dtype, compute_dtype=compute_dtype, where=where)
     model = Transformer(config)
     tensors = read_checkpoint(hf_dir)
-    prefix = "" if "wte.weight" in tensors and "transformer.wte.weight" not in tensors else None
-    entries = weight_table(config, gpt2_prefix="transformer." if prefix is None else prefix)
+    bare_gpt2 = "wte.weight" in tensors and "transformer.wte.weight" not in tensors
+    entries = weight_table(config, gpt2_prefix="" if bare_gpt2 else "transformer.")
 
     used = {e.name for e in entries}
     for name, (_, path) in sorted(tensors.items()):
         tied_head = name == "lm_head.weight" and config.tie_embeddings
         if name not in used and not tied_head and not _IGNORED.fullmatch(name):
-            raise InputError(f"{path}: {name}: unexpected tensor for {hf['model_type']} {config}")
+            raise InputError(
+                f"{path}: {name}: unexpected tensor (not in a {hf['model_type']} model of "
+                f"{config.num_layers} layers, tie_word_embeddings={config.tie_embeddings})"
+            )
     for e in entries:
         if e.name not in tensors:
             raise InputError(f"{hf_dir}: {e.name}: missing tensor (expected shape {e.shape})")
@@ -500,7 +508,8 @@ def to_pretrained(
     hf = hf_config_from(config, dtype=str(jnp.dtype(out_dtype)))
     if tokenizer_path is not None:
         tok = Tokenizer.load(tokenizer_path)
-        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+        ids["pad_token_id"] = tok.pad_id if tok.has_pad else -1
         hf.update({k: v for k, v in ids.items() if v >= 0})
     if jax.process_index() != 0:
         return

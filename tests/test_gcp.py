@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,10 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GCP = REPO / "gcp"
 SCRIPTS = sorted(p.name for p in GCP.glob("*.sh"))
-ENV_VARS = (
-    "PROJECT ZONE ACCELERATOR_TYPE RUNTIME_VERSION TPU_NAME BUCKET REPO_URL BRANCH SPOT QUEUED "
-    "PYTHON_VERSION RUN_NAME"
-).split()
+RUNNABLE = [s for s in SCRIPTS if s != "common.sh"]  # common.sh is sourced by the others
 
 ENV = {
     "PROJECT": "test-project",
@@ -93,7 +89,7 @@ def launch_remote(run: str, args: str) -> str:
 def logs_remote(run: str, tail: str) -> str:
     return (
         'set -euo pipefail; logs="$HOME/instructrl-logs"; '
-        f"run={run}; "
+        f'run="{run}"; '
         'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi; '
         'if [ -z "$run" ]; then echo "$(hostname): no runs in $logs" >&2; exit 1; fi; '
         f"{tail}"
@@ -103,7 +99,7 @@ def logs_remote(run: str, tail: str) -> str:
 def stop_remote(run: str) -> str:
     return (
         'set -euo pipefail; logs="$HOME/instructrl-logs"; '
-        f"run={run}; "
+        f'run="{run}"; '
         'if [ -z "$run" ]; then run=$(ls -t "$logs" 2>/dev/null | head -n 1 || true); fi; '
         'pid=$(cat "$logs/$run/worker-$(hostname).pid" 2>/dev/null || true); '
         'if [ -n "$run" ] && [ -n "$pid" ] && grep -qa instructrl.main "/proc/$pid/cmdline" '
@@ -149,7 +145,7 @@ def sandbox(tmp_path):
 
         def write_env(self, name: str = "env", **changes: str | None) -> Path:
             values = {**ENV, **changes}
-            lines = [f"{k}={v}" for k, v in values.items() if v is not None]
+            lines = [f"{k}={shlex.quote(v)}" for k, v in values.items() if v is not None]
             path = tmp_path / name
             path.write_text("# test env\n" + "\n".join(lines) + "\n")
             return path
@@ -259,9 +255,7 @@ def test_launch_default_run_name_and_workdir(sandbox):
         "--workdir=gs://test-bucket/runs/instructgpt_1p3b"
     )
     expected = f"{SSH} --worker=all --command='{launch_remote('instructgpt_1p3b', args)}'"
-    assert sandbox.dry("launch.sh", "--", "--config=experiments/instructgpt_1p3b.py") == [
-        expected
-    ]
+    assert sandbox.dry("launch.sh", "--", "--config=experiments/instructgpt_1p3b.py") == [expected]
 
 
 def test_launch_config_args_and_overrides(sandbox):
@@ -269,9 +263,14 @@ def test_launch_config_args_and_overrides(sandbox):
         "--distributed --config=experiments/tiny_instructgpt.py:smoke,seed=1 --config.seed=3 "
         "--workdir=gs://test-bucket/runs/tiny_instructgpt-smoke-seed-1"
     )
-    expected = f"{SSH} --worker=all --command='{launch_remote('tiny_instructgpt-smoke-seed-1', args)}'"
+    expected = (
+        f"{SSH} --worker=all --command='{launch_remote('tiny_instructgpt-smoke-seed-1', args)}'"
+    )
     lines = sandbox.dry(
-        "launch.sh", "--", "--config=experiments/tiny_instructgpt.py:smoke,seed=1", "--config.seed=3"
+        "launch.sh",
+        "--",
+        "--config=experiments/tiny_instructgpt.py:smoke,seed=1",
+        "--config.seed=3",
     )
     assert lines == [expected]
 
@@ -301,7 +300,11 @@ def test_launch_explicit_run_name_and_workdir(sandbox):
 
 def test_launch_local_workdir_warns(sandbox):
     result = sandbox.run(
-        "launch.sh", "--dry-run", "--", "--config=experiments/tiny_instructgpt.py", "--workdir=/tmp/w"
+        "launch.sh",
+        "--dry-run",
+        "--",
+        "--config=experiments/tiny_instructgpt.py",
+        "--workdir=/tmp/w",
     )
     assert result.returncode == 0
     assert "not on gs://" in result.stderr
@@ -328,14 +331,14 @@ def test_ssh_rejects_all_without_command(sandbox):
 @pytest.mark.parametrize(
     "args, worker, run, tail",
     [
-        ([], "0", "''", 'tail -n 100 "$logs/$run/worker-$(hostname).log"'),
+        ([], "0", "", 'tail -n 100 "$logs/$run/worker-$(hostname).log"'),
         (
             ["--worker", "all", "--follow", "--run", "r1", "--lines", "20"],
             "all",
             "r1",
             'tail -n 20 -F "$logs/$run/worker-$(hostname).log" | sed -u "s/^/$(hostname): /"',
         ),
-        (["--worker=2", "-f"], "2", "''", 'tail -n 100 -F "$logs/$run/worker-$(hostname).log"'),
+        (["--worker=2", "-f"], "2", "", 'tail -n 100 -F "$logs/$run/worker-$(hostname).log"'),
     ],
 )
 def test_logs(sandbox, args, worker, run, tail):
@@ -344,7 +347,7 @@ def test_logs(sandbox, args, worker, run, tail):
 
 
 def test_stop(sandbox):
-    assert sandbox.dry("stop.sh") == [f"{SSH} --worker=all --command='{stop_remote(chr(39) * 2)}'"]
+    assert sandbox.dry("stop.sh") == [f"{SSH} --worker=all --command='{stop_remote('')}'"]
     assert sandbox.dry("stop.sh", "--run", "r1") == [
         f"{SSH} --worker=all --command='{stop_remote('r1')}'"
     ]
@@ -395,7 +398,7 @@ def test_example_env_works(sandbox):
 # The printed commands are the commands that run, and paste back exactly
 
 
-AWKWARD = ["--config=experiments/tiny_instructgpt.py:smoke", "--config.note=it's $HOME \"q\" ~ *"]
+AWKWARD = ["--config=experiments/tiny_instructgpt.py:smoke", '--config.note=it\'s $HOME "q" ~ *']
 
 
 @pytest.mark.parametrize(
@@ -444,27 +447,28 @@ def test_setup_remote_is_idempotent(sandbox):
     _git("commit", "--quiet", "-m", "one", cwd=origin)
 
     calls = sandbox.path / "calls.txt"
-    # python3 -m pip install --user uv -> a fake uv; uv venv -> a fake venv whose pip logs.
-    fake_pip = f'#!/bin/sh\necho "pip $*" >> {calls}\n'
-    fake_uv = textwrap.dedent(f"""\
-        #!/bin/sh
-        echo "uv $*" >> {calls}
-        for last; do :; done
-        mkdir -p "$last/bin"
-        printf '#!/bin/sh\\nexit 0\\n' > "$last/bin/python3.12"
-        printf '%s' '{fake_pip}' > "$last/bin/pip"
-        chmod +x "$last/bin/python3.12" "$last/bin/pip"
-        """)
-    fake_python3 = textwrap.dedent(f"""\
-        #!/bin/sh
-        echo "python3 $*" >> {calls}
-        mkdir -p "$HOME/.local/bin"
-        cat > "$HOME/.local/bin/uv" <<'EOF'
-        {fake_uv}EOF
-        chmod +x "$HOME/.local/bin/uv"
-        """)
-    (sandbox.bin / "python3").write_text(fake_python3)
-    (sandbox.bin / "python3").chmod(0o755)
+    # Fakes for the worker's tools: `python3 -m pip install --user uv` installs a fake uv;
+    # `uv venv DIR` makes a venv whose python3.12 runs and whose pip logs its arguments.
+    fakes = sandbox.path / "fakes"
+    fakes.mkdir()
+    scripts = {
+        "pip": f'#!/bin/sh\necho "pip $*" >> {calls}\n',
+        "uv": (
+            f'#!/bin/sh\necho "uv $*" >> {calls}\n'
+            'for last; do :; done\nmkdir -p "$last/bin"\n'
+            f'cp {fakes}/pip "$last/bin/pip"\n'
+            "printf '#!/bin/sh\\nexit 0\\n' > \"$last/bin/python3.12\"\n"
+            'chmod +x "$last/bin/python3.12"\n'
+        ),
+        "python3": (
+            f'#!/bin/sh\necho "python3 $*" >> {calls}\n'
+            f'mkdir -p "$HOME/.local/bin"\ncp {fakes}/uv "$HOME/.local/bin/uv"\n'
+        ),
+    }
+    for name, text in scripts.items():
+        (fakes / name).write_text(text)
+        (fakes / name).chmod(0o755)
+    shutil.copy(fakes / "python3", sandbox.bin / "python3")
 
     (line,) = sandbox.dry("setup.sh", env_file=sandbox.write_env(REPO_URL=str(origin)))
     script = remote_command(line)
@@ -482,7 +486,7 @@ def test_setup_remote_is_idempotent(sandbox):
     assert (clone / "a.txt").read_text() == "1\n"
     assert calls.read_text().splitlines() == [
         "python3 -m pip install --quiet --user uv",
-        f"uv venv --quiet --seed --python 3.12 {clone}/.venv".replace(f"{clone}/", ""),
+        "uv venv --quiet --seed --python 3.12 .venv",
         "pip install --quiet -e .[tpu]",
     ]
 
@@ -549,7 +553,8 @@ def test_launch_remote_runs_in_background(sandbox):
         "run": "r1",
         "cwd": str(repo),
     }
-    assert pid_file.read_text().strip().isdigit()
+    first_pid = int(pid_file.read_text())
+    assert _wait_for(lambda: not _alive(first_pid))
 
     # While a run is alive, a second launch is refused; stop.sh's remote command ends it.
     second = launch(FAKE_SLEEP="60")
@@ -657,10 +662,8 @@ def test_bad_input_is_one_line(sandbox, script, args, changes, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", RUNNABLE)
 def test_help(sandbox, script):
-    if script == "common.sh":
-        pytest.skip("sourced, not run")
     result = sandbox.run(script, "--help", env_file=False)
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: gcp/{script}")
@@ -703,12 +706,12 @@ def test_shellcheck_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_scripts_are_executable():
-    for script in SCRIPTS:
-        mode = (GCP / script).stat().st_mode
-        if script == "common.sh":
-            continue
-        assert mode & 0o111, f"gcp/{script} is not executable"
-        assert (GCP / script).read_text().startswith("#!/usr/bin/env bash\nset -euo pipefail\n") or (
-            "set -euo pipefail" in (GCP / script).read_text()
-        )
+def test_scripts_are_executable_strict_bash():
+    for script in RUNNABLE:
+        path = GCP / script
+        assert path.stat().st_mode & 0o111, f"gcp/{script} is not executable"
+        lines = path.read_text().splitlines()
+        assert lines[0] == "#!/usr/bin/env bash"
+        first_source = next(i for i, line in enumerate(lines) if line.startswith("source "))
+        assert "set -euo pipefail" in lines[:first_source]
+    assert not (GCP / "common.sh").read_text().startswith("#!")

@@ -21,7 +21,7 @@ from absl import logging
 from instructrl import checkpoint as ckpt_lib
 from instructrl import sharding, train_lib
 from instructrl.errors import ConfigError, Preempted
-from instructrl.models import ModelConfig, Transformer
+from instructrl.models import ModelConfig, Transformer, init_scalar_from_lm
 from instructrl.stages import common, inputs
 
 
@@ -49,14 +49,18 @@ class ModelSetup:
         if not from_lm:
             params, _ = ckpt_lib.load_exported(self.init_dir, self.param_shardings)
             return params
-        lm = Transformer(self.model.config, head="lm")
-        _, lm_shardings = sharding.abstract_params_and_shardings(
-            lm, self.dummy, self.mesh, self.rules
-        )
-        lm_params, _ = ckpt_lib.load_exported(self.init_dir, lm_shardings)
-        from instructrl.models import init_scalar_from_lm
-
+        lm_params, _ = ckpt_lib.load_exported(self.init_dir, self.lm_param_shardings())
         return init_scalar_from_lm(lm_params, fresh)
+
+    def lm_model(self) -> Transformer:
+        """The LM-head model of the same config (e.g. a policy beside its RM)."""
+        return Transformer(self.model.config, head="lm")
+
+    def lm_param_shardings(self) -> Any:
+        _, shardings = sharding.abstract_params_and_shardings(
+            self.lm_model(), self.dummy, self.mesh, self.rules
+        )
+        return shardings
 
 
 def setup_model(

@@ -1,0 +1,56 @@
+"""Converts a Hugging Face checkpoint (GPT-2, Llama) into an instructrl params export.
+
+    python -m instructrl.convert --hf_dir=DIR --out=DIR [--dtype=float32]
+
+Writes what `checkpoint.export_params` writes (OUT/params + OUT/model_config.json, the config
+last), which a stage's `init_from` and `checkpoint.load_exported` read, plus a copy of
+DIR/tokenizer.model when there is one (HF `tokenizer.json` files are not converted).
+Bad input ends with one line on stderr and exit status 2.
+
+Not here: the weight mapping itself (hf.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from instructrl import checkpoint, hf
+from instructrl.models.transformer import ModelConfig
+
+
+def convert(hf_dir: str, out: str, *, dtype: str = "float32") -> ModelConfig:
+    """HF checkpoint directory -> instructrl export in `out`; returns the model config."""
+    tokenizer = hf.load_tokenizer(hf_dir)  # a corrupt tokenizer fails before anything is written
+    model, params = hf.from_pretrained(hf_dir, dtype=dtype)
+    os.makedirs(out, exist_ok=True)
+    if tokenizer is not None:
+        shutil.copyfile(
+            os.path.join(hf_dir, hf.TOKENIZER_FILE), os.path.join(out, hf.TOKENIZER_FILE)
+        )
+    checkpoint.export_params(params, dataclasses.asdict(model.config), out)
+    return model.config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instructrl.convert", description=__doc__)
+    parser.add_argument("--hf_dir", required=True, help="config.json + *.safetensors")
+    parser.add_argument("--out", required=True, help="export folder (params + model_config.json)")
+    parser.add_argument("--dtype", default="float32", help="dtype of the exported params")
+    args = parser.parse_args(argv)
+    try:
+        config = convert(args.hf_dir, args.out, dtype=args.dtype)
+    except (ValueError, OSError) as e:  # InputError is a ValueError; OSError: unreadable files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tokenizer = "with" if os.path.exists(os.path.join(args.out, hf.TOKENIZER_FILE)) else "without"
+    print(f"wrote {args.out} ({tokenizer} tokenizer.model): {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Scoring with a trained reward model: raw scalar, normalisation, and text-level `score`.
+
+The RM is the SFT model with its unembedding replaced by a scalar head read at the last
+non-padding token of `[BOS] prompt response [EOS]` (method.md §2). Its loss is invariant
+to a shift, so after training the RM stage fits a `Normalization`:
+
+  demonstrations  bias so that labeler demonstrations score mean 0 (the paper)
+  policy          gain and bias so that a policy's samples score mean 0, std 1 (Ziegler et al.)
+
+`normalized = gain * raw + bias`. The export folder of the RM stage holds params,
+model_config.json and `reward_normalization.json`; `RewardModel.load(dir)` reads all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructrl import checkpoint as ckpt_lib
+from instructrl.models import ModelConfig, Transformer, positions_from_mask
+
+NORMALIZATION_FILE = "reward_normalization.json"
+NORMALIZE_MODES = ("none", "demonstrations", "policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    gain: float = 1.0
+    bias: float = 0.0
+    mode: str = "none"
+    raw_mean: float = 0.0  # of the raw scores the fit used
+    raw_std: float = 1.0
+    count: int = 0
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, mode: str) -> Normalization:
+        """raw f32 [N]: scores of demonstrations ("demonstrations") or policy samples ("policy")."""
+        if mode not in NORMALIZE_MODES:
+            raise ValueError(f"normalize: mode {mode!r} not in {NORMALIZE_MODES}")
+        raw = np.asarray(raw, np.float64)
+        mean, std = (float(raw.mean()), float(raw.std())) if raw.size else (0.0, 1.0)
+        if mode == "none":
+            return cls(mode=mode, raw_mean=mean, raw_std=std, count=raw.size)
+        if raw.size == 0:
+            raise ValueError(f"normalize ({mode}): no scores to fit on")
+        if mode == "demonstrations":
+            return cls(1.0, -mean, mode, mean, std, raw.size)
+        gain = 1.0 / max(std, 1e-6)
+        return cls(gain, -mean * gain, mode, mean, std, raw.size)
+
+    def apply(self, raw: jax.Array) -> jax.Array:
+        return self.gain * raw + self.bias
+
+
+def score_tokens(
+    model: Transformer,
+    params: Any,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    gain: jax.Array | float = 1.0,
+    bias: jax.Array | float = 0.0,
+) -> jax.Array:
+    """Normalised RM score f32 [B] of token rows [B,T] (read at each row's last real token)."""
+    raw = model.apply({"params": params}, tokens, positions, mask)
+    return gain * raw + bias
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`[BOS] prompt response [EOS]` right-padded to [B, seq_len] (the RM training layout).
+    Overlong rows keep their start and lose the EOS, as in the data pipeline."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    tokens = np.full((len(prompts), seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(prompts), seq_len), np.int32)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        seq = [tokenizer.bos_id, *tokenizer.encode(p), *tokenizer.encode(r), tokenizer.eos_id]
+        seq = seq[:seq_len]
+        tokens[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    return tokens, mask
+
+
+@dataclasses.dataclass
+class RewardModel:
+    """A loaded RM: `rm.score(prompts, responses)` -> normalised scores np.float32 [N]."""
+
+    model: Transformer
+    params: Any
+    normalization: Normalization
+    tokenizer: Any = None
+    seq_len: int = 0
+
+    @classmethod
+    def load(cls, export_dir: str, tokenizer: Any = None, shardings: Any = None) -> RewardModel:
+        params, model_dict = ckpt_lib.load_exported(export_dir, shardings)
+        path = os.path.join(export_dir, NORMALIZATION_FILE)
+        norm = Normalization()
+        if os.path.exists(path):
+            with open(path) as f:
+                norm = Normalization(**json.load(f))
+        config = ModelConfig.from_dict(model_dict)
+        return cls(Transformer(config, head="scalar"), params, norm, tokenizer, config.max_len)
+
+    def raw_tokens(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Raw scores f32 [N] of token rows [N,T] (any padding side)."""
+        fn = jax.jit(lambda p, t, m: score_tokens(self.model, p, t, positions_from_mask(m), m))
+        out = []
+        for s in range(0, len(tokens), batch_size):
+            out.append(np.asarray(fn(self.params, jnp.asarray(tokens[s : s + batch_size]),
+                                     jnp.asarray(mask[s : s + batch_size]))))  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, raw: bool = False
+    ) -> np.ndarray:
+        if self.tokenizer is None:
+            raise ValueError(
+                "RewardModel.score needs a tokenizer (RewardModel.load(..., tokenizer))"
+            )
+        tokens, mask = encode_pairs(self.tokenizer, prompts, responses, self.seq_len)
+        scores = self.raw_tokens(tokens, mask)
+        return scores if raw else np.asarray(self.normalization.apply(scores), np.float32)
+
+
+def score(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """Normalised RM scores np.float32 [N] of (prompt, response) texts."""
+    return rm.score(prompts, responses)

@@ -1,0 +1,146 @@
+"""Sampling text from a trained stage: a library function and a command.
+
+    python -m instructrl.sample --workdir=DIR --stage=sft|ppo|... --prompts=FILE.jsonl \
+        --num_samples=K --out=FILE.jsonl [--temperature=1.0] [--greedy]
+
+Each output line is `{"prompt", "responses": [...K], "logprobs": [...K], "stopped": [...K]}`
+plus the prompt record's extra fields; logprobs are summed over each response's tokens at
+the sampling temperature. The model is the stage's export (`DIR/<stage>/export`, with
+model_config.json) and the tokenizer the one the experiment trained (`DIR/tokenizer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructrl import checkpoint as ckpt_lib
+from instructrl.errors import InputError
+from instructrl.models import ModelConfig, Transformer
+from instructrl.models.sampling import sample_jit
+
+
+def generate(
+    model: Transformer,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 64,
+) -> tuple[list[str], list[bool], list[float]]:
+    """One response per prompt: (texts, stopped, summed logprobs).
+
+    Prompts are `[BOS] prompt`, left-padded to `max_prompt_len` (a longer prompt is an error:
+    drop it first); generation stops at EOS. Batches are padded to `batch_size` rows so every
+    call compiles once.
+    """
+    texts, stopped, logps = [], [], []
+    rng = jax.random.key(seed)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)
+        tokens, mask = tokenizer.encode_batch(
+            chunk, max_len=max_prompt_len, padding="left", add_bos=True, truncate="error"
+        )
+        out = sample_jit(
+            model,
+            params,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jax.random.fold_in(rng, start),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            greedy=greedy,
+            stop_token=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        out_tokens, out_mask, out_logp = (
+            np.asarray(x) for x in (out.tokens, out.mask, out.logprobs)
+        )
+        for i in range(n):
+            row = out_tokens[i][out_mask[i] > 0]
+            stopped.append(bool(len(row)) and int(row[-1]) == tokenizer.eos_id)
+            texts.append(tokenizer.decode(row))
+            logps.append(float(out_logp[i].sum()))
+    return texts, stopped, logps
+
+
+def load_stage_model(workdir: str, stage: str) -> tuple[Transformer, Any]:
+    """The LM exported by `stage` in `workdir` (replicated on the default device)."""
+    export = os.path.join(workdir, stage, "export")
+    config_path = os.path.join(export, ckpt_lib.MODEL_CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise InputError(f"{export}: no exported model (has stage '{stage}' finished?)")
+    params, model_dict = ckpt_lib.load_exported(export)
+    return Transformer(ModelConfig.from_dict(model_dict)), params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instructrl.sample", description=__doc__)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--max_new_tokens", type=int, default=0, help="0: up to the context")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from instructrl.data import read_prompts
+    from instructrl.tokenizer import Tokenizer
+
+    try:
+        model, params = load_stage_model(args.workdir, args.stage)
+        tokenizer = Tokenizer.load(os.path.join(args.workdir, "tokenizer", "tokenizer.model"))
+        records = [r.data for r in read_prompts(args.prompts)[0]]
+    except (InputError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    max_len = model.config.max_len
+    prompt_len = max(len(tokenizer.encode(r["prompt"])) + 1 for r in records)
+    if prompt_len >= max_len:
+        print(f"error: {args.prompts}: a prompt of {prompt_len} tokens fills the context", file=sys.stderr)  # fmt: skip
+        return 2
+    new_tokens = args.max_new_tokens or max_len - prompt_len
+    samples = [
+        generate(
+            model,
+            params,
+            tokenizer,
+            [r["prompt"] for r in records],
+            max_new_tokens=new_tokens,
+            max_prompt_len=prompt_len,
+            seed=args.seed + k,
+            temperature=args.temperature,
+            greedy=args.greedy,
+        )
+        for k in range(args.num_samples)
+    ]
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            texts, stopped, logps = ([s[j][i] for s in samples] for j in range(3))
+            line = {**record, "responses": texts, "logprobs": logps, "stopped": stopped}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {len(records)} prompts x {args.num_samples} samples to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

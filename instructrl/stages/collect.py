@@ -1,0 +1,123 @@
+"""Stage `collect`: comparison data the way the paper gathered it.
+
+For each prompt of `prompts`, K responses (K uniform in [k_min, k_max]; empty ones are dropped) are sampled at
+temperature 1 from the models exported by the stages in `policies` (e.g. "sft,pretrain":
+the SFT and base models, alternating), and a simulated labeler from `LabelerPool` ranks
+them (instructrl/labelers.py). With `calibrate`, the pool's noise is first fitted so that
+two labelers agree on `target_agreement` of the pairs of these very samples (the paper's
+72.6%), and the agreement reached is measured on held-out prompts and saved.
+
+Writes `DIR/<name>/comparisons.jsonl` (standard format, ties dropped) and `labelers.json`.
+Only the synthetic world has gold scorers, so this stage needs its prompt records
+(`family`, `params` fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from instructrl import labelers, tasks
+from instructrl.data import read_prompts
+from instructrl.errors import ConfigError, InputError
+from instructrl.sample import generate, load_stage_model
+from instructrl.stages import inputs
+from instructrl.tokenizer import Tokenizer
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            kind="collect",
+            policies="sft,pretrain",
+            prompts="@world/prompts_rm.jsonl",
+            tokenizer_from="tokenizer",
+            k_min=4,
+            k_max=9,
+            temperature=1.0,
+            num_labelers=8,
+            calibrate=True,
+            target_agreement=labelers.PAPER_AGREEMENT,
+            seed=0,
+        )
+    )
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    c = config[name]
+    if not 2 <= c.k_min <= c.k_max:
+        raise ConfigError(f"config keys '{name}.k_min/k_max' need 2 <= k_min <= k_max")
+    out_dir = inputs.stage_dir(workdir, name)
+    policies = [p.strip() for p in c.policies.split(",") if p.strip()]
+    for p in policies:
+        if not inputs.is_done(workdir, p):
+            raise InputError(f"config key '{name}.policies': stage '{p}' has not finished")
+    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    records = [r.data for r in read_prompts(inputs.resolve_path(c.prompts, workdir))[0]]
+    rng = np.random.default_rng(c.seed)
+    ks = rng.integers(c.k_min, c.k_max + 1, size=len(records))
+
+    # ---- sample K responses per prompt, slot j from policy j % len(policies)
+    prompt_len = max(len(tokenizer.encode(r["prompt"])) + 1 for r in records)
+    new_tokens = min(config.data.max_response_len + 1, config.model.max_len - prompt_len)
+    responses = [[] for _ in records]
+    stopped = [[] for _ in records]
+    models = {p: load_stage_model(workdir, p) for p in policies}
+    for j in range(c.k_max):
+        policy = policies[j % len(policies)]
+        rows = [i for i in range(len(records)) if ks[i] > j]
+        model, params = models[policy]
+        texts, stops, _ = generate(
+            model, params, tokenizer, [records[i]["prompt"] for i in rows],
+            max_new_tokens=new_tokens, max_prompt_len=prompt_len,
+            seed=c.seed * 1000 + j, temperature=c.temperature,
+        )  # fmt: skip
+        for i, t, s in zip(rows, texts, stops, strict=True):
+            if t.strip():  # an immediate EOS has no text to show a labeler (nor to store)
+                responses[i].append(t)
+                stopped[i].append(s)
+        logging.info(
+            "collect: sample %d/%d from %s (%d prompts)", j + 1, c.k_max, policy, len(rows)
+        )
+
+    # ---- labelers: calibrate on half the prompts, measure agreement on the other half
+    pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
+    half = len(records) // 2
+    if c.calibrate:
+        noise = labelers.calibrate_noise(
+            pool, records[:half], responses[:half], stopped[:half],
+            target=c.target_agreement, seed=c.seed,
+        )  # fmt: skip
+        pool = labelers.LabelerPool(num_labelers=c.num_labelers, noise=noise, seed=c.seed)
+    agreement = labelers.pairwise_agreement(
+        pool, records[half:], responses[half:], np.random.default_rng(c.seed + 1), stopped[half:]
+    )
+    comparisons = labelers.collect_comparisons(records, responses, stopped, pool, rng)
+    gold = [
+        np.mean([tasks.score(r, t, s) for t, s in zip(resp, st, strict=True)])
+        for r, resp, st in zip(records, responses, stopped, strict=True)
+    ]
+    summary = {
+        "prompts": len(records),
+        "comparisons": len(comparisons),
+        "mean_k": float(np.mean([len(x["responses"]) for x in comparisons])),
+        "noise": pool.noise,
+        "inter_labeler_agreement": agreement,
+        "mean_gold_score_of_samples": float(np.mean(gold)),
+        "stopped_fraction": float(np.mean([s for st in stopped for s in st])),
+    }
+    logging.info("collect: %s", summary)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "comparisons.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for rec in comparisons:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+        with open(os.path.join(out_dir, "labelers.json"), "w") as f:
+            json.dump(summary, f, indent=2)

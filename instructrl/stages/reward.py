@@ -1,0 +1,287 @@
+"""Stage `rm`: the reward model, trained on K-wise ranked comparisons (method.md §2).
+
+The SFT trunk (`init_from`) with a fresh scalar head; each batch element is one prompt with
+its K responses (padded to K_max), so all C(K,2) pairs of a ranking share one element and
+cost K forward passes. Loss: per prompt, −mean over its pairs of log σ(r_w − r_l); 1 epoch,
+cosine to 10%. Validation: pairwise accuracy and loss. After training, a `Normalization`
+(`normalize`: "demonstrations", the paper; "policy", Ziegler et al.; or "none") is fitted and
+saved next to the exported params (`DIR/<name>/export/reward_normalization.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from instructrl import checkpoint as ckpt_lib
+from instructrl import losses, sharding, train_lib
+from instructrl.data import rm_pipeline
+from instructrl.errors import ConfigError
+from instructrl.models import positions_from_mask
+from instructrl.models.sampling import sample_jit
+from instructrl.reward_model import NORMALIZATION_FILE, NORMALIZE_MODES, Normalization
+from instructrl.stages import driver, inputs
+from instructrl.tokenizer import Tokenizer
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Paper settings: 1 epoch, LR 9e-6 cosine to 10%, batch of 64 prompts."""
+    c = ml_collections.ConfigDict()
+    c.kind = "rm"
+    c.init_from = "sft"
+    c.tokenizer_from = "tokenizer"
+    c.batch_size = 64  # prompts (each with its K responses)
+    c.accum_steps = 1
+    c.num_epochs = 1
+    c.num_steps = 0  # > 0 overrides num_epochs
+    c.dropout = 0.0
+    c.eval_every = 0  # steps; 0 = at the end only
+    c.eval_batches = 0  # 0 = the whole validation split
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.max_to_keep = 2
+    c.normalize = "demonstrations"  # "demonstrations" | "policy" | "none"
+    c.normalize_policy_from = ""  # stage whose samples define mean 0 / std 1 ("policy")
+    c.normalize_num = 512  # demonstrations or policy samples used for the fit
+    c.optimizer = train_lib.default_optimizer_config()
+    c.optimizer.lr = 9e-6
+    return c
+
+
+def rewards_of(model, params, batch, *, deterministic=True, rng=None) -> jax.Array:
+    """Raw rewards f32 [B, K] of an RM batch (tokens/positions/mask [B, K, T])."""
+    b, k, t = batch["tokens"].shape
+    flat = [batch[key].reshape(b * k, t) for key in ("tokens", "positions", "mask")]
+    rngs = None if deterministic else {"dropout": rng}
+    r = model.apply({"params": params}, *flat, deterministic=deterministic, rngs=rngs)
+    return r.reshape(b, k)
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    c = config[name]
+    if c.normalize not in NORMALIZE_MODES:
+        raise ConfigError(f"config key '{name}.normalize' must be one of {NORMALIZE_MODES}")
+    stage_dir = inputs.stage_dir(workdir, name)
+
+    # ---- model and mesh
+    setup = driver.setup_model(config, name, workdir, head="scalar")
+    model, mesh, rules = setup.model, setup.mesh, setup.rules
+
+    # ---- data
+    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    data_cfg = driver.data_config(config, workdir)
+    shard_index, shard_count = sharding.data_shard_info(mesh)
+    built = inputs.build_data("comparisons", data_cfg, tokenizer)
+    if data_cfg.max_responses == 0:  # one K_max for train and validation batches
+        data_cfg.max_responses = built.stats.max_responses
+
+    def batches(split: str, num_epochs: int, *, train: bool = True):
+        return rm_pipeline(
+            built,
+            tokenizer,
+            data_cfg,
+            batch_size=c.batch_size,
+            split=split,
+            num_epochs=num_epochs,
+            seed=config.seed,
+            shuffle=train,
+            drop_remainder=train,
+            process_index=shard_index,
+            process_count=shard_count,
+        )
+
+    if c.num_steps > 0:
+        total_steps = c.num_steps
+        data_iter = batches("train", 0)
+    else:
+        per_epoch = sum(1 for _ in batches("train", 1))
+        if per_epoch == 0:
+            raise ConfigError(
+                f"config key '{name}.batch_size' ({c.batch_size}) is larger than the "
+                "comparisons training split"
+            )
+        total_steps = per_epoch * c.num_epochs
+        data_iter = batches("train", c.num_epochs)
+    logging.info("%s: %d steps of %d prompts (K_max=%d)", name, total_steps, c.batch_size,
+                 data_cfg.max_responses)  # fmt: skip
+
+    # ---- train state (fresh from the SFT trunk, or resumed)
+    optimizer = train_lib.make_optimizer(c.optimizer, total_steps)
+    checkpointer = ckpt_lib.Checkpointer(
+        stage_dir, save_interval_steps=c.checkpoint_every, max_to_keep=c.max_to_keep
+    )
+    run_state, state_shardings = driver.start_run(
+        setup, stage_dir, checkpointer, optimizer, data_iter, seed=config.seed, from_lm=True
+    )
+
+    # ---- step
+    def loss_fn(params, batch, rng):
+        r = rewards_of(model, params, batch, deterministic=False, rng=rng)
+        total, count = losses.reward_loss_sum(r, batch["pair_mask"])
+        correct, pairs = losses.reward_accuracy(r, batch["pair_mask"])
+        metrics = {"accuracy": correct / jnp.maximum(pairs, 1.0), "weight": count}
+        return total / jnp.maximum(count, 1.0), metrics
+
+    def eval_fn(params, batch):
+        r = rewards_of(model, params, batch)
+        total, count = losses.reward_loss_sum(r, batch["pair_mask"])
+        correct, pairs = losses.reward_accuracy(r, batch["pair_mask"])
+        return jnp.stack([total, count, correct, pairs])
+
+    batch_sh = sharding.batch_sharding(mesh)
+    schedule = train_lib.make_schedule(c.optimizer, total_steps)
+    with sharding.mesh_context(mesh, rules):
+        step_fn = train_lib.make_train_step(
+            loss_fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
+        )
+        train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
+        eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
+
+    def evaluate(state, step: int) -> dict[str, float]:
+        del step
+        if "validation" not in built.sources:
+            return {}
+        sums = np.zeros(4)
+        it = batches("validation", 1, train=False)
+        with sharding.mesh_context(mesh, rules):
+            for b in driver.take(it, c.eval_batches):
+                sums += np.asarray(jax.device_get(eval_step(state.params, sharding.shard_batch(b, mesh))))  # fmt: skip
+        total, count, correct, pairs = sums
+        return {"val_loss": total / max(count, 1.0), "val_accuracy": correct / max(pairs, 1.0)}
+
+    # ---- loop
+    state = driver.train_loop(
+        run_state,
+        train_step,
+        name=name,
+        stage_dir=stage_dir,
+        setup=setup,
+        checkpointer=checkpointer,
+        total_steps=total_steps,
+        log_every=c.log_every,
+        eval_every=c.eval_every or total_steps,
+        evaluate=evaluate,
+        tokens_per_step=c.batch_size * data_cfg.max_responses * data_cfg.seq_len,
+    )
+
+    # ---- normalisation and export
+    raw = normalization_scores(config, name, workdir, setup, state.params, tokenizer, data_cfg)
+    norm = Normalization.fit(raw, c.normalize)
+    logging.info("%s: normalisation %s", name, norm)
+    export_dir = os.path.join(stage_dir, inputs.EXPORT_DIR)
+    ckpt_lib.export_params(state.params, setup.model_dict, export_dir)
+    if jax.process_index() == 0:
+        with open(os.path.join(export_dir, NORMALIZATION_FILE), "w") as f:
+            json.dump(norm.__dict__, f, indent=2)
+        final = evaluate(state, total_steps)
+        with open(os.path.join(stage_dir, "results.json"), "w") as f:
+            json.dump({**final, "normalization": norm.__dict__}, f, indent=2)
+
+
+def normalization_scores(config, name, workdir, setup, params, tokenizer, data_cfg) -> np.ndarray:
+    """Raw RM scores to fit the normalisation on: demonstrations (prompt + completion) or
+    samples of the policy named by `normalize_policy_from` on training prompts."""
+    c = config[name]
+    if c.normalize == "none":
+        return np.zeros((0,), np.float32)
+    score_fn = jax.jit(
+        lambda p, t, m: setup.model.apply({"params": p}, t, positions_from_mask(m), m)
+    )
+    if c.normalize == "demonstrations":
+        built = inputs.build_data("demonstrations", data_cfg, tokenizer)
+        rows = _demonstration_rows(built, tokenizer, data_cfg.seq_len, c.normalize_num)
+        return _batched_scores(score_fn, params, *rows, batch_size=c.batch_size)
+    policy_dir = inputs.export_dir(config, name, "normalize_policy_from", workdir)
+    return policy_sample_scores(
+        config, policy_dir, setup, params, tokenizer, data_cfg, c.normalize_num
+    )
+
+
+def _demonstration_rows(built, tokenizer, seq_len: int, limit: int):
+    source = built.sources["train"]  # the labeler demonstrations the policy imitates
+    n = min(limit, len(source))
+    tokens = np.full((n, seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    for i in range(n):
+        rec = json.loads(source[i]["record"])
+        seq = [tokenizer.bos_id, *tokenizer.encode(rec["prompt"])]
+        seq = (seq + tokenizer.encode(rec["completion"]) + [tokenizer.eos_id])[:seq_len]
+        tokens[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    return tokens, mask
+
+
+def _batched_scores(fn, params, tokens, mask, *, batch_size: int) -> np.ndarray:
+    out = []
+    for s in range(0, len(tokens), batch_size):
+        out.append(np.asarray(fn(params, tokens[s : s + batch_size], mask[s : s + batch_size])))
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def policy_sample_scores(config, policy_dir, setup, params, tokenizer, data_cfg, n) -> np.ndarray:
+    """Raw RM scores of one sample (temperature 1) per prompt from the policy export."""
+    from instructrl.data import ppo_pipeline
+
+    lm = setup.lm_model()
+    policy_params, _ = ckpt_lib.load_exported(policy_dir, setup.lm_param_shardings())
+    built = inputs.build_data("prompts", data_cfg, tokenizer)
+    prompt_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    prompt_cfg.ptx_ratio = 0.0
+    it = ppo_pipeline(built, tokenizer, prompt_cfg, batch_size=64, num_epochs=1, shuffle=False,
+                      drop_remainder=False, process_index=0, process_count=1)  # fmt: skip
+    new_tokens = data_cfg.seq_len - data_cfg.max_prompt_len
+    score_fn = jax.jit(
+        lambda p, t, m: setup.model.apply({"params": p}, t, positions_from_mask(m), m)
+    )
+    scores, rng = [], jax.random.key(config.seed)
+    for i, batch in enumerate(driver.take(it, 0)):
+        keep = batch["prompt_mask"].any(axis=1)
+        out = sample_jit(lm, policy_params, jnp.asarray(batch["prompt_tokens"]),
+                         jnp.asarray(batch["prompt_mask"]), jax.random.fold_in(rng, i),
+                         max_new_tokens=new_tokens, stop_token=tokenizer.eos_id,
+                         pad_id=tokenizer.pad_id)  # fmt: skip
+        tokens = np.concatenate([batch["prompt_tokens"], np.asarray(out.tokens)], axis=1)
+        mask = np.concatenate([batch["prompt_mask"], np.asarray(out.mask)], axis=1)
+        scores.append(np.asarray(score_fn(params, tokens, mask))[keep])
+        if sum(len(s) for s in scores) >= n:
+            break
+    return np.concatenate(scores)[:n]
+
+
+def mean_greedy_score(config, name, workdir, setup, params) -> float:
+    """Mean normalised score, by the RM named in `<name>.select_reward_from`, of greedy
+    samples of an LM on validation prompts (SFT checkpoint selection, method.md §1)."""
+    from instructrl.data import ppo_pipeline
+    from instructrl.reward_model import RewardModel
+
+    c = config[name]
+    rm_dir = inputs.export_dir(config, name, "select_reward_from", workdir)
+    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    rm = RewardModel.load(rm_dir, tokenizer)
+    data_cfg = driver.data_config(config, workdir)
+    data_cfg.ptx_ratio = 0.0
+    built = inputs.build_data("prompts", data_cfg, tokenizer)
+    split = "validation" if "validation" in built.sources else "train"
+    it = ppo_pipeline(built, tokenizer, data_cfg, batch_size=min(64, c.select_num_prompts),
+                      split=split, num_epochs=1, shuffle=False, drop_remainder=False,
+                      process_index=0, process_count=1)  # fmt: skip
+    new_tokens = data_cfg.seq_len - data_cfg.max_prompt_len
+    scores = []
+    for batch in it:
+        keep = batch["prompt_mask"].any(axis=1)
+        out = sample_jit(setup.model, params, jnp.asarray(batch["prompt_tokens"]),
+                         jnp.asarray(batch["prompt_mask"]), jax.random.key(0),
+                         max_new_tokens=new_tokens, greedy=True, stop_token=tokenizer.eos_id,
+                         pad_id=tokenizer.pad_id)  # fmt: skip
+        tokens = np.concatenate([batch["prompt_tokens"], np.asarray(out.tokens)], axis=1)
+        mask = np.concatenate([batch["prompt_mask"], np.asarray(out.mask)], axis=1)
+        scores.append(rm.normalization.apply(rm.raw_tokens(tokens, mask))[keep])
+        if sum(len(s) for s in scores) >= c.select_num_prompts:
+            break
+    return float(np.concatenate(scores)[: c.select_num_prompts].mean())
