@@ -498,7 +498,7 @@ def to_pretrained(
         raise ValueError(f"to_pretrained: head={model.head!r}; only LM models have an HF format")
     config = model.config
     entries = weight_table(config)
-    host = sharding_lib.to_host(params)
+    host = sharding_lib.to_host(nn.unbox(params))
     sizes = {e.name: e.shape for e in entries}
     first = jax.tree.leaves(host)[0]
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else first.dtype

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -92,7 +93,8 @@ def _hf_logits(model, tokens, mask):
 
 
 def _our_logits(model, params, tokens, mask):
-    return np.asarray(model.apply({"params": params}, tokens, positions_from_mask(mask), mask))
+    apply = jax.jit(lambda p, t, m: model.apply({"params": p}, t, positions_from_mask(m), m))
+    return np.asarray(apply(params, tokens, mask))
 
 
 def _assert_trees_equal(a, b):
@@ -125,7 +127,7 @@ def test_greedy_generation_matches_transformers(hf_dirs, kind):
     model, params = hf.from_pretrained(single)
     n = 8
     padded, padded_mask = _left_padded_batch(seed=1)
-    unpadded = np.random.default_rng(2).integers(1, V, (2, 5)).astype(np.int32)
+    unpadded = np.random.default_rng(2).integers(1, V, padded.shape).astype(np.int32)
     for tokens, mask in ((unpadded, np.ones_like(unpadded)), (padded, padded_mask)):
         with torch.no_grad():
             ref = hf_model.generate(
@@ -196,12 +198,10 @@ def _random_model(kind: str, seed: int = 0, **overrides):
     config = dataclasses.replace(config, **overrides)
     model = Transformer(config)
     x = np.zeros((1, 4), np.int32)
-    params = model.init(jax.random.key(seed), x, x, x + 1)["params"]
-    # Non-trivial norms and biases, so a swapped scale/bias cannot go unnoticed.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return model, jax.tree.unflatten(treedef, leaves)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, x, x + 1)["params"]))
+    # Random norms and biases too (not ones/zeros), so a swapped scale/bias cannot go unnoticed.
+    rng = np.random.default_rng(seed)
+    return model, jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), params)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +362,10 @@ def test_unsupported_configs(llama_dir, tmp_path):
     assert "config.json: model_type='mistral' is not supported (supported: gpt2, llama)" in message
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / hf.CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2"}))
-    assert "no model.safetensors" in _error(tmp_path / "empty")
+    assert "config.json: missing key 'vocab_size'" in _error(tmp_path / "empty")
+    _edit_config(llama_dir, model_type="llama")
+    (llama_dir / hf.WEIGHTS_FILE).unlink()
+    assert "no model.safetensors or model.safetensors.index.json" in _error(llama_dir)
 
 
 def test_sharded_index_naming_a_missing_tensor(hf_dirs, tmp_path):

@@ -8,8 +8,11 @@ Measures, for a GPT-2-style model of ~7M parameters (vocab 8192, d_model 256, 6 
           torch.optim.AdamW (f32, dropout off);
   sample: generated tokens/s of our jitted KV-cache sampler vs `generate(do_sample=True,
           temperature=1, top_k=0, use_cache=True)` forced to the full length (min_new_tokens).
-Both sides are warmed up; each figure is the median of several timed repetitions. Prints one
-JSON object (figures and ratios ours/torch).
+Both sides are warmed up; each figure is the median of several repetitions, alternating
+ours and torch rep by rep. `--threads N` pins the process to N cores (default: all it may
+use). On a shared machine, check `load_avg_1min` in the JSON: torch's OpenMP threads degrade
+badly when cores are oversubscribed, so compare figures from quiet runs. Prints one JSON object
+(figures and ratios ours/torch).
 """
 
 from __future__ import annotations
@@ -33,17 +36,21 @@ CONFIG = ModelConfig(
 )
 
 
-def median_seconds(fn, reps: int) -> float:
-    """Median wall time of `fn()` (which must block until its result is ready)."""
-    times = []
+def interleaved_medians(runs: dict, reps: int) -> dict[str, float]:
+    """Median wall seconds of each blocking `run()`, alternating the runs rep by rep.
+
+    Alternating exposes both sides to the same background load on a shared machine.
+    """
+    times = {name: [] for name in runs}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def jax_train(tokens: np.ndarray, reps: int) -> float:
+def jax_train(tokens: np.ndarray):
     model = Transformer(CONFIG)
     tokens = jnp.asarray(tokens)
     mask = jnp.ones_like(tokens)
@@ -72,7 +79,7 @@ def jax_train(tokens: np.ndarray, reps: int) -> float:
 
     run()
     run()
-    return tokens[:, 1:].size / median_seconds(run, reps)
+    return run
 
 
 def torch_model():
@@ -97,7 +104,7 @@ def torch_model():
     return GPT2LMHeadModel(cfg)
 
 
-def torch_train(tokens: np.ndarray, reps: int) -> float:
+def torch_train(tokens: np.ndarray):
     import torch
 
     model = torch_model().train()
@@ -112,10 +119,10 @@ def torch_train(tokens: np.ndarray, reps: int) -> float:
 
     run()
     run()
-    return tokens[:, 1:].size / median_seconds(run, reps)
+    return run
 
 
-def jax_sample(prompts: np.ndarray, new_tokens: int, reps: int) -> float:
+def jax_sample(prompts: np.ndarray, new_tokens: int):
     model = Transformer(CONFIG)
     mask = jnp.ones(prompts.shape, jnp.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), mask, mask, mask)["params"])
@@ -129,10 +136,10 @@ def jax_sample(prompts: np.ndarray, new_tokens: int, reps: int) -> float:
         out.tokens.block_until_ready()
 
     run()
-    return prompts.shape[0] * new_tokens / median_seconds(run, reps)
+    return run
 
 
-def torch_sample(prompts: np.ndarray, new_tokens: int, reps: int) -> float:
+def torch_sample(prompts: np.ndarray, new_tokens: int):
     import torch
 
     model = torch_model().eval()
@@ -154,16 +161,23 @@ def torch_sample(prompts: np.ndarray, new_tokens: int, reps: int) -> float:
         assert out.shape[1] == ids.shape[1] + new_tokens
 
     run()
-    return prompts.shape[0] * new_tokens / median_seconds(run, reps)
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller batches")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="pin to this many cores (0 = all available)"
+    )
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    threads = args.threads or len(cores)
+    # Pinning (before the first jax computation creates XLA's thread pool) gives both
+    # libraries the same cores; torch additionally gets the same thread count.
+    os.sched_setaffinity(0, set(cores[:threads]))
     import torch
 
-    threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     reps = 3 if args.quick else 7
     train_batch, sample_batch, prompt_len, new_tokens = (
@@ -174,18 +188,19 @@ def main() -> None:
         np.int32
     )
     prompts = rng.integers(1, CONFIG.vocab_size, (sample_batch, prompt_len)).astype(np.int32)
-
     toks = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     abstract = jax.eval_shape(Transformer(CONFIG).init, jax.random.key(0), toks, toks, toks)
     n_params = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)))
-    train = {
-        "jax_tokens_per_s": jax_train(train_tokens, reps),
-        "torch_tokens_per_s": torch_train(train_tokens, reps),
-    }
-    sample = {
-        "jax_tokens_per_s": jax_sample(prompts, new_tokens, reps),
-        "torch_tokens_per_s": torch_sample(prompts, new_tokens, reps),
-    }
+
+    load_before = os.getloadavg()[0]
+    train_s = interleaved_medians(
+        {"jax": jax_train(train_tokens), "torch": torch_train(train_tokens)}, reps
+    )
+    sample_s = interleaved_medians(
+        {"jax": jax_sample(prompts, new_tokens), "torch": torch_sample(prompts, new_tokens)}, reps
+    )
+    train = {f"{k}_tokens_per_s": train_batch * CONFIG.max_len / v for k, v in train_s.items()}
+    sample = {f"{k}_tokens_per_s": sample_batch * new_tokens / v for k, v in sample_s.items()}
     for figures in (train, sample):
         figures["ratio_jax_over_torch"] = (
             figures["jax_tokens_per_s"] / figures["torch_tokens_per_s"]
@@ -197,6 +212,7 @@ def main() -> None:
         "quick": args.quick,
         "device": jax.devices()[0].device_kind,
         "threads": threads,
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "params": int(n_params),
         "model": {
             k: getattr(CONFIG, k)
