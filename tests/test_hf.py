@@ -141,6 +141,7 @@ def test_greedy_generation_matches_transformers(hf_dirs, kind):
             model, params, tokens, mask, jax.random.key(0), max_new_tokens=n, greedy=True
         )
         np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+        assert len(np.unique(ref)) > 5  # not a degenerate repeat-one-token model
         assert np.asarray(out.mask).all()
 
 
@@ -266,6 +267,7 @@ def test_config_round_trip_and_family():
         hf.family(ModelConfig(V, 32, 1, 32, 4, 64, position="rope"))
 
 
+@pytest.mark.slow
 def test_sharded_load_on_8_device_mesh(hf_dirs):
     code = f"""
     import jax, numpy as np

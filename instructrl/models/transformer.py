@@ -122,12 +122,12 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
-    """Empty KV cache with `max_len` slots: k/v [B, S, K, Dh] per layer in the compute dtype.
+    """Empty KV cache with `max_len` slots: k/v [B, K, S, Dh] per layer in the compute dtype.
 
     `index` is the next slot to write (shared by all rows; prompts are left-padded), `mask`
     the segment id of each stored key (0 = empty or pad, never attended to).
     """
-    shape = (batch, max_len, config.kv_heads, config.dim_head)
+    shape = (batch, config.kv_heads, max_len, config.dim_head)
     dtype = jnp.dtype(config.dtype)
     layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
     return {
@@ -247,7 +247,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, attn_mask, layer_cache, index):
-        """x [B,T,D], attn_mask bool [B,T,S]; layer_cache {"k","v"} [B,S,K,Dh] or None."""
+        """x [B,T,D], attn_mask bool [B,T,S]; layer_cache {"k","v"} [B,K,S,Dh] or None."""
         cfg = self.config
         h, kvh, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_head, cfg.d_model
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -261,27 +261,27 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
+        # Keys/values live as [B,K,S,Dh] (heads before length): the attention dots then read
+        # the cache without a per-step transpose of all of it.
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         new_cache = None
         if layer_cache is not None:
-            k = lax.dynamic_update_slice(
-                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0)
-            )
-            v = lax.dynamic_update_slice(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
-            )
+            at = (0, 0, index, 0)
+            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
+            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
             new_cache = {"k": k, "v": v}
         b, t = x.shape[:2]
         # GQA: query head j uses kv head j // (H/K), as HF's repeat_kv.
         q = q.reshape(b, t, kvh, h // kvh, dh)
         scores = jnp.einsum(
-            "btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
+            "btkgd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
         )
         scores = scores * (1.0 / dh**0.5)
         # A finite floor (not -inf) keeps fully padded query rows NaN-free (uniform, unused).
         scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt)).reshape(b, t, h, dh)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(dt), v.astype(dt)).reshape(b, t, h, dh)
         out = proj(
             (h, dh, d), ("heads", "head_dim", "embed"), "o", 2, 0.02 / (2 * cfg.num_layers) ** 0.5
         )(out)

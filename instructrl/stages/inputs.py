@@ -58,7 +58,11 @@ def tokenizer_path(config: ml_collections.ConfigDict, name: str, workdir: str) -
 
 
 def export_dir(config: ml_collections.ConfigDict, name: str, key: str, workdir: str) -> str:
-    """The params export (params + model_config.json) of the stage named by `config.<name>.<key>`."""
+    """The params export (params + model_config.json) named by `config.<name>.<key>`: a stage
+    of this experiment, or a folder written by `python -m instructrl.convert`."""
+    source = config[name].get(key, "")
+    if source and os.path.exists(os.path.join(source, "model_config.json")):
+        return source
     path = os.path.join(input_stage(config, name, key, workdir), EXPORT_DIR)
     if not os.path.isdir(path):
         raise InputError(f"config key '{name}.{key}': {path} has no exported params")
