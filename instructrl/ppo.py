@@ -23,6 +23,24 @@ Pretraining batch (PPO-ptx): the ppo pipeline's ptx_* fields without the prefix,
 targets, loss_mask, mask, positions} int32 [ptx_ratio * B, T]. Row r goes to minibatch
 r % num_minibatches; every epoch reuses the same split (the paper runs 1 epoch).
 
+A driver, in short (mesh/rules from the config; sft/rm params loaded onto their shardings):
+
+  cfg = PPOConfig.from_config(config.ppo, extra_keys=DRIVER_KEYS, stop_token=tok.eos_id)
+  models = PPOModels(policy=Transformer(mc), reward=Transformer(rm_mc, head="scalar"),
+                     value=None if cfg.value_head_on_policy else Transformer(rm_mc, head="scalar"))
+  opt = make_ppo_optimizer(cfg, config.ppo, num_iterations)
+  abstract, state_sh = abstract_ppo_state(models, cfg, opt, mesh, rules)
+  state = create_ppo_state(cfg, opt, sft, init_value_params(models, cfg, rm), key, state_sh)
+  rollout_fn = make_rollout_fn(models, cfg, mesh=mesh, rules=rules)
+  update_fn = make_update_fn(models, cfg, opt, mesh=mesh, rules=rules, state_shardings=state_sh)
+  for it in range(int(state.step), num_iterations):
+      batch = shard_batch(next(data), mesh)
+      ptx = {k: batch["ptx_" + k] for k in PTX_KEYS}
+      ro = rollout_fn(rollout_params(state, sft, rm, gain, bias), batch["prompt_tokens"],
+                      batch["prompt_mask"], jax.random.fold_in(key, it), state.kl["beta"])
+      state, metrics = update_fn(state, ro, ptx, key)       # folds in state.step itself
+      # log {**ro.metrics, **metrics} on logging steps; checkpoint state; export state.ema
+
 Not here: data, checkpoints, logging (the stage driver instructrl/stages/ppo.py).
 """
 
@@ -41,7 +59,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructrl import losses, sharding, train_lib
 from instructrl.errors import ConfigError
-from instructrl.models import Transformer
 from instructrl.ppo_rollout import (
     PPOConfig,
     PPOModels,
@@ -49,10 +66,15 @@ from instructrl.ppo_rollout import (
     RolloutParams,
     ScoreFn,
     default_ppo_config,
+    jit_in_mesh,
     join_prompt_response,
+    make_rollout_fn,
+    model_param_shardings,
     policy_forward,
     rm_score_fn,
     rollout,
+    rollout_params,
+    rollout_params_shardings,
     value_forward,
 )
 
@@ -63,6 +85,7 @@ __all__ = [
     "PPOState",
     "Rollout",
     "RolloutParams",
+    "ScoreFn",
     "abstract_ppo_state",
     "create_ppo_state",
     "default_ppo_config",
@@ -72,6 +95,7 @@ __all__ = [
     "make_ppo_optimizer",
     "make_rollout_fn",
     "make_update_fn",
+    "model_param_shardings",
     "policy_forward",
     "ppo_loss",
     "rm_score_fn",
@@ -92,7 +116,7 @@ class PPOState:
 
     step: int32 [] iterations done. params: {"policy": LM params, "value": value network params
     or the value head on the policy trunk}. opt_state: {"joint": ...} (shared trunk) or
-    {"policy": ..., "value": ...}. ema: EMA of params["policy"] (the evaluated model).
+    {"policy": ..., "value": ...}. ema: float32 EMA of params["policy"] (the evaluated model).
     kl: losses.kl_controller_init state ({"beta", ...}). rng: the run's base key.
     """
 
@@ -130,7 +154,8 @@ def make_ppo_optimizer(
     steps = max(num_iterations, 1) * cfg.updates_per_iteration
 
     def build(section: str):
-        sub = dict(config.get(section) or {})
+        sub = dict(default_ppo_config()[section])  # so a missing section is not train_lib's cosine
+        sub.update(dict(config.get(section) or {}))
         if sub.get("warmup_steps", 0):
             raise ConfigError(
                 f"config key '{name}.{section}.warmup_steps': set '{name}.warmup_iterations'"
@@ -189,7 +214,8 @@ def init_ppo_state(
     # (often the reference / RM params themselves) nor itself (params vs EMA).
     copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
     params = copy({"policy": policy_params, "value": value_params})
-    ema = copy(policy_params)
+    # float32 EMA: with bf16 params the 0.8% steps of a 0.992 EMA would round away.
+    ema = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), policy_params)
     return PPOState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -198,15 +224,6 @@ def init_ppo_state(
         kl=losses.kl_controller_init(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon),
         rng=rng,
     )
-
-
-def _dummy_args(model: Transformer):
-    x = jax.ShapeDtypeStruct((1, min(8, model.config.max_len)), jnp.int32)
-    return (x, x, x)
-
-
-def _model_shardings(model: Transformer, mesh: Mesh, rules) -> tuple[PyTree, PyTree]:
-    return sharding.abstract_params_and_shardings(model, _dummy_args(model), mesh, rules)
 
 
 def abstract_ppo_state(
@@ -224,12 +241,12 @@ def abstract_ppo_state(
     """
     models.check(cfg)
     rep = NamedSharding(mesh, PartitionSpec())
-    pol_abs, pol_sh = _model_shardings(models.policy, mesh, rules)
+    pol_abs, pol_sh = model_param_shardings(models.policy, mesh, rules)
     if cfg.value_head_on_policy:
         val_abs = jax.eval_shape(lambda: init_value_params(models, cfg))
         val_sh = jax.tree.map(lambda _: rep, val_abs)
     else:
-        val_abs, val_sh = _model_shardings(models.value, mesh, rules)
+        val_abs, val_sh = model_param_shardings(models.value, mesh, rules)
     abstract = jax.eval_shape(
         lambda p, v: init_ppo_state(cfg, optimizer, p, v, jax.random.key(0)), pol_abs, val_abs
     )
@@ -272,34 +289,6 @@ def create_ppo_state(
     """init_ppo_state compiled with `shardings` (from abstract_ppo_state): built in place."""
     fn = functools.partial(init_ppo_state, cfg, optimizer)
     return jax.jit(fn, out_shardings=shardings)(policy_params, value_params, rng)
-
-
-def rollout_params(
-    state: PPOState, reference: PyTree, reward: PyTree, gain: float = 1.0, bias: float = 0.0
-) -> RolloutParams:
-    """The rollout's view of the state plus the frozen reference and reward params."""
-    return RolloutParams(
-        policy=state.params["policy"],
-        reference=reference,
-        value=state.params["value"],
-        reward=reward,
-        reward_gain=jnp.asarray(gain, jnp.float32),
-        reward_bias=jnp.asarray(bias, jnp.float32),
-    )
-
-
-def rollout_params_shardings(
-    models: PPOModels, cfg: PPOConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES
-) -> RolloutParams:
-    """RolloutParams of NamedShardings (reward: None when models.reward is None)."""
-    rep = NamedSharding(mesh, PartitionSpec())
-    _, pol_sh = _model_shardings(models.policy, mesh, rules)
-    if cfg.value_head_on_policy:
-        val_sh = {"kernel": rep, "bias": rep}
-    else:
-        val_sh = _model_shardings(models.value, mesh, rules)[1]
-    rew_sh = None if models.reward is None else _model_shardings(models.reward, mesh, rules)[1]
-    return RolloutParams(pol_sh, pol_sh, val_sh, rew_sh, rep, rep)
 
 
 # ---------------------------------------------------------------------------- update
@@ -427,9 +416,7 @@ def update(
         mb, ptx = xs
         (loss, aux), grads = loss_grad(params, mb, ptx)
         params, opt_state = _opt_update(optimizer, grads, opt_state, params)
-        ema = jax.tree.map(
-            lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params["policy"]
-        )
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params["policy"])
         aux = {
             **aux,
             "loss": loss,
@@ -473,46 +460,6 @@ def update(
 # ---------------------------------------------------------------------------- compiled programs
 
 
-def _with_mesh(jitted, mesh: Mesh | None, rules) -> Callable:
-    """Calls `jitted` inside the mesh context (logical constraints are resolved at trace time)."""
-
-    def call(*args):
-        if mesh is None:
-            return jitted(*args)
-        with sharding.mesh_context(mesh, rules):
-            return jitted(*args)
-
-    call.jitted = jitted
-    return call
-
-
-def make_rollout_fn(
-    models: PPOModels,
-    cfg: PPOConfig,
-    *,
-    mesh: Mesh | None = None,
-    rules=sharding.DEFAULT_RULES,
-    params_shardings: RolloutParams | None = None,
-    score_fn: ScoreFn | None = None,
-) -> Callable[..., Rollout]:
-    """`rollout_fn(params: RolloutParams, prompt_tokens [B,P], prompt_mask [B,P], rng, beta)`.
-
-    Compiled once per input shapes (beta is traced). With a mesh: params in
-    `params_shardings` (default rollout_params_shardings), prompts and every [B, ...] output
-    over ("data", "fsdp"), rng/beta/metrics replicated. `.jitted` is the jax.jit object.
-    """
-    models.check(cfg)
-    fn = functools.partial(rollout, models, cfg, score_fn=score_fn)
-    if mesh is None:
-        return _with_mesh(jax.jit(fn), None, rules)
-    if params_shardings is None:
-        params_shardings = rollout_params_shardings(models, cfg, mesh, rules)
-    bs, rep = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
-    out = Rollout(*([bs] * 11), metrics=rep)
-    jitted = jax.jit(fn, in_shardings=(params_shardings, bs, bs, rep, rep), out_shardings=out)
-    return _with_mesh(jitted, mesh, rules)
-
-
 def make_update_fn(
     models: PPOModels,
     cfg: PPOConfig,
@@ -552,7 +499,7 @@ def make_update_fn(
             out_shardings=(donated_sh, kept_sh, rep),
             donate_argnums=0,
         )
-    call = _with_mesh(jitted, mesh, rules)
+    call = jit_in_mesh(jitted, mesh, rules)
 
     def update_fn(state: PPOState, batch: Rollout, ptx_batch, rng: jax.Array):
         donated, (step, state_rng), metrics = call(*split(state), batch, ptx_batch, rng)

@@ -19,12 +19,15 @@ The score is pluggable: by default the reward model; any jittable
 may replace it (programmatic rewards, tests). Its output goes through the same
 normalisation `gain * score + bias` and the same no-stop penalty.
 
-Not here: the update (ppo.py), jit/sharding wrappers (ppo.py), data loading, the driver.
+`make_rollout_fn` compiles `rollout` with explicit shardings.
+
+Not here: the update and train state (ppo.py), data loading, the driver.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,8 +36,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from instructrl import losses
+from instructrl import losses, sharding
 from instructrl.errors import ConfigError
 from instructrl.models import Transformer, positions_from_mask, sample
 
@@ -411,3 +415,86 @@ def rollout(
         kl=kl,
         metrics={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()},
     )
+
+
+# ---------------------------------------------------------------------------- compiled program
+
+
+def _dummy_args(model: Transformer):
+    x = jax.ShapeDtypeStruct((1, min(8, model.config.max_len)), jnp.int32)
+    return (x, x, x)
+
+
+def model_param_shardings(
+    model: Transformer, mesh: Mesh, rules=sharding.DEFAULT_RULES
+) -> tuple[PyTree, PyTree]:
+    """(abstract params, NamedShardings) of `model` on `mesh`: where to put frozen params."""
+    return sharding.abstract_params_and_shardings(model, _dummy_args(model), mesh, rules)
+
+
+def rollout_params(
+    state, reference: PyTree, reward: PyTree, gain: float = 1.0, bias: float = 0.0
+) -> RolloutParams:
+    """The rollout's view of the state plus the frozen reference and reward params."""
+    return RolloutParams(
+        policy=state.params["policy"],
+        reference=reference,
+        value=state.params["value"],
+        reward=reward,
+        reward_gain=jnp.asarray(gain, jnp.float32),
+        reward_bias=jnp.asarray(bias, jnp.float32),
+    )
+
+
+def rollout_params_shardings(
+    models: PPOModels, cfg: PPOConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES
+) -> RolloutParams:
+    """RolloutParams of NamedShardings (reward: None when models.reward is None)."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    _, pol_sh = model_param_shardings(models.policy, mesh, rules)
+    if cfg.value_head_on_policy:
+        val_sh = {"kernel": rep, "bias": rep}
+    else:
+        val_sh = model_param_shardings(models.value, mesh, rules)[1]
+    rew_sh = None if models.reward is None else model_param_shardings(models.reward, mesh, rules)[1]
+    return RolloutParams(pol_sh, pol_sh, val_sh, rew_sh, rep, rep)
+
+
+def jit_in_mesh(jitted, mesh: Mesh | None, rules) -> Callable:
+    """Calls `jitted` inside the mesh context (logical constraints are resolved at trace time)."""
+
+    def call(*args):
+        if mesh is None:
+            return jitted(*args)
+        with sharding.mesh_context(mesh, rules):
+            return jitted(*args)
+
+    call.jitted = jitted
+    return call
+
+
+def make_rollout_fn(
+    models: PPOModels,
+    cfg: PPOConfig,
+    *,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    params_shardings: RolloutParams | None = None,
+    score_fn: ScoreFn | None = None,
+) -> Callable[..., Rollout]:
+    """`rollout_fn(params: RolloutParams, prompt_tokens [B,P], prompt_mask [B,P], rng, beta)`.
+
+    Compiled once per input shapes (beta is traced). With a mesh: params in
+    `params_shardings` (default rollout_params_shardings), prompts and every [B, ...] output
+    over ("data", "fsdp"), rng/beta/metrics replicated. `.jitted` is the jax.jit object.
+    """
+    models.check(cfg)
+    fn = functools.partial(rollout, models, cfg, score_fn=score_fn)
+    if mesh is None:
+        return jit_in_mesh(jax.jit(fn), None, rules)
+    if params_shardings is None:
+        params_shardings = rollout_params_shardings(models, cfg, mesh, rules)
+    bs, rep = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    out = Rollout(*([bs] * 11), metrics=rep)
+    jitted = jax.jit(fn, in_shardings=(params_shardings, bs, bs, rep, rep), out_shardings=out)
+    return jit_in_mesh(jitted, mesh, rules)

@@ -8,7 +8,7 @@ pipeline.py  grain pipelines per stage, per-process sharding, checkpointable ite
 config.py    default_data_config(): the `config.data` section
 """
 
-from instructrl.data.builder import BuiltDataset, build_dataset, resolve_files
+from instructrl.data.builder import BuiltDataset, build_dataset, length_limits, resolve_files
 from instructrl.data.config import KINDS, default_data_config
 from instructrl.data.pipeline import (
     DataIterator,
@@ -18,6 +18,7 @@ from instructrl.data.pipeline import (
     prompt_record,
     rm_pipeline,
     sft_pipeline,
+    shard_records,
 )
 from instructrl.data.records import (
     REASONS,
@@ -47,6 +48,7 @@ __all__ = [
     "check_record",
     "default_data_config",
     "iter_records",
+    "length_limits",
     "lm_dataset",
     "ppo_pipeline",
     "pretrain_pipeline",
@@ -59,4 +61,5 @@ __all__ = [
     "resolve_files",
     "rm_pipeline",
     "sft_pipeline",
+    "shard_records",
 ]

@@ -16,7 +16,8 @@ Batches (B = batch_size / process_count rows on each process, T = data.seq_len):
   ppo            prompt_tokens, prompt_mask int32 [B, P] left-padded (P = max_prompt_len);
                  index int64 [B] (row of the split: prompt_record() recovers the text and
                  passthrough fields); with ptx_ratio > 0 also ptx_tokens, ptx_targets,
-                 ptx_loss_mask, ptx_mask, ptx_positions [round(ptx_ratio * B), T]
+                 ptx_loss_mask, ptx_mask, ptx_positions int32
+                 [round(ptx_ratio * batch_size) / process_count, T]
 
 Each process reads only its own shard (records i with i % process_count == process_index,
 cut to equal sizes so every process yields the same number of batches), shuffled with the

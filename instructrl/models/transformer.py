@@ -241,6 +241,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis of f32 scores where mask is True (broadcastable bool).
+
+    A finite floor (not -inf) keeps fully masked rows NaN-free (uniform; their outputs are
+    never used). Written out rather than jax.nn.softmax: about twice as fast on XLA:CPU.
+    """
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    e = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     deterministic: bool = True
@@ -271,17 +282,18 @@ class Attention(nn.Module):
             v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
             new_cache = {"k": k, "v": v}
         b, t = x.shape[:2]
-        # GQA: query head j uses kv head j // (H/K), as HF's repeat_kv.
-        q = q.reshape(b, t, kvh, h // kvh, dh)
-        scores = jnp.einsum(
-            "btkgd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
-        )
-        scores = scores * (1.0 / dh**0.5)
-        # A finite floor (not -inf) keeps fully padded query rows NaN-free (uniform, unused).
-        scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        g = h // kvh
+        # GQA: query head j uses kv head j // G, as HF's repeat_kv. Queries go to [B,K,G*T,Dh]
+        # so that both attention products are 4-D batched matmuls (several times faster on
+        # XLA:CPU than the equivalent 5-D einsums).
+        q = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, dh)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kvh, g, t, -1) * (1.0 / dh**0.5)
+        probs = _masked_softmax(scores, attn_mask[:, None, None])
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(dt), v.astype(dt)).reshape(b, t, h, dh)
+        probs = probs.reshape(b, kvh, g * t, -1).astype(dt)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dt))
+        out = out.reshape(b, kvh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
         out = proj(
             (h, dh, d), ("heads", "head_dim", "embed"), "o", 2, 0.02 / (2 * cfg.num_layers) ** 0.5
         )(out)

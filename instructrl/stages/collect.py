@@ -14,6 +14,7 @@ Only the synthetic world has gold scorers, so this stage needs its prompt record
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -88,12 +89,28 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     # ---- labelers: calibrate on half the prompts, measure agreement on the other half
     pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
     half = len(records) // 2
+    ceiling = None
     if c.calibrate:
-        noise = labelers.calibrate_noise(
-            pool, records[:half], responses[:half], stopped[:half],
-            target=c.target_agreement, seed=c.seed,
-        )  # fmt: skip
-        pool = labelers.LabelerPool(num_labelers=c.num_labelers, noise=noise, seed=c.seed)
+        # Pairs whose gold scores tie are coin flips for every labeler, so samples with many
+        # ties cap the reachable agreement below the target; then the least noisy pool is used
+        # and the cap is reported, rather than failing the run.
+        quiet = dataclasses.replace(pool, noise=1e-4)
+        ceiling = labelers.pairwise_agreement(
+            quiet, records[:half], responses[:half], np.random.default_rng(c.seed), stopped[:half]
+        )
+        if ceiling > c.target_agreement:
+            noise = labelers.calibrate_noise(
+                pool, records[:half], responses[:half], stopped[:half],
+                target=c.target_agreement, seed=c.seed,
+            )  # fmt: skip
+        else:
+            noise = quiet.noise
+            logging.warning(
+                "collect: agreement %.3f is the most these samples allow (gold-score ties); "
+                "target %.3f not reachable, using noise %g",
+                ceiling, c.target_agreement, noise,
+            )  # fmt: skip
+        pool = dataclasses.replace(pool, noise=noise)
     agreement = labelers.pairwise_agreement(
         pool, records[half:], responses[half:], np.random.default_rng(c.seed + 1), stopped[half:]
     )
@@ -108,6 +125,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "mean_k": float(np.mean([len(x["responses"]) for x in comparisons])),
         "noise": pool.noise,
         "inter_labeler_agreement": agreement,
+        "agreement_ceiling": ceiling,
         "mean_gold_score_of_samples": float(np.mean(gold)),
         "stopped_fraction": float(np.mean([s for st in stopped for s in st])),
     }

@@ -1,0 +1,517 @@
+"""Stage `eval`: the paper's measurements (method.md, "What the paper measures").
+
+For each model of `models` (base, base prompted few-shot, SFT, PPO, PPO-ptx, at one or more
+sizes) on held-out prompts:
+
+  win rate       gold-judge preference against the `reference` stage (the larger SFT model),
+                 ties 1/2, with the standard error over prompts; overall and per family
+  constraints    rate of keeping the prompt's explicit constraint (`constraints_kept`), rate
+                 of perfect answers (gold score 1), mean gold score, stop rate, length
+  alignment tax  per-token NLL on held-out pretraining text and accuracy on the public cloze
+                 task (greedy first word; and picking the likeliest of its 4 choices)
+
+plus the RM's validation accuracy next to the simulated inter-labeler agreement, and each
+PPO stage's reward/KL curves. Writes `DIR/<name>/results.json`, `results.md`, `samples.jsonl`
+and PNG plots (instructrl/eval_plots.py), and prints the main table.
+
+`models` syntax: size groups separated by ";", each `SIZE: LABEL=STAGE[:fewshot], ...`
+(`SIZE:` may be left out in a one-size run; the column is then named by the parameter count):
+
+    small: GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo, PPO-ptx=ppo_ptx;
+    large: GPT=pretrain_large, GPT (prompted)=pretrain_large:fewshot, SFT=sft_large, ...
+
+`:fewshot` samples the same model on `fewshot_prompts` (the eval prompts, in the same order,
+with answered examples prepended). Labels are the x axis of the win-rate plot.
+
+Sampling: temperature 1 with `num_samples` responses per prompt, the distribution PPO
+optimises and labelers compare; greedy decoding would hide how often a model fails to stop or
+drifts, and makes the reference's win rate against itself trivially 1/2. Each prompt's
+outcome is the mean of the gold comparisons over all num_samples x num_samples pairs of
+model and reference responses (an unbiased estimate of P(model beats reference) on that
+prompt); the standard error is over prompts, since samples of one prompt are correlated.
+`greedy=True` takes one response per prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import zlib
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from instructrl import labelers, tasks
+from instructrl.config import stage_names
+from instructrl.data import read_pretrain, read_prompts
+from instructrl.errors import ConfigError, InputError
+from instructrl.eval_metrics import (
+    batched_nll,
+    constraints_kept,
+    pairwise_outcomes,
+    text_windows,
+    win_rate,
+)
+from instructrl.sample import generate, load_stage_model
+from instructrl.stages import inputs
+from instructrl.tokenizer import Tokenizer
+from instructrl.train_lib import count_params
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "eval"
+    c.models = "GPT=pretrain,GPT (prompted)=pretrain:fewshot,SFT=sft"  # see the module doc
+    c.reference = "sft"  # stage every model is compared with (the larger SFT model)
+    c.tokenizer_from = "tokenizer"
+    c.prompts = "@world/prompts_eval.jsonl"  # held-out prompts with gold-scorer fields
+    c.fewshot_prompts = "@world/prompts_eval_fewshot.jsonl"
+    c.num_prompts = 0  # 0 = all
+    c.num_samples = 4  # responses per prompt and model (1 when greedy)
+    c.temperature = 1.0
+    c.greedy = False
+    c.max_new_tokens = 0  # 0 = data.max_response_len + 1 (room for the stop token)
+    c.batch_size = 64
+    c.heldout = "@world/pretrain_heldout.jsonl"  # alignment tax: LM loss on held-out text
+    c.heldout_num = 0  # documents; 0 = all
+    c.public_task = "@world/public_task.jsonl"  # alignment tax: the public cloze task
+    c.public_max_new_tokens = 4
+    c.rm_from = "rm"  # comma list of RM stages ("" = none): their validation accuracy
+    c.collect_from = "collect"  # comma list of collect stages: inter-labeler agreement
+    return c
+
+
+# ---------------------------------------------------------------- config: models and stages
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    size: str  # size group tag ("" in a one-size run without one)
+    label: str  # model type, e.g. "PPO-ptx"
+    stage: str
+    fewshot: bool = False
+
+
+def parse_models(text: str, key: str) -> list[ModelSpec]:
+    """`SIZE: LABEL=STAGE[:fewshot], ...; SIZE: ...` -> specs in order (see the module doc)."""
+    specs: list[ModelSpec] = []
+    for group in (g.strip() for g in text.split(";")):
+        if not group:
+            continue
+        size, body = "", group
+        head, sep, rest = group.partition(":")
+        if sep and "=" not in head:
+            size, body = head.strip(), rest
+            if not size:
+                raise ConfigError(f"config key '{key}': empty size tag in '{group}'")
+        for item in (i.strip() for i in body.split(",")):
+            if not item:
+                continue
+            label, sep, target = (s.strip() for s in item.partition("="))
+            stage, _, variant = (s.strip() for s in target.partition(":"))
+            if not sep or not label or not stage:
+                raise ConfigError(f"config key '{key}': '{item}' is not LABEL=STAGE[:fewshot]")
+            if variant not in ("", "fewshot"):
+                raise ConfigError(f"config key '{key}': '{item}': unknown variant ':{variant}'")
+            specs.append(ModelSpec(size, label, stage, variant == "fewshot"))
+    if not specs:
+        raise ConfigError(f"config key '{key}' lists no models")
+    seen = set()
+    for s in specs:
+        if (s.size, s.label) in seen:
+            raise ConfigError(f"config key '{key}': model '{s.label}' twice in size '{s.size}'")
+        seen.add((s.size, s.label))
+    return specs
+
+
+def stage_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def check_input_stages(
+    config: ml_collections.ConfigDict, name: str, workdir: str, named: Sequence[tuple[str, str]]
+) -> None:
+    """Each (config key, stage) of `named` must name a config section that runs before `name`
+    in config.stages, or one that finished in `workdir` earlier. Config mistakes are reported
+    before unfinished stages."""
+    order = stage_names(config)
+    for key, stage in named:
+        where = f"config key '{name}.{key}'"
+        if stage not in config or not isinstance(config[stage], ml_collections.ConfigDict):
+            raise ConfigError(f"{where} names stage '{stage}', which has no config.{stage} section")
+        if stage in order and name in order and order.index(stage) > order.index(name):
+            raise ConfigError(f"{where}: stage '{stage}' runs after '{name}' in config.stages")
+        if stage not in order and not inputs.is_done(workdir, stage):
+            raise ConfigError(
+                f"{where} names stage '{stage}', which is not in config.stages and has not "
+                f"finished in {inputs.stage_dir(workdir, stage)}"
+            )
+    for key, stage in named:
+        if not inputs.is_done(workdir, stage):
+            raise InputError(
+                f"config key '{name}.{key}': stage '{stage}' has not finished in "
+                f"{inputs.stage_dir(workdir, stage)}"
+            )
+
+
+def sample_seed(seed: int, *parts: object) -> int:
+    """A sampling seed from the config seed and what is sampled (stable across runs)."""
+    return zlib.crc32("\x00".join(map(str, (seed, *parts))).encode()) % 2**31
+
+
+# ---------------------------------------------------------------- evaluating one model
+@dataclasses.dataclass
+class EvalData:
+    records: list[dict]  # held-out prompt records (family, params)
+    fewshot: list[dict] | None  # the same prompts with examples prepended
+    heldout_rows: list[list[int]]
+    public: list[dict]
+
+
+def sample_responses(
+    model, params, tokenizer, prompts: Sequence[str], c, *, seed: int, budget: int, key: str
+) -> tuple[list[list[str]], list[list[bool]], int]:
+    """k responses per prompt: texts [N][k], stopped [N][k], and the new-token budget used."""
+    k = 1 if c.greedy else c.num_samples
+    prompt_len = max(len(tokenizer.encode(p)) + 1 for p in prompts)
+    new_tokens = min(budget, model.config.max_len - prompt_len)
+    if new_tokens < 1:
+        raise ConfigError(f"config key '{key}': prompts of {prompt_len} tokens fill the context")
+    texts, stopped, _ = generate(
+        model,
+        params,
+        tokenizer,
+        [p for p in prompts for _ in range(k)],
+        max_new_tokens=new_tokens,
+        max_prompt_len=prompt_len,
+        seed=seed,
+        temperature=c.temperature,
+        greedy=c.greedy,
+        batch_size=c.batch_size,
+    )
+    return (
+        [texts[i * k : (i + 1) * k] for i in range(len(prompts))],
+        [stopped[i * k : (i + 1) * k] for i in range(len(prompts))],
+        new_tokens,
+    )
+
+
+def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
+    """Win rate against ref_scores [N, M] (overall, per family; left out when None), gold
+    score, constraints and length of one model's samples; and its gold scores [N, k]."""
+    scores = np.array(
+        [
+            [tasks.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
+            for r, ts, ss in zip(records, texts, stopped, strict=True)
+        ]
+    )
+    outcomes = None if ref_scores is None else pairwise_outcomes(scores, ref_scores)
+    kept = [
+        constraints_kept(r, t, s)
+        for r, ts, ss in zip(records, texts, stopped, strict=True)
+        for t, s in zip(ts, ss, strict=True)
+    ]
+    kept = [x for x in kept if x is not None]
+    flat = [t for ts in texts for t in ts]
+    families = {}
+    for fam in tasks.FAMILY_NAMES:
+        idx = [i for i, r in enumerate(records) if r["family"] == fam]
+        if idx:
+            wins = {} if outcomes is None else win_rate(outcomes[idx])
+            families[fam] = {**wins, "gold_score": float(scores[idx].mean()), "n": len(idx)}
+    metrics = {
+        **({"n": len(records)} if outcomes is None else win_rate(outcomes)),
+        "gold_score": float(scores.mean()),
+        "perfect_rate": float(np.mean(scores >= 1.0)),
+        "constraint_rate": float(np.mean(kept)) if kept else None,
+        "constraint_responses": len(kept),
+        "stopped_rate": float(np.mean([s for ss in stopped for s in ss])),
+        "length_words": float(np.mean([len(t.split()) for t in flat])),
+        "length_tokens": float(np.mean([len(tokenizer.encode(t)) for t in flat])),
+        "families": families,
+    }
+    return metrics, scores
+
+
+def alignment_tax(model, params, tokenizer, data: EvalData, c) -> dict[str, float]:
+    """Held-out pretraining NLL (nats/token) and public-task accuracy (greedy, choice)."""
+    window = max(len(r) for r in data.heldout_rows) - 1
+    if window > model.config.max_len:
+        raise ConfigError(
+            f"config key 'data.seq_len' ({window}) exceeds the model's max_len "
+            f"({model.config.max_len}): held-out windows would not fit"
+        )
+    sums, counts = batched_nll(
+        model,
+        params,
+        data.heldout_rows,
+        [1] * len(data.heldout_rows),
+        pad_id=tokenizer.pad_id,
+        batch_size=c.batch_size,
+    )
+    prompts = [r["prompt"] for r in data.public]
+    texts, _, _ = generate(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        max_new_tokens=c.public_max_new_tokens,
+        max_prompt_len=max(len(tokenizer.encode(p)) + 1 for p in prompts),
+        greedy=True,
+        batch_size=c.batch_size,
+    )
+    return {
+        "heldout_nll": float(sums.sum() / max(counts.sum(), 1)),
+        "heldout_tokens": int(counts.sum()),
+        "public_task_accuracy": tasks.public_task_accuracy(data.public, texts),
+        "public_choice_accuracy": public_choice_accuracy(model, params, tokenizer, data.public, c),
+    }
+
+
+def public_choice_accuracy(model, params, tokenizer, public: Sequence[dict], c) -> float:
+    """Share of cloze items whose likeliest continuation " <choice>" is the answer (the
+    choice's tokens are those after the prefix it shares with the prompt's encoding)."""
+    rows, first = [], []
+    for r in public:
+        prompt = [tokenizer.bos_id, *tokenizer.encode(r["prompt"])]
+        for choice in r["choices"]:
+            full = [tokenizer.bos_id, *tokenizer.encode(f"{r['prompt']} {choice}")]
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b),
+                len(prompt),
+            )
+            rows.append(full)
+            first.append(max(shared, 1))
+    nll, _ = batched_nll(
+        model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
+    )
+    hits, i = 0, 0
+    for r in public:
+        n = len(r["choices"])
+        hits += r["choices"][int(np.argmin(nll[i : i + n]))] == r["answer"]
+        i += n
+    return hits / len(public)
+
+
+# ---------------------------------------------------------------- the stage
+def evaluate_stage(
+    config,
+    name: str,
+    workdir: str,
+    stage: str,
+    specs: Sequence[ModelSpec],
+    data: EvalData,
+    tokenizer,
+    ref_scores: np.ndarray,
+) -> tuple[list[dict], list[dict]]:
+    """The results and samples of the specs that use `stage`'s model (alignment tax once)."""
+    c = config[name]
+    model, params = load_stage_model(workdir, stage)
+    tax = alignment_tax(model, params, tokenizer, data, c)
+    results, samples = [], []
+    for s in specs:
+        prompts = [r["prompt"] for r in (data.fewshot if s.fewshot else data.records)]
+        texts, stopped, new_tokens = sample_responses(
+            model,
+            params,
+            tokenizer,
+            prompts,
+            c,
+            seed=sample_seed(config.seed, stage, s.fewshot),
+            budget=c.max_new_tokens or config.data.max_response_len + 1,
+            key=f"{name}.fewshot_prompts" if s.fewshot else f"{name}.prompts",
+        )
+        metrics, scores = response_metrics(data.records, texts, stopped, ref_scores, tokenizer)
+        results.append(
+            {
+                **dataclasses.asdict(s),
+                "params": count_params(params),
+                "max_new_tokens": new_tokens,
+                **metrics,
+                **({k: None for k in tax} if s.fewshot else tax),
+            }
+        )
+        samples.append(
+            {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
+        )
+        logging.info(
+            "%s: %s %s (%s): win rate %.3f +- %.3f",
+            name,
+            s.size,
+            s.label,
+            s.stage,
+            metrics["win_rate"],
+            metrics["stderr"] or 0.0,
+        )
+    return results, samples
+
+
+def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) -> EvalData:
+    c = config[name]
+    path = inputs.resolve_path(c.prompts, workdir)
+    recs = read_prompts(path)[0]
+    recs = recs[: c.num_prompts] if c.num_prompts > 0 else recs
+    for rec in recs:
+        if rec.data.get("family") not in tasks.FAMILIES or "params" not in rec.data:
+            raise InputError(f"{rec.where}: eval prompts need the world's 'family' and 'params'")
+    fewshot = None
+    if need_fewshot:
+        fs = read_prompts(inputs.resolve_path(c.fewshot_prompts, workdir))[0][: len(recs)]
+        if len(fs) < len(recs):
+            raise InputError(f"config key '{name}.fewshot_prompts': fewer prompts than {path}")
+        for a, b in zip(recs, fs, strict=True):
+            if (
+                not b.data["prompt"].endswith(a.data["prompt"])
+                or b.data.get("params") != a.data["params"]
+            ):
+                raise InputError(f"{b.where}: few-shot prompt does not end with {a.where}'s prompt")
+        fewshot = [b.data for b in fs]
+    docs = read_pretrain(inputs.resolve_path(c.heldout, workdir))[0]
+    docs = docs[: c.heldout_num] if c.heldout_num > 0 else docs
+    window = config.data.seq_len
+    rows = [
+        w
+        for d in docs
+        for w in text_windows(tokenizer.encode(d.data["text"], add_bos=True, add_eos=True), window)
+    ]
+    public = [r.data for r in read_prompts(inputs.resolve_path(c.public_task, workdir))[0]]
+    return EvalData([r.data for r in recs], fewshot, rows, public)
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    from instructrl import eval_plots
+
+    c = config[name]
+    out_dir = inputs.stage_dir(workdir, name)
+    if c.num_samples < 1 or (not c.greedy and c.temperature <= 0):
+        raise ConfigError(f"config keys '{name}.num_samples/temperature' need >= 1 and > 0")
+    # ---- check every named stage before any work
+    specs = parse_models(c.models, f"{name}.models")
+    named = [("models", s.stage) for s in specs] + [("reference", c.reference)]
+    named += [(key, s) for key in ("rm_from", "collect_from") for s in stage_list(c[key])]
+    check_input_stages(config, name, workdir, named)
+
+    # ---- data
+    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    data = load_data(config, name, workdir, tokenizer, any(s.fewshot for s in specs))
+    prompts = [r["prompt"] for r in data.records]
+    logging.info(
+        "%s: %d prompts, %d models, reference %s", name, len(prompts), len(specs), c.reference
+    )
+
+    # ---- reference samples
+    model, params = load_stage_model(workdir, c.reference)
+    ref_texts, ref_stopped, _ = sample_responses(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        c,
+        seed=sample_seed(config.seed, "reference", c.reference),
+        budget=c.max_new_tokens or config.data.max_response_len + 1,
+        key=f"{name}.prompts",
+    )
+    ref_metrics, ref_scores = response_metrics(
+        data.records, ref_texts, ref_stopped, None, tokenizer
+    )
+    samples = [
+        {
+            "size": "",
+            "label": "reference",
+            "stage": c.reference,
+            "texts": ref_texts,
+            "stopped": ref_stopped,
+            "scores": ref_scores,
+        }
+    ]
+
+    # ---- each model: samples, gold comparisons, alignment tax (once per stage)
+    results = []
+    for stage in dict.fromkeys(s.stage for s in specs):
+        stage_specs = [s for s in specs if s.stage == stage]
+        out, stage_samples = evaluate_stage(
+            config, name, workdir, stage, stage_specs, data, tokenizer, ref_scores
+        )
+        results += out
+        samples += stage_samples
+
+    # ---- RM accuracy vs labeler agreement, PPO curves
+    reward_models = [
+        {"stage": s, **_read_json(workdir, s, "results.json")} for s in stage_list(c.rm_from)
+    ]
+    labeler_stats = [
+        {"stage": s, **_read_json(workdir, s, "labelers.json")} for s in stage_list(c.collect_from)
+    ]
+    ppo_runs = {
+        s.stage: eval_plots.read_metrics(os.path.join(workdir, s.stage, "metrics.jsonl"))
+        for s in specs
+        if config[s.stage].get("kind") == "ppo"
+    }
+    summary = {
+        "reference": {"stage": c.reference, **ref_metrics},
+        "settings": {
+            "num_prompts": len(prompts),
+            "num_samples": 1 if c.greedy else c.num_samples,
+            "temperature": c.temperature,
+            "greedy": c.greedy,
+            "seed": config.seed,
+            "judge": "gold scores, ties 1/2",
+            "families": list(tasks.FAMILY_NAMES),
+        },
+        "sizes": eval_plots.size_params(results),
+        "models": results,
+        "reward_models": reward_models,
+        "labelers": labeler_stats,
+        "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": labelers.PAPER_AGREEMENT},
+        "ppo": eval_plots.ppo_summaries(ppo_runs),
+    }
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    summary["plots"] = eval_plots.write_plots(summary, ppo_runs, out_dir)
+    _write_samples(os.path.join(out_dir, "samples.jsonl"), data.records, samples)
+    _write_text(
+        os.path.join(out_dir, "results.json"),
+        json.dumps(eval_plots.json_safe(summary), indent=1, allow_nan=False),
+    )
+    _write_text(os.path.join(out_dir, "results.md"), eval_plots.results_markdown(summary))
+    print(eval_plots.main_table(summary), flush=True)
+
+
+def _read_json(workdir: str, stage: str, filename: str) -> dict:
+    path = os.path.join(workdir, stage, filename)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: missing (stage '{stage}' writes it when it finishes)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _write_samples(path: str, records: list[dict], samples: list[dict]) -> None:
+    lines = []
+    for s in samples:
+        for i, r in enumerate(records):
+            lines.append(
+                json.dumps(
+                    {
+                        "size": s["size"],
+                        "label": s["label"],
+                        "stage": s["stage"],
+                        "fewshot": s.get("fewshot", False),
+                        "prompt": r["prompt"],
+                        "family": r["family"],
+                        "responses": s["texts"][i],
+                        "stopped": s["stopped"][i],
+                        "gold_scores": [float(x) for x in s["scores"][i]],
+                    },
+                    ensure_ascii=False,
+                )
+            )
+    _write_text(path, "\n".join(lines))

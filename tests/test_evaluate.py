@@ -1,0 +1,380 @@
+"""Tests for the `eval` stage (instructrl/evaluate.py) and its tables/plots (eval_plots.py).
+
+Fast: win-rate aggregation against hand computations and the gold judge, the constraint
+check, held-out NLL against a naive float64 loop, config parsing and stage errors, tables
+and PNGs from a hand-made summary. Slow (one module fixture runs world, tokenizer, pretrain
+and SFT with a 1-layer model in-process, then fakes finished rm/collect/ppo stages): the
+stage end to end, SFT against itself, greedy determinism.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from instructrl import eval_metrics, eval_plots, evaluate, labelers
+from instructrl.errors import ConfigError, InputError
+from instructrl.models import ModelConfig, Transformer, positions_from_mask
+from instructrl.tasks import FAMILY_NAMES, make_prompt, score, synthetic_responses
+
+
+# ------------------------------------------------------------------ win rates
+def test_pairwise_outcomes_by_hand():
+    model = np.array([[1.0, 0.5], [0.0, 0.0]])
+    ref = np.array([[0.5, 0.5, 0.0], [0.0, 0.2, 0.0]])
+    # prompt 0: 1 beats all three (3), 0.5 ties two and beats one (0.5 + 0.5 + 1) -> 5/6
+    # prompt 1: 0 ties 0 twice and loses to 0.2, for both samples -> (0.5 + 0 + 0.5) / 3
+    np.testing.assert_allclose(eval_metrics.pairwise_outcomes(model, ref), [5 / 6, 1 / 3])
+    out = eval_metrics.win_rate([1.0, 0.0, 0.5, 0.5])
+    assert out["win_rate"] == 0.5 and out["n"] == 4
+    # sample std (ddof 1) of (1, 0, .5, .5) is sqrt(0.5 / 3); stderr divides by sqrt(4)
+    assert out["stderr"] == pytest.approx(np.sqrt(0.5 / 3) / 2)
+    assert eval_metrics.win_rate([0.5])["stderr"] is None
+
+
+def test_pairwise_outcomes_match_gold_judge_loop():
+    rng = np.random.default_rng(0)
+    records = [make_prompt(rng) for _ in range(30)]
+    got_m, got_r, expected = [], [], []
+    for r in records:
+        m, ms = synthetic_responses(r, 3, rng)
+        f, fs = synthetic_responses(r, 2, rng)
+        m[1] = f[0]  # an identical response: the judge must call it a tie
+        ms[1] = fs[0]
+        got_m.append([score(r, t, s) for t, s in zip(m, ms, strict=True)])
+        got_r.append([score(r, t, s) for t, s in zip(f, fs, strict=True)])
+        pairs = [
+            labelers.gold_compare(r, a, b, sa, sb)
+            for (a, sa), (b, sb) in itertools.product(
+                zip(m, ms, strict=True), zip(f, fs, strict=True)
+            )
+        ]
+        expected.append(sum(pairs) / len(pairs))
+    np.testing.assert_allclose(eval_metrics.pairwise_outcomes(got_m, got_r), expected)
+
+
+def test_constraints_kept():
+    one = {"family": "one_word", "params": {}}
+    assert eval_metrics.constraints_kept(one, " owl")
+    assert not eval_metrics.constraints_kept(one, " the owl")
+    assert not eval_metrics.constraints_kept(one, " owl\nInstruction: more")  # kept talking
+    assert not eval_metrics.constraints_kept(one, " owl", stopped=False)
+    limit = {"family": "word_limit", "params": {"limit": 3}}
+    assert eval_metrics.constraints_kept(limit, " it is green")
+    assert not eval_metrics.constraints_kept(limit, " the frog is green")
+    assert not eval_metrics.constraints_kept(limit, "")
+    lst = {
+        "family": "list",
+        "params": {"category": "animals", "k": 2, "limit": None, "exclude": "cat"},
+    }
+    assert eval_metrics.constraints_kept(lst, " dog cow")
+    assert not eval_metrics.constraints_kept(lst, " dog cat")
+    assert not eval_metrics.constraints_kept(lst, " dog cow pig")
+    odd = {"family": "list", "params": {"category": "odd", "k": 2, "limit": 9, "exclude": None}}
+    assert eval_metrics.constraints_kept(odd, " 1 3")
+    assert not eval_metrics.constraints_kept(odd, " 1 11")
+    assert eval_metrics.constraints_kept({"family": "reverse", "params": {}}, " a b") is None
+
+
+# ------------------------------------------------------------------ alignment tax: NLL
+def test_batched_nll_matches_naive_float64():
+    cfg = ModelConfig(vocab_size=50, max_len=16, num_layers=1, d_model=32, num_heads=2, d_ff=64)
+    model = Transformer(cfg)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), dummy, dummy, jnp.ones_like(dummy))["params"]
+    forward = jax.jit(lambda t, m: model.apply({"params": params}, t, positions_from_mask(m), m))
+    rng = np.random.default_rng(1)
+    rows = [list(rng.integers(1, 50, size=n)) for n in (2, 5, 17, 9, 3)]  # 17 = max_len + 1
+    first = [1, 1, 4, 2, 2]
+    sums, counts = eval_metrics.batched_nll(model, params, rows, first, pad_id=0, batch_size=2)
+    for row, f, s, c in zip(rows, first, sums, counts, strict=True):
+        tokens = jnp.asarray([row[:-1]], jnp.int32)
+        mask = jnp.ones_like(tokens)
+        logits = np.asarray(forward(tokens, mask), np.float64)[0]
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        naive = -sum(logp[t - 1, row[t]] for t in range(f, len(row)))
+        assert c == len(row) - f
+        assert s == pytest.approx(naive, rel=1e-5, abs=1e-4)
+
+
+def test_text_windows_predict_every_token_once():
+    ids = list(range(100, 123))  # 23 tokens -> 22 targets
+    for window in (4, 5, 22, 30):
+        rows = eval_metrics.text_windows(ids, window)
+        assert all(len(r) <= window + 1 for r in rows)
+        targets = [t for r in rows for t in r[1:]]
+        assert targets == ids[1:]
+
+
+# ------------------------------------------------------------------ config and errors
+def test_parse_models():
+    specs = evaluate.parse_models(
+        "small: GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft; large: SFT=sft_large",
+        "eval.models",
+    )
+    assert [(s.size, s.label, s.stage, s.fewshot) for s in specs] == [
+        ("small", "GPT", "pretrain", False),
+        ("small", "GPT (prompted)", "pretrain", True),
+        ("small", "SFT", "sft", False),
+        ("large", "SFT", "sft_large", False),
+    ]
+    assert evaluate.parse_models("SFT=sft", "k")[0].size == ""
+    for bad in ("", "SFT", "SFT=sft:greedy", "a=sft,a=pretrain", ": SFT=sft"):
+        with pytest.raises(ConfigError, match=r"eval\.models"):
+            evaluate.parse_models(bad, "eval.models")
+
+
+def _config(stages: str, models: str, **eval_keys) -> ml_collections.ConfigDict:
+    from experiments import tiny_instructgpt
+
+    config = tiny_instructgpt.get_config("smoke")
+    config.stages = stages
+    config.eval = evaluate.default_config()
+    config.eval.update(models=models, **eval_keys)
+    return config
+
+
+def test_missing_stage_is_a_clear_error(tmp_path):
+    workdir = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"'eval.rm_from' names stage 'rm', which is not in "):
+        evaluate.run(_config("sft,eval", "SFT=sft"), "eval", workdir)
+    no_rm = dict(rm_from="", collect_from="")
+    with pytest.raises(ConfigError, match=r"'eval.models' names stage 'ppo_ptx'.*no config"):
+        evaluate.run(_config("sft,eval", "SFT=sft,PPO-ptx=ppo_ptx", **no_rm), "eval", workdir)
+    with pytest.raises(ConfigError, match=r"'eval.models'.*'collect'.*not in config.stages"):
+        evaluate.run(_config("sft,eval", "X=collect", **no_rm), "eval", workdir)
+    with pytest.raises(ConfigError, match=r"'eval.models': stage 'sft' runs after 'eval'"):
+        evaluate.run(_config("eval,sft", "SFT=sft", **no_rm), "eval", workdir)
+    with pytest.raises(InputError, match=r"'eval.models': stage 'sft' has not finished"):
+        evaluate.run(_config("sft,eval", "SFT=sft", **no_rm), "eval", workdir)
+    os.makedirs(tmp_path / "sft")
+    (tmp_path / "sft" / "DONE").write_text("{}")
+    with pytest.raises(InputError, match=r"'eval.reference': stage 'pretrain' has not finished"):
+        evaluate.run(
+            _config("pretrain,sft,eval", "SFT=sft", reference="pretrain", **no_rm), "eval", workdir
+        )
+
+
+# ------------------------------------------------------------------ tables and plots
+def _fake_summary() -> dict:
+    models = []
+    for size, params in (("small", 1000), ("large", 9000)):
+        for i, label in enumerate(("GPT", "GPT (prompted)", "SFT", "PPO")):
+            fewshot = label == "GPT (prompted)"
+            wr = 0.2 + 0.1 * i + (0.1 if size == "large" else 0.0)
+            models.append(
+                {
+                    "size": size,
+                    "label": label,
+                    "stage": f"{label.lower()[:3]}_{size}",
+                    "fewshot": fewshot,
+                    "params": params,
+                    "win_rate": wr,
+                    "stderr": 0.05,
+                    "n": 9,
+                    "gold_score": wr,
+                    "perfect_rate": 0.1,
+                    "constraint_rate": 0.4,
+                    "stopped_rate": 0.9,
+                    "length_words": 3.0,
+                    "length_tokens": 5.0,
+                    "families": {f: {"win_rate": wr, "stderr": None, "n": 1} for f in FAMILY_NAMES},
+                    "heldout_nll": None if fewshot else 2.5,
+                    "public_task_accuracy": None if fewshot else 0.5,
+                    "public_choice_accuracy": None if fewshot else 0.75,
+                }
+            )
+    return {
+        "reference": {
+            "stage": "sft_large",
+            "gold_score": 0.5,
+            "perfect_rate": 0.2,
+            "stopped_rate": 0.9,
+        },
+        "settings": {
+            "num_prompts": 9,
+            "num_samples": 2,
+            "temperature": 1.0,
+            "greedy": False,
+            "families": list(FAMILY_NAMES),
+        },
+        "models": models,
+        "reward_models": [{"stage": "rm", "val_accuracy": 0.7}],
+        "labelers": [{"stage": "collect", "inter_labeler_agreement": 0.72}],
+        "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": 0.726},
+        "ppo": [],
+    }
+
+
+def _ppo_rows(n: int = 12, gold_every: int = 3) -> list[dict]:
+    rows = []
+    for s in range(1, n + 1):
+        row = {"step": s, "score": 0.1 * s, "kl": 0.4 * s, "beta": 0.02, "score_raw": 9.0}
+        if s % gold_every == 0:
+            row["eval/gold_score"] = 0.5 + 0.05 * s - 0.005 * s * s
+        rows.append(row)
+    return rows
+
+
+def _assert_png(path: str) -> None:
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_tables_and_plots_from_a_summary(tmp_path):
+    summary = _fake_summary()
+    runs = {"PPO_small": _ppo_rows(), "ppo_large": _ppo_rows(gold_every=100)}
+    summary["ppo"] = eval_plots.ppo_summaries(runs)
+    assert summary["ppo"][0]["kl"] == pytest.approx(4.8)
+    assert summary["ppo"][0]["gold_score"] == pytest.approx(0.5 + 0.6 - 0.72)
+    assert summary["ppo"][0]["score"] == pytest.approx(1.2)  # "score_raw" is not "score"
+    assert summary["ppo"][1]["gold_score"] is None
+    written = eval_plots.write_plots(summary, runs, str(tmp_path))
+    assert written == [
+        "win_rate.png",
+        "win_rate_by_family.png",
+        "ppo_training.png",
+        "overoptimization.png",
+    ]
+    for name in written:
+        _assert_png(str(tmp_path / name))
+    table = eval_plots.main_table(summary)
+    assert "| model | small (1K) | large (9K) |" in table
+    assert "| GPT (prompted) | 0.300 ± 0.050 | 0.400 ± 0.050 |" in table
+    md = eval_plots.results_markdown(summary)
+    for heading in (
+        "Win rate by family",
+        "constraints",
+        "Alignment tax",
+        "inter-labeler",
+        "PPO training",
+    ):
+        assert heading in md
+    assert "GPT (prompted) [small (1K)]" not in md.split("## Alignment tax")[1]  # same model
+
+
+def test_plots_without_ppo_and_json_safe(tmp_path):
+    summary = _fake_summary()
+    assert eval_plots.write_plots(summary, {}, str(tmp_path)) == [
+        "win_rate.png",
+        "win_rate_by_family.png",
+    ]
+    safe = eval_plots.json_safe({"a": float("nan"), "b": np.float32(0.5), "c": [np.int64(3)]})
+    assert json.dumps(safe, allow_nan=False) == '{"a": null, "b": 0.5, "c": [3]}'
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "kl": 0.1}\n{"step": 2,\n')
+    with pytest.raises(InputError, match=r"m.jsonl:2: not valid JSON"):
+        eval_plots.read_metrics(str(path))
+
+
+# ------------------------------------------------------------------ the stage end to end
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """world, tokenizer, pretrain, sft (1-layer d32 model, a few steps) run in-process; then
+    finished rm / collect / ppo stages faked: result files, and the SFT export as `ppo`."""
+    from experiments import tiny_instructgpt
+    from instructrl import main
+
+    root = str(tmp_path_factory.mktemp("eval"))
+    config = tiny_instructgpt.get_config("smoke")
+    config.stages = "world,tokenizer,pretrain,sft"
+    config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
+    config.world.update(
+        num_pretrain=200,
+        num_pretrain_heldout=6,
+        num_demonstrations=120,
+        num_rm=10,
+        num_ppo=10,
+        num_eval=18,
+        num_public=36,
+    )
+    config.data.num_threads = 1
+    config.pretrain.update(num_steps=8, log_every=4)
+    config.sft.update(num_steps=8, log_every=4, select_by="last")
+    main.run(config, root)
+    shutil.copytree(os.path.join(root, "sft", "export"), os.path.join(root, "ppo", "export"))
+    with open(os.path.join(root, "ppo", "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _ppo_rows())
+    for stage, name, content in (
+        ("rm", "results.json", {"val_accuracy": 0.66, "val_loss": 0.6}),
+        ("collect", "labelers.json", {"inter_labeler_agreement": 0.73}),
+        ("ppo", None, None),
+    ):
+        os.makedirs(os.path.join(root, stage), exist_ok=True)
+        if name:
+            with open(os.path.join(root, stage, name), "w") as f:
+                json.dump(content, f)
+        with open(os.path.join(root, stage, "DONE"), "w") as f:
+            f.write("{}\n")
+    return root
+
+
+def _eval_config(models: str = "SFT=sft", **eval_keys) -> ml_collections.ConfigDict:
+    config = _config("world,tokenizer,pretrain,sft,collect,rm,ppo,eval", models, **eval_keys)
+    config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
+    config.ppo = ml_collections.ConfigDict({"kind": "ppo"})
+    return config
+
+
+@pytest.mark.slow
+def test_eval_stage_end_to_end(workdir, capsys):
+    models = "GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo"
+    evaluate.run(_eval_config(models=models, num_samples=2, heldout_num=4), "eval", workdir)
+    out_dir = os.path.join(workdir, "eval")
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    by_label = {m["label"]: m for m in results["models"]}
+    assert list(by_label) == ["GPT", "GPT (prompted)", "SFT", "PPO"]
+    for m in results["models"]:
+        assert 0 <= m["win_rate"] <= 1 and m["stderr"] is not None and m["n"] == 18
+        assert set(m["families"]) == set(FAMILY_NAMES)
+        assert 0 <= m["stopped_rate"] <= 1 and m["length_tokens"] >= 0
+    sft = by_label["SFT"]  # against itself (independent samples): 1/2 up to noise
+    assert abs(sft["win_rate"] - 0.5) <= 4 * sft["stderr"] + 0.02
+    assert sft["heldout_nll"] > 0 and 0 <= sft["public_choice_accuracy"] <= 1
+    assert by_label["GPT (prompted)"]["heldout_nll"] is None  # the base model's tax is GPT's
+    assert by_label["PPO"]["heldout_nll"] == pytest.approx(sft["heldout_nll"])  # same params
+    assert results["reward_models"][0]["val_accuracy"] == 0.66
+    assert results["labelers"][0]["inter_labeler_agreement"] == 0.73
+    assert results["ppo"][0]["stage"] == "ppo" and results["ppo"][0]["kl"] == pytest.approx(4.8)
+    for name in results["plots"]:
+        _assert_png(os.path.join(out_dir, name))
+    assert "overoptimization.png" in results["plots"]
+    with open(os.path.join(out_dir, "results.md")) as f:
+        md = f.read()
+    printed = capsys.readouterr().out
+    assert "| model |" in printed and "| GPT (prompted) |" in printed
+    assert eval_plots.main_table(results) in md and eval_plots.main_table(results) in printed
+    with open(os.path.join(out_dir, "samples.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 18 * 5 and all(len(x["responses"]) == 2 for x in lines)
+
+
+@pytest.mark.slow
+def test_greedy_self_comparison_is_exactly_half_and_deterministic(workdir):
+    results = []
+    for name in ("eval_a", "eval_b"):
+        config = _eval_config(
+            greedy=True, num_prompts=9, heldout_num=2, rm_from="", collect_from=""
+        )
+        config[name] = config.eval
+        evaluate.run(config, name, workdir)
+        with open(os.path.join(workdir, name, "results.json")) as f:
+            results.append(json.load(f))
+    (sft,) = results[0]["models"]
+    assert sft["win_rate"] == 0.5 and sft["stderr"] == 0.0  # greedy: identical responses
+    assert results[0]["models"] == results[1]["models"]
