@@ -13,6 +13,9 @@ Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
   sft        supervised fine-tuning on demonstrations
   collect    K = 4..9 samples per prompt from SFT and base models, ranked by simulated labelers
   rm         reward model on those rankings, normalised so demonstrations score mean 0
+  ppo_init   the PPO-init model: SFT with 10% pretraining data mixed in
+  ppo        PPO against the RM (policy and reference from ppo_init, value from the RM)
+  ppo_ptx    PPO-ptx: the same plus gamma_ptx x the pretraining LM loss
 
 Your own data: drop `world` from `config.stages` and point `--config.data.<kind>=FILE`
 (pretrain, demonstrations, comparisons, prompts) and `--config.tokenizer.input` at files.
@@ -22,7 +25,7 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.data import default_data_config
-from instructrl.stages import collect, pretrain, reward, sft, smoke, tokenizer, world
+from instructrl.stages import collect, ppo, pretrain, reward, sft, smoke, tokenizer, world
 
 
 def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.ConfigDict:
@@ -56,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "world,tokenizer,pretrain,sft,collect,rm"
+    config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo_init,ppo,ppo_ptx"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     vocab_size = 384
@@ -112,6 +115,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rm.optimizer.lr = 1e-3 if s else 3e-4
     config.rm.log_every = 5 if s else 10
     config.rm.normalize_num = 64 if s else 512
+
+    config.ppo_init = sft.default_config()
+    config.ppo_init.update(config.sft.to_dict())
+    config.ppo_init.ptx_fraction = 0.125  # paper: 10%; 4 of 32 rows here
+    config.ppo_init.num_epochs = 1 if s else 2
+
+    config.ppo = ppo.default_config()
+    config.ppo.init_from = "ppo_init"
+    config.ppo.reward_from = "rm"
+    config.ppo.batch_size = 8 if s else 64
+    config.ppo.num_minibatches = 2 if s else 4
+    config.ppo.max_new_tokens = 32
+    config.ppo.num_iterations = 3 if s else 60
+    config.ppo.kl_coef = 0.02
+    config.ppo.ptx_coef = 0.0  # plain PPO
+    config.ppo.ptx_ratio = 1.0 if s else 2.0
+    config.ppo.optimizer.lr = 1e-3 if s else 2e-4
+    config.ppo.value_optimizer.lr = 1e-3 if s else 2e-4
+    config.ppo.warmup_iterations = 1 if s else 5
+    config.ppo.gold_every = 1 if s else 5
+    config.ppo.checkpoint_every = 20
+
+    config.ppo_ptx = ppo.default_config()
+    config.ppo_ptx.update(config.ppo.to_dict())
+    config.ppo_ptx.ptx_coef = 27.8 if not s else 1.0
 
     config.smoke = smoke.default_config()
     return config

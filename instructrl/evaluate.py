@@ -179,6 +179,14 @@ def sample_responses(
     new_tokens = min(budget, model.config.max_len - prompt_len)
     if new_tokens < 1:
         raise ConfigError(f"config key '{key}': prompts of {prompt_len} tokens fill the context")
+    if new_tokens < budget:  # cut responses score lower: this model is at a disadvantage
+        logging.warning(
+            "%s: prompts of %d tokens leave room for %d of %d new tokens",
+            key,
+            prompt_len,
+            new_tokens,
+            budget,
+        )
     texts, stopped, _ = generate(
         model,
         params,

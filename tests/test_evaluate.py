@@ -86,6 +86,11 @@ def test_constraints_kept():
 
 
 # ------------------------------------------------------------------ alignment tax: NLL
+def _log_softmax64(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
 def test_batched_nll_matches_naive_float64():
     cfg = ModelConfig(vocab_size=50, max_len=16, num_layers=1, d_model=32, num_heads=2, d_ff=64)
     model = Transformer(cfg)
@@ -100,11 +105,7 @@ def test_batched_nll_matches_naive_float64():
         tokens = jnp.asarray([row[:-1]], jnp.int32)
         mask = jnp.ones_like(tokens)
         logits = np.asarray(forward(tokens, mask), np.float64)[0]
-        logp = (
-            logits
-            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-            - logits.max(-1, keepdims=True)
-        )
+        logp = _log_softmax64(logits)
         naive = -sum(logp[t - 1, row[t]] for t in range(f, len(row)))
         assert c == len(row) - f
         assert s == pytest.approx(naive, rel=1e-5, abs=1e-4)
@@ -330,6 +331,33 @@ def _eval_config(models: str = "SFT=sft", **eval_keys) -> ml_collections.ConfigD
     return config
 
 
+def _naive_heldout_nll(workdir: str, stage: str, num_docs: int, window: int = 128) -> float:
+    """Mean NLL per token of [BOS] text [EOS] over the first held-out documents. Target t
+    is predicted from the tokens since the start of its window, ((t - 1) // window) * window;
+    one unpadded forward pass per window, log-softmax in float64."""
+    from instructrl.sample import load_stage_model
+    from instructrl.tokenizer import Tokenizer
+
+    model, params = load_stage_model(workdir, stage)
+    tok = Tokenizer.load(os.path.join(workdir, "tokenizer", "tokenizer.model"))
+    forward = jax.jit(lambda t, m: model.apply({"params": params}, t, positions_from_mask(m), m))
+    with open(os.path.join(workdir, "world", "pretrain_heldout.jsonl")) as f:
+        texts = [json.loads(line)["text"] for line in f][:num_docs]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tok.encode(text, add_bos=True, add_eos=True)
+        logp = {}
+        for t in range(1, len(ids)):
+            start = (t - 1) // window * window
+            if start not in logp:
+                tokens = jnp.asarray([ids[start : start + window]], jnp.int32)
+                logits = forward(tokens, jnp.ones_like(tokens))
+                logp[start] = _log_softmax64(np.asarray(logits, np.float64)[0])
+            total -= logp[start][t - 1 - start, ids[t]]
+            count += 1
+    return total / count
+
+
 @pytest.mark.slow
 def test_eval_stage_end_to_end(workdir, capsys):
     models = "GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo"
@@ -345,7 +373,8 @@ def test_eval_stage_end_to_end(workdir, capsys):
         assert 0 <= m["stopped_rate"] <= 1 and m["length_tokens"] >= 0
     sft = by_label["SFT"]  # against itself (independent samples): 1/2 up to noise
     assert abs(sft["win_rate"] - 0.5) <= 4 * sft["stderr"] + 0.02
-    assert sft["heldout_nll"] > 0 and 0 <= sft["public_choice_accuracy"] <= 1
+    assert sft["heldout_nll"] == pytest.approx(_naive_heldout_nll(workdir, "sft", 4), rel=1e-5)
+    assert 0 <= sft["public_choice_accuracy"] <= 1
     assert by_label["GPT (prompted)"]["heldout_nll"] is None  # the base model's tax is GPT's
     assert by_label["PPO"]["heldout_nll"] == pytest.approx(sft["heldout_nll"])  # same params
     assert results["reward_models"][0]["val_accuracy"] == 0.66

@@ -1,0 +1,213 @@
+"""Stage `ppo`: PPO and PPO-ptx against the reward model (method.md §3).
+
+Policy and frozen reference both start from the export of `init_from` (the PPO-init SFT
+model); the reward model is the normalised RM of `reward_from`; the value function is a
+separate network initialised from the RM (or, with `value_head_on_policy`, a zero head on
+the policy trunk). Each iteration is two compiled programs (instructrl/ppo.py): a rollout
+(sampling with the KV cache, log-probs of policy and reference at the sampling
+temperature, values, RM score, per-token KL rewards) and an update (GAE, whitening, all
+epochs and minibatches, and γ_ptx × the LM loss on pretraining text when `ptx_coef` > 0).
+Only metrics cross to the host, on logging iterations.
+
+Writes `DIR/<name>/metrics.jsonl` (one line per logged iteration: score, KL, β, losses,
+timings, and `gold_score` when the prompts come from the synthetic world), checkpoints
+(state incl. EMA and KL controller, data position), and `export/` holding the EMA policy
+(the evaluated model, as in the paper) or the last policy when `ema_decay` is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from instructrl import checkpoint as ckpt_lib
+from instructrl import ppo, sharding, tasks
+from instructrl.data import ppo_pipeline, prompt_record
+from instructrl.errors import ConfigError, Preempted
+from instructrl.models import ModelConfig, Transformer
+from instructrl.reward_model import RewardModel
+from instructrl.stages import common, driver, inputs
+from instructrl.tokenizer import Tokenizer
+
+DRIVER_KEYS = (
+    "kind",
+    "init_from",
+    "reward_from",
+    "tokenizer_from",
+    "num_iterations",
+    "log_every",
+    "gold_every",
+    "checkpoint_every",
+    "max_to_keep",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The paper's PPO-ptx: 256k episodes = 500 iterations of 512, minibatch 64, 1 epoch,
+    β = 0.02, γ_ptx = 27.8 with 8 pretraining sequences per episode, EMA 0.992. Plain PPO is
+    the same with ptx_coef = 0."""
+    c = ppo.default_ppo_config()
+    c.kind = "ppo"
+    c.init_from = "sft"
+    c.reward_from = "rm"
+    c.tokenizer_from = "tokenizer"
+    c.num_iterations = 500
+    c.log_every = 1
+    c.gold_every = 0  # iterations; > 0 scores rollouts with the world's gold scorers
+    c.checkpoint_every = 50
+    c.max_to_keep = 2
+    return c
+
+
+def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
+    c = config[name]
+    stage_dir = inputs.stage_dir(workdir, name)
+    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    cfg = ppo.PPOConfig.from_config(
+        c, name=name, extra_keys=DRIVER_KEYS, stop_token=tokenizer.eos_id, pad_id=tokenizer.pad_id
+    )
+
+    # ---- models: policy/reference from init_from, RM (+ value init) from reward_from
+    setup = driver.setup_model(config, name, workdir)
+    mesh, rules = setup.mesh, setup.rules
+    rm_dir = inputs.export_dir(config, name, "reward_from", workdir)
+    with open(os.path.join(rm_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
+        rm_config = ModelConfig.from_dict(json.load(f))
+    reward_model = Transformer(rm_config, head="scalar")
+    models = ppo.PPOModels(
+        policy=setup.model,
+        reward=reward_model,
+        value=None if cfg.value_head_on_policy else reward_model,
+    )
+    data_cfg = driver.data_config(config, workdir)
+    data_cfg.ptx_ratio = cfg.ptx_ratio if cfg.ptx_coef > 0 else 0.0
+    total_len = data_cfg.max_prompt_len + cfg.max_new_tokens
+    for who, mc in (("init_from", setup.model.config), ("reward_from", rm_config)):
+        if total_len > mc.max_len:
+            raise ConfigError(
+                f"config key '{name}.max_new_tokens': data.max_prompt_len + max_new_tokens = "
+                f"{total_len} exceeds the max_len {mc.max_len} of the '{who}' model"
+            )
+
+    # ---- data: left-padded prompts (+ the pretraining stream for ptx)
+    shard_index, shard_count = sharding.data_shard_info(mesh)
+    prompts = inputs.build_data("prompts", data_cfg, tokenizer)
+    ptx_data = inputs.build_data("pretrain", data_cfg, tokenizer) if cfg.ptx_coef > 0 else None
+    data_iter = ppo_pipeline(
+        prompts,
+        tokenizer,
+        data_cfg,
+        batch_size=cfg.batch_size,
+        ptx_data=ptx_data,
+        num_epochs=0,
+        seed=config.seed,
+        process_index=shard_index,
+        process_count=shard_count,
+    )
+
+    # ---- state: fresh (policy = reference, value = RM) or resumed
+    optimizer = ppo.make_ppo_optimizer(cfg, c, c.num_iterations, name=name)
+    abstract, state_shardings = ppo.abstract_ppo_state(models, cfg, optimizer, mesh, rules)
+    reference, _ = ckpt_lib.load_exported(setup.init_dir, setup.param_shardings)
+    _, rm_shardings = ppo.model_param_shardings(reward_model, mesh, rules)
+    rm = RewardModel.load(rm_dir, shardings=rm_shardings)
+    checkpointer = ckpt_lib.Checkpointer(
+        stage_dir, save_interval_steps=c.checkpoint_every, max_to_keep=c.max_to_keep
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        state = restored.state
+        data_iter.set_state(restored.data_state)
+        logging.info("%s: resumed from iteration %d", name, restored.step)
+    else:
+        value = ppo.init_value_params(models, cfg, rm.params)
+        key = jax.random.key(config.seed + 2)
+        state = ppo.create_ppo_state(cfg, optimizer, reference, value, key, state_shardings)
+
+    # ---- the two compiled programs
+    params_shardings = ppo.rollout_params_shardings(models, cfg, mesh, rules)
+    rollout_fn = ppo.make_rollout_fn(
+        models, cfg, mesh=mesh, rules=rules, params_shardings=params_shardings
+    )
+    update_fn = ppo.make_update_fn(
+        models, cfg, optimizer, mesh=mesh, rules=rules, state_shardings=state_shardings
+    )
+    gain, bias = rm.normalization.gain, rm.normalization.bias
+
+    # ---- loop
+    step = int(jax.device_get(state.step))
+    progress = common.Progress(c.num_iterations, tokens_per_step=cfg.batch_size * total_len)
+    with (
+        common.MetricsWriter(stage_dir, resume_step=restored.step if restored else None) as w,
+        common.TerminationSignal() as term,
+    ):
+        while step < c.num_iterations:
+            local = next(data_iter)
+            batch = sharding.shard_batch(local, mesh)
+            ptx_batch = {k: batch[f"ptx_{k}"] for k in ppo.PTX_KEYS} if cfg.ptx_coef > 0 else None
+            start = time.perf_counter()
+            params = ppo.rollout_params(state, reference, rm.params, gain, bias)
+            rollout = rollout_fn(
+                params,
+                batch["prompt_tokens"],
+                batch["prompt_mask"],
+                jax.random.fold_in(state.rng, step),
+                state.kl["beta"],
+            )
+            jax.block_until_ready(rollout.response_tokens)  # a sync for the time split; no copy
+            mid = time.perf_counter()
+            state, metrics = update_fn(state, rollout, ptx_batch, state.rng)
+            jax.block_until_ready(state.step)
+            end = time.perf_counter()
+            step += 1
+            progress.update(step)
+            if step % c.log_every == 0 or step == c.num_iterations:
+                host = {k: float(v) for k, v in jax.device_get({**rollout.metrics, **metrics}).items()}  # fmt: skip
+                common.check_finite(host, step)
+                generated = float(jax.device_get(rollout.response_mask.sum()))
+                host.update(
+                    rollout_seconds=mid - start,
+                    update_seconds=end - mid,
+                    rollout_fraction=(mid - start) / (end - start),
+                    rollout_tokens_per_s=cfg.batch_size * total_len / (mid - start),
+                    generated_tokens_per_s=generated / (mid - start),
+                    update_tokens_per_s=cfg.batch_size * total_len / (end - mid),
+                    episodes=step * cfg.batch_size,
+                )
+                if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
+                    host.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
+                w.write(step, host)
+            stop = term.should_stop(step)
+            if checkpointer.should_save(step) or step == c.num_iterations or stop:
+                checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
+            if stop:
+                checkpointer.close()
+                raise Preempted(f"stage {name}: stopped by signal at iteration {step}")
+    checkpointer.close()
+
+    # ---- export: the EMA policy is the evaluated model (paper)
+    export = state.ema if cfg.ema_decay > 0 else state.params["policy"]
+    export = jax.tree.map(lambda e, r: e.astype(r.dtype), export, reference)
+    ckpt_lib.export_params(export, setup.model_dict, os.path.join(stage_dir, inputs.EXPORT_DIR))
+    logging.info("%s: exported the %s policy", name, "EMA" if cfg.ema_decay > 0 else "last")
+
+
+def gold_metrics(rollout, index, prompts, tokenizer) -> dict[str, float]:
+    """Mean gold score (and stop rate) of a rollout's responses, for prompts of the
+    synthetic world; {} when the prompt records carry no task family."""
+    tokens, mask, index = sharding.to_host((rollout.response_tokens, rollout.response_mask, index))
+    scores = []
+    for row, m, i in zip(tokens, mask, index, strict=True):
+        record = prompt_record(prompts, int(i))
+        if "family" not in record:
+            return {}
+        ids = row[m > 0]
+        stopped = bool(len(ids)) and int(ids[-1]) == tokenizer.eos_id
+        scores.append(tasks.score(record, tokenizer.decode(ids), stopped))
+    return {"gold_score": float(np.mean(scores))}
