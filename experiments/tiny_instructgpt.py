@@ -16,6 +16,7 @@ Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
   ppo_init   the PPO-init model: SFT with 10% pretraining data mixed in
   ppo        PPO against the RM (policy and reference from ppo_init, value from the RM)
   ppo_ptx    PPO-ptx: the same plus gamma_ptx x the pretraining LM loss
+  eval       gold-judge win rates against SFT, constraints, alignment tax, plots
 
 Your own data: drop `world` from `config.stages` and point `--config.data.<kind>=FILE`
 (pretrain, demonstrations, comparisons, prompts) and `--config.tokenizer.input` at files.
@@ -24,6 +25,7 @@ Your own data: drop `world` from `config.stages` and point `--config.data.<kind>
 import ml_collections
 
 from instructrl import config as config_lib
+from instructrl import evaluate
 from instructrl.data import default_data_config
 from instructrl.stages import collect, ppo, pretrain, reward, sft, smoke, tokenizer, world
 
@@ -33,7 +35,7 @@ def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.Con
     shapes = {
         "tiny": dict(num_layers=1, d_model=32, num_heads=2, d_ff=128),
         "small": dict(num_layers=2, d_model=64, num_heads=4, d_ff=256),
-        "large": dict(num_layers=4, d_model=128, num_heads=4, d_ff=512),
+        "large": dict(num_layers=6, d_model=128, num_heads=4, d_ff=512),  # ~9x small
     }
     return ml_collections.ConfigDict(
         dict(
@@ -59,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo_init,ppo,ppo_ptx"
+    config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo_init,ppo,ppo_ptx,eval"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     vocab_size = 384
@@ -140,6 +142,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ppo_ptx = ppo.default_config()
     config.ppo_ptx.update(config.ppo.to_dict())
     config.ppo_ptx.ptx_coef = 27.8 if not s else 1.0
+
+    config.eval = evaluate.default_config()
+    config.eval.models = (
+        "GPT=pretrain,GPT (prompted)=pretrain:fewshot,SFT=sft,PPO=ppo,PPO-ptx=ppo_ptx"
+    )
+    config.eval.reference = "sft"
 
     config.smoke = smoke.default_config()
     return config

@@ -362,7 +362,7 @@ def plot_overoptimization(
 ) -> bool:
     """Proxy (RM score) and gold quality against KL: over-optimisation shows as gold falling
     while the RM score keeps rising. Gold comes from the PPO logs when they have a gold score;
-    the final eval win rate of each PPO model is plotted at its last logged KL."""
+    the final eval win rate of each PPO model is plotted at its final (smoothed) KL."""
     pairs = {
         s: (series(r, "kl"), series(r, "score"), series(r, "gold_score")) for s, r in runs.items()
     }
@@ -378,7 +378,7 @@ def plot_overoptimization(
     heads = dict(sizes(summary))
     for m in summary["models"]:
         if m["stage"] in pairs and not m["fewshot"]:
-            final_kl = float(pairs[m["stage"]][0][1][-1])
+            final_kl = float(trailing_mean(pairs[m["stage"]][0][1])[-1])
             axes[-1].errorbar(
                 [final_kl],
                 [m["win_rate"]],
@@ -403,9 +403,18 @@ def plot_overoptimization(
 
 
 def _by_step(kl_steps, kl, y_steps, y) -> tuple[np.ndarray, np.ndarray]:
-    """(KL, y) at the steps that log both."""
+    """(KL, y) at the steps that log both, each a trailing mean over ~10% of those steps:
+    per-iteration KL is noisy, and an unsmoothed curve zigzags back and forth in KL."""
     _, ik, iy = np.intersect1d(kl_steps, y_steps, return_indices=True)
-    return kl[ik], y[iy]
+    return trailing_mean(kl[ik]), trailing_mean(y[iy])
+
+
+def trailing_mean(x: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """Mean of each value and the ones before it, over a window of max(1, fraction x len)."""
+    w = max(1, int(len(x) * fraction))
+    c = np.cumsum(np.concatenate([[0.0], np.asarray(x, np.float64)]))
+    lo = np.maximum(np.arange(1, len(x) + 1) - w, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(x) + 1) - lo)
 
 
 def write_plots(

@@ -21,7 +21,8 @@ and PNG plots (instructrl/eval_plots.py), and prints the main table.
     large: GPT=pretrain_large, GPT (prompted)=pretrain_large:fewshot, SFT=sft_large, ...
 
 `:fewshot` samples the same model on `fewshot_prompts` (the eval prompts, in the same order,
-with answered examples prepended). Labels are the x axis of the win-rate plot.
+with answered examples prepended). Labels are the x axis of the win-rate plot; they may hold
+spaces and brackets, not `,;:=`.
 
 Sampling: temperature 1 with `num_samples` responses per prompt, the distribution PPO
 optimises and labelers compare; greedy decoding would hide how often a model fails to stop or

@@ -153,8 +153,8 @@ def test_missing_stage_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"'eval.rm_from' names stage 'rm', which is not in "):
         evaluate.run(_config("sft,eval", "SFT=sft"), "eval", workdir)
     no_rm = dict(rm_from="", collect_from="")
-    with pytest.raises(ConfigError, match=r"'eval.models' names stage 'ppo_ptx'.*no config"):
-        evaluate.run(_config("sft,eval", "SFT=sft,PPO-ptx=ppo_ptx", **no_rm), "eval", workdir)
+    with pytest.raises(ConfigError, match=r"'eval.models' names stage 'ppo_xl'.*no config"):
+        evaluate.run(_config("sft,eval", "SFT=sft,PPO-xl=ppo_xl", **no_rm), "eval", workdir)
     with pytest.raises(ConfigError, match=r"'eval.models'.*'collect'.*not in config.stages"):
         evaluate.run(_config("sft,eval", "X=collect", **no_rm), "eval", workdir)
     with pytest.raises(ConfigError, match=r"'eval.models': stage 'sft' runs after 'eval'"):
@@ -266,6 +266,12 @@ def test_tables_and_plots_from_a_summary(tmp_path):
     ):
         assert heading in md
     assert "GPT (prompted) [small (1K)]" not in md.split("## Alignment tax")[1]  # same model
+
+
+def test_trailing_mean():
+    x = np.arange(1.0, 21.0)  # window 2 for 20 values
+    np.testing.assert_allclose(eval_plots.trailing_mean(x), [1.0, *(x[1:] - 0.5)])
+    np.testing.assert_allclose(eval_plots.trailing_mean(x[:5]), x[:5])  # window 1
 
 
 def test_plots_without_ppo_and_json_safe(tmp_path):

@@ -503,7 +503,10 @@ def test_sigkill_then_rerun_is_bit_identical(env, traj_one, tmp_path):
     latest = saved[-1] if saved else None
     if latest is not None and latest < 20:
         assert f"resumed from step {latest}" in proc.stderr, (kill_at, saved)
-    assert [m["step"] for m in metrics(workdir)] == list(range(1, 21))
+    assert [m["step"] for m in metrics(workdir)] == list(range(1, 21)), (kill_at, saved)
+    got, ref = losses(workdir), losses(traj_one)
+    moved = [s for s in ref if got[s] != ref[s]]
+    assert not moved, f"killed after step {kill_at}, checkpoints {saved}: loss differs at {moved}"
     assert_params_equal(
         exported_params(os.path.join(workdir, "sft", "export")),
         exported_params(os.path.join(traj_one, "sft", "export")),

@@ -46,7 +46,8 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
     top_k keeps the k largest (all tokens tied with the k-th are kept); 0 = off.
     top_p then keeps the smallest prefix of tokens sorted by probability (softmax of the
-    top-k-filtered logits) whose mass reaches top_p, at least one token; 1.0 = off.
+    top-k-filtered logits) whose mass reaches top_p, at least one token, and every token tied
+    with the last one kept; 1.0 = off.
     Apply after dividing by the temperature (the nucleus depends on it).
     """
     if top_k < 0 or not 0.0 < top_p <= 1.0:
@@ -56,13 +57,48 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
         kth = lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, neg_inf, logits)
     if top_p < 1.0:
-        desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        count = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(desc, count - 1, axis=-1)
-        logits = jnp.where(logits < threshold, neg_inf, logits)
+        logits = jnp.where(
+            _nucleus(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_p), logits, neg_inf
+        )
     return logits
+
+
+def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
+    """Bool [..., V]: probs >= tau, tau the smallest value with mass(probs > tau) < top_p.
+
+    That is the sorted-prefix nucleus (ties included). tau is found by bisection on the bit
+    patterns of non-negative f32 values, which order like the values: 31 masked sums over the
+    vocabulary instead of sorting it (a full sort costs ~10 ms per step at V=8192 on a CPU).
+    """
+    bits_shape = (*probs.shape[:-1], 1)
+    # Invariant: the answer lies in [lo, hi] and the predicate holds at hi (mass above max = 0).
+    lo = jnp.ones(bits_shape, jnp.int32)  # smallest positive float: tokens with p = 0 never kept
+    hi = jnp.max(lax.bitcast_convert_type(probs, jnp.int32), axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        tau = lax.bitcast_convert_type(mid, jnp.float32)
+        ok = jnp.sum(jnp.where(probs > tau, probs, 0.0), axis=-1, keepdims=True) < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    _, hi = lax.fori_loop(0, 31, halve, (jnp.minimum(lo, hi), hi))
+    return probs >= lax.bitcast_convert_type(hi, jnp.float32)
+
+
+def _draw(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits [B,V]) by inverse CDF: one uniform per row.
+
+    On a CPU this is several times cheaper than Gumbel-max (V random numbers and 2V logs per
+    row). Tokens with logit -inf (probability 0) are never drawn.
+    """
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, (*cdf.shape[:-1], 1), cdf.dtype) * cdf[..., -1:]
+    hit = (cdf > u) & (p > 0)
+    # u may round up to the total (probability ~2^-24): fall back to the last possible token.
+    last = p.shape[-1] - 1 - jnp.argmax((p > 0)[..., ::-1], axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
 
 
 def _choose(logits, key, temperature, top_k, top_p, greedy):
@@ -72,9 +108,7 @@ def _choose(logits, key, temperature, top_k, top_p, greedy):
         scaled = logits
     else:
         scaled = logits / temperature
-        token = jax.random.categorical(
-            key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1
-        )
+        token = _draw(key, filter_logits(scaled, top_k=top_k, top_p=top_p))
     logp = jax.nn.log_softmax(scaled, axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
