@@ -59,7 +59,7 @@ def test_stage_names_need_sections_with_a_kind():
     cfg = _cfg()
     assert config_lib.stage_names(cfg) == ["a"]
     cfg.stages = "a,b"
-    with pytest.raises(ConfigError, match="names 'b' but there is no config.b"):
+    with pytest.raises(ConfigError, match=r"names .b. but there is no config\.b"):
         config_lib.stage_names(cfg)
 
 
