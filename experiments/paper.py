@@ -27,7 +27,8 @@ llama_1b.py reuse `pipeline()` with Hugging Face checkpoints. Run from the repos
                      match `config.model` (the padded vocabulary too, when tensor > 1).
   rm_base=DIR        the model the reward model starts from. The paper uses a 6B RM for every
                      policy size (and the value function starts from it), so this is a 6B
-                     export for all sizes; `config.reward_model` holds its shape.
+                     export for all sizes (default: `base` for size=6b, else
+                     checkpoints/gpt3_6b); `config.reward_model` holds its shape.
   tokenizer=PATH     a SentencePiece .model; default BASE/tokenizer.model (convert copies it
                      there). It must be the tokenizer the base model was trained with.
                      GPT-2/3's BPE is not SentencePiece and instructrl cannot read it, so a
@@ -50,11 +51,16 @@ Stages, in order (each writes DIR/<stage>/):
             method.md: 1e-5 (ppo.default_config) is a placeholder to tune.
 Plain PPO (the paper's "PPO") is the same stage with `--config.ppo_ptx.ptx_coef=0`.
 
-Mesh (config.mesh, axes data/fsdp/tensor; see instructrl/sharding.py): 1.3B and 6B use pure
-FSDP over the whole slice (fsdp=-1), 175B fsdp=8 x tensor=-1 (e.g. 8 x 16 on 128 chips).
-One mesh serves every stage, so its batch shards (data x fsdp) must divide each stage's batch
-(SFT 32 or 8, RM 64, PPO minibatch 64). `python -m instructrl.plan` prints what fits where.
+Mesh (config.mesh, axes data/fsdp/tensor; see instructrl/sharding.py). One mesh serves every
+stage, so its batch shards (data x fsdp) must divide each stage's batch (SFT 32 or 8, RM 64,
+PPO minibatch 64); the tensor axis takes the rest of the slice:
+  1.3B  fsdp=-1: pure FSDP on up to 32 chips (e.g. v5p-32, 16 chips).
+  6B    fsdp=32 x tensor=-1: e.g. v5p-128 (64 chips) -> tensor 2, where PPO-ptx fits.
+  175B  fsdp=8 x tensor=-1: e.g. v5p-256 (128 chips) -> tensor 16.
+`python -m instructrl.plan --config=... --mesh=... --chip=...` prints what fits where.
 Compute in bfloat16 with float32 params and optimizer state; every block is rematerialised.
+At run time a stage takes dtype and remat from its `init_from` export's model_config.json
+(`instructrl.convert` writes float32 compute without remat): set them there for exports.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.data import default_data_config
+from instructrl.errors import ConfigError
 from instructrl.stages import ppo, reward, sft
 
 GPT3_VOCAB = 50257  # GPT-2/GPT-3 BPE
@@ -73,7 +80,7 @@ PADDED_VOCAB = (
 # size: (layers, d_model, heads, SFT LR, SFT batch, value LR, mesh). method.md §1 and §3.
 SIZES = {
     "1p3b": (24, 2048, 16, 9.65e-6, 32, 9e-6, dict(data=1, fsdp=-1, tensor=1)),
-    "6b": (32, 4096, 32, 9.65e-6, 32, 9e-6, dict(data=1, fsdp=-1, tensor=1)),
+    "6b": (32, 4096, 32, 9.65e-6, 32, 9e-6, dict(data=1, fsdp=32, tensor=-1)),
     "175b": (96, 12288, 96, 5.03e-6, 8, 5e-6, dict(data=1, fsdp=8, tensor=-1)),
 }
 
@@ -191,8 +198,9 @@ def instructgpt(size: str, arg: str | None) -> ml_collections.ConfigDict:
     """The paper pipeline at one GPT-3 size; `arg` as in the module docstring (without size)."""
     a = config_lib.parse_arg(
         arg, smoke=False, seed=0, data="data/instructgpt", base=f"checkpoints/gpt3_{size}",
-        rm_base="checkpoints/gpt3_6b", tokenizer="",
+        rm_base="", tokenizer="",
     )  # fmt: skip
+    rm_base = a.rm_base or (a.base if size == "6b" else "checkpoints/gpt3_6b")
     layers, d, heads, sft_lr, sft_batch, value_lr, mesh = SIZES[size]
     return pipeline(
         model=gpt3_model(size, smoke=a.smoke),
@@ -200,7 +208,7 @@ def instructgpt(size: str, arg: str | None) -> ml_collections.ConfigDict:
         mesh=mesh,
         data=a.data,
         base=a.base,
-        rm_base=a.rm_base,
+        rm_base=rm_base,
         tokenizer=a.tokenizer,
         sft_lr=sft_lr,
         sft_batch=sft_batch,
@@ -219,5 +227,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         elif item.strip():
             rest.append(item)
     if size not in SIZES:
-        raise config_lib.ConfigError(f"config argument 'size': {size!r} not in {sorted(SIZES)}")
+        raise ConfigError(f"config argument 'size': {size!r} not in {sorted(SIZES)}")
     return instructgpt(size, ",".join(rest))

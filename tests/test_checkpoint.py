@@ -267,13 +267,21 @@ def _run_to_end(script, workdir, total, every, **kw):
     return out
 
 
-def _run_until(script, workdir, total, every, line, sig, **kw):
-    """Starts a run and sends `sig` as soon as it prints `line`; returns (lines, rc)."""
+def _committed_steps(workdir):
+    folder = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+    return [d for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+
+
+def _run_until(script, workdir, total, every, line, sig, *, after_commit=False, **kw):
+    """Starts a run and sends `sig` as soon as it prints `line` (with after_commit, at the
+    first line from there on once a checkpoint is committed); returns (lines, rc)."""
     proc = _start(script, workdir, total, every, **kw)
     seen = []
+    armed = False
     for text in proc.stdout:
         seen.append(text.strip())
-        if text.strip() == line:
+        armed = armed or text.strip() == line
+        if armed and (not after_commit or _committed_steps(workdir)):
             proc.send_signal(sig)
             break
     out, _ = proc.communicate(timeout=300)
@@ -305,7 +313,11 @@ def reference_run(train_script, tmp_path_factory):
 def test_sigkill_then_resume_is_bit_identical(train_script, reference_run, tmp_path):
     workdir = str(tmp_path / "run")
     kill_at = random.Random().randint(5, 17)
-    _, rc = _run_until(train_script, workdir, 20, 4, f"step {kill_at}", signal.SIGKILL)
+    # Saves are asynchronous: under load the first one may still be in flight at kill_at,
+    # so the kill waits for a committed checkpoint (else the re-run would start afresh).
+    _, rc = _run_until(
+        train_script, workdir, 20, 4, f"step {kill_at}", signal.SIGKILL, after_commit=True
+    )
     assert rc == -signal.SIGKILL
     assert not checkpoint.is_done(workdir)
     out = _run_to_end(train_script, workdir, 20, 4)

@@ -556,5 +556,9 @@ def test_same_numbers_on_one_device_and_8_device_mesh():
                 continue
             if "tokens" in key or "mask" in key:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+            elif key.endswith("clip_frac"):
+                # A count of threshold crossings: one token flipping by rounding moves it by
+                # 1/tokens, so it is compared to within a few tokens, not to rtol.
+                np.testing.assert_allclose(a[key], b[key], atol=0.02, err_msg=key)
             else:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)

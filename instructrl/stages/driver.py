@@ -169,7 +169,9 @@ def train_loop(
     progress = common.Progress(total_steps, tokens_per_step=tokens_per_step)
     state = run.state
     with (
-        common.MetricsWriter(stage_dir, resume_step=run.resumed_step) as writer,
+        # A fresh start (no checkpoint) drops every line an earlier attempt logged before it
+        # was killed ahead of its first checkpoint: those steps are about to run again.
+        common.MetricsWriter(stage_dir, resume_step=run.resumed_step or 0) as writer,
         common.TerminationSignal() as term,
     ):
         while step < total_steps:

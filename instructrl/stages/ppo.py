@@ -143,8 +143,13 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     # ---- loop
     step = int(jax.device_get(state.step))
     progress = common.Progress(c.num_iterations, tokens_per_step=cfg.batch_size * total_len)
+    # The checkpointer is a context too: on any error (a NaN, a bad batch) its pending async
+    # save still commits, so the last checkpoint before the error is never lost.
     with (
-        common.MetricsWriter(stage_dir, resume_step=restored.step if restored else None) as w,
+        checkpointer,
+        # resume_step 0 on a fresh start drops lines a run killed before its first checkpoint
+        # logged: those iterations run again.
+        common.MetricsWriter(stage_dir, resume_step=restored.step if restored else 0) as w,
         common.TerminationSignal() as term,
     ):
         while step < c.num_iterations:
@@ -187,9 +192,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             if checkpointer.should_save(step) or step == c.num_iterations or stop:
                 checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
             if stop:
-                checkpointer.close()
                 raise Preempted(f"stage {name}: stopped by signal at iteration {step}")
-    checkpointer.close()
 
     # ---- export: the EMA policy is the evaluated model (paper)
     export = state.ema if cfg.ema_decay > 0 else state.params["policy"]

@@ -1,0 +1,668 @@
+r"""Ahead-of-time plan: per-device memory, FLOPs and step time of a config's stages on a mesh.
+
+    python -m instructrl.plan --config=experiments/instructgpt_6b.py[:ARGS] \
+        --mesh=data:1,fsdp:32,tensor:2 [--stage=sft|rm|ppo|NAME] [--chip=v4|v5e|v5p|h100] \
+        [--mfu=0.4] [--analytic | --compile] [--json] [--config.KEY=VALUE ...]
+
+Builds each stage's compiled programs as its driver does (SFT/RM: the train_lib step via
+jit_train_step; PPO: the rollout and the update of instructrl/ppo.py with policy, reference,
+value and reward model) on abstract arrays (jax.ShapeDtypeStruct with shardings; nothing is
+allocated) and prints, per device: params, optimizer state, EMA and frozen models, batches,
+activations/temporaries and the KV cache; FLOPs per step; step time at a stated MFU on a
+chip; and whether the peak fits the chip's HBM (one chip = one JAX device).
+
+Params, optimizer state, frozen models and batches are exact (shapes and shardings). The
+temporaries come from one of two paths:
+  compile   (default up to 16 devices) re-runs the command with N virtual CPU devices
+            (XLA_FLAGS=--xla_force_host_platform_device_count=N), compiles the same sharded
+            programs for CPU and reads compiled.memory_analysis(). XLA:CPU schedules without
+            a memory limit (it may all-gather many layers' weights at once) and keeps some
+            bf16 temporaries in f32: read its figure as an upper bound for a TPU. With N real
+            devices attached it compiles for them instead.
+  analytic  (--analytic; default above 16 devices, where a CPU compile is too slow) traces
+            the programs against a jax.sharding.AbstractMesh and lowers them for TPU (no
+            devices needed; every sharding must divide its dim) and estimates the
+            temporaries from shapes (`activation_bytes`).
+XLA's FLOP counts visit a loop body once (layer scan, decode loop, PPO minibatches), so step
+times use the analytic model FLOPs: 6·N·tokens for the matmuls plus the attention products.
+
+A stage's model is the model_config.json of its `init_from` (RM/value: `reward_from`) export
+when that file exists, else `config.model`, or `config.reward_model` for the RM and value
+network (defaulting to `config.model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+
+from instructrl import config as config_lib
+from instructrl import losses, ppo, sharding, train_lib
+from instructrl.errors import ConfigError
+from instructrl.models import ModelConfig, Transformer
+
+GIB = 2**30
+COMPILE_MAX_DEVICES = 16
+_CHILD_ENV = "INSTRUCTRL_PLAN_DEVICES"  # marks the re-executed process
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_gib: float
+    hbm_bytes_per_s: float
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 32, 1.23e12),
+    "v5e": Chip("TPU v5e", 197e12, 16, 0.82e12),
+    "v5p": Chip("TPU v5p", 459e12, 95, 2.77e12),
+    "h100": Chip("H100 SXM", 989e12, 80, 3.35e12),
+}
+
+
+# ---- counts and estimates from shapes ------------------------------------------------------
+
+
+def param_count(mc: ModelConfig, head: str = "lm") -> int:
+    """Parameters of Transformer(mc, head), from the formula (tests check it against the model)."""
+    d, f = mc.d_model, mc.d_ff
+    hd, kd = mc.num_heads * mc.dim_head, mc.kv_heads * mc.dim_head
+    norm = d * (1 if mc.norm == "rmsnorm" else 2)
+    n_mlp, bias = (3 if mc.mlp == "swiglu" else 2), int(mc.use_bias)
+    layer = d * (2 * hd + 2 * kd) + n_mlp * d * f + 2 * norm
+    layer += bias * (hd + 2 * kd + d + (n_mlp - 1) * f + d)  # q, k, v, o, up (+ gate), down
+    total = mc.vocab_size * d + (mc.max_len * d if mc.position == "learned" else 0)
+    total += mc.num_layers * layer + norm
+    if head == "scalar":
+        return total + d + 1
+    return total + (0 if mc.tie_embeddings else d * mc.vocab_size)
+
+
+def _block_matmul_params(mc: ModelConfig) -> int:
+    hd, kd = mc.num_heads * mc.dim_head, mc.kv_heads * mc.dim_head
+    return mc.d_model * (2 * hd + 2 * kd) + (3 if mc.mlp == "swiglu" else 2) * mc.d_model * mc.d_ff
+
+
+def forward_flops(mc: ModelConfig, tokens: int, kv_len: int, head: str = "lm") -> float:
+    """Model FLOPs of a forward over `tokens` tokens that each attend `kv_len` keys: 2 per
+    multiply-add of every weight matmul (the unembedding for head="lm"), plus QK^T and PV."""
+    matmul = mc.num_layers * _block_matmul_params(mc)
+    matmul += mc.d_model * (mc.vocab_size if head == "lm" else 1)
+    attention = 4 * mc.num_layers * kv_len * mc.num_heads * mc.dim_head
+    return float(tokens) * (2 * matmul + attention)
+
+
+def _split(n: int, parts: int) -> int:
+    """Per-device extent of a dim split over `parts` devices (whole when it does not divide)."""
+    return n // parts if n % parts == 0 else n
+
+
+def activation_bytes(
+    mc: ModelConfig,
+    rows: int,
+    seq: int,
+    mesh: dict[str, int],
+    *,
+    train: bool,
+    logits: bool,
+    kv_len: int = 0,
+) -> dict[str, int]:
+    """Estimated per-device activations of a forward (train: and backward) over [rows, seq]
+    tokens, rows split over data x fsdp, heads/mlp/vocab over tensor.
+
+    saved: kept for the backward (a rematerialised block keeps only its input); working: one
+    block's intermediates (twice while its backward runs); logits: f32 logits and their
+    softmax (and gradient). An estimate: XLA fuses some of these, keeps others longer.
+    """
+    tp, s, f32 = mesh["tensor"], jnp.dtype(mc.dtype).itemsize, 4
+    b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
+    t, h, k = b * seq, _split(mc.num_heads, tp), _split(mc.kv_heads, tp)
+    block = (
+        t * mc.dim_head * (2 * h + 2 * k) * s  # q, k, v, attention output
+        + b * h * seq * (kv_len or seq) * (2 * f32 + s)  # f32 scores and probs, probs in dtype
+        + t * _split(mc.d_ff, tp) * s * (3 if mc.mlp == "swiglu" else 2)  # MLP hidden (+ gate)
+        + t * mc.d_model * (2 * f32 + 3 * s)  # f32 norm statistics, residual stream
+    )
+    saved = mc.num_layers * (t * mc.d_model * s if mc.remat else block) if train else 0
+    logit = t * _split(mc.vocab_size, tp) * f32 * (3 if train else 2) if logits else 0
+    return {"saved": saved, "working": block * (2 if train else 1), "logits": logit}
+
+
+def weight_bytes(mc: ModelConfig, mesh: dict[str, int]) -> int:
+    """Block weights a forward materialises per device: the stacked copy of every block's
+    params that the layer scan makes (transformer.py `_scan_blocks`), plus one block gathered
+    over fsdp in the compute dtype, double-buffered."""
+    n = _block_matmul_params(mc)
+    stacked = mc.num_layers * n * jnp.dtype(mc.param_dtype).itemsize
+    stacked //= mesh["fsdp"] * mesh["tensor"]
+    return stacked + 2 * n * jnp.dtype(mc.dtype).itemsize // mesh["tensor"]
+
+
+def kv_cache_bytes(mc: ModelConfig, rows: int, length: int, mesh: dict[str, int]) -> int:
+    """Per-device KV cache of the sampler: k and v [B, K, S, Dh] per layer in the compute dtype."""
+    b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
+    per_layer = 2 * b * _split(mc.kv_heads, mesh["tensor"]) * length * mc.dim_head
+    return mc.num_layers * per_layer * jnp.dtype(mc.dtype).itemsize
+
+
+def _combine(*passes: dict[str, int]) -> int:
+    """Passes of one program whose saved activations and logits all live until the backward;
+    one working set at a time."""
+    return sum(p["saved"] + p["logits"] for p in passes) + max(p["working"] for p in passes)
+
+
+# ---- abstract arrays -----------------------------------------------------------------------
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.shape if x.sharding is None else x.sharding.shard_shape(x.shape)
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _with(tree: Any, shardings: Any) -> Any:
+    to_sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    return jax.tree.map(to_sds, tree, shardings)
+
+
+def _arrays(shapes: dict[str, tuple], sh: NamedSharding, dtype=jnp.int32) -> dict[str, Any]:
+    return {k: jax.ShapeDtypeStruct(v, dtype, sharding=sh) for k, v in shapes.items()}
+
+
+def _key(mesh) -> Any:
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct((), key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _params(model: Transformer, mesh, rules) -> Any:
+    x = jax.ShapeDtypeStruct((1, min(8, model.config.max_len)), jnp.int32)
+    abstract, shardings = sharding.abstract_params_and_shardings(model, (x, x, x), mesh, rules)
+    return _with(abstract, shardings)
+
+
+# ---- the programs of a stage ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program; bytes per device, FLOPs global per call."""
+
+    name: str
+    jitted: Any  # the jax.jit object
+    args: tuple  # abstract arguments
+    inputs: int  # bytes of batches on device besides the stage's resident state
+    outputs: int  # bytes of new (not donated) outputs
+    temp: int  # analytic activations + temporaries (KV cache and gradients included)
+    flops: float  # analytic model FLOPs
+    flops_6nd: float
+    kv_cache: int = 0
+    hbm_read: int = 0  # decode: bytes each device reads from HBM over all decode steps
+
+
+@dataclasses.dataclass
+class StagePlan:
+    name: str
+    kind: str
+    params: dict[str, int]  # parameter count per model
+    resident: dict[str, int]  # bytes per device held through the whole stage
+    programs: list[Program]
+    notes: list[str]
+    iterations: int = 0
+
+
+def model_configs(config: ml_collections.ConfigDict) -> dict[str, tuple[ModelConfig, str]]:
+    """The models a config defines: {"policy": (ModelConfig, "lm"), "reward": (.., "scalar")}."""
+    rm = config.get("reward_model") or config.model
+    return {
+        "policy": (ModelConfig.from_dict(config.model), "lm"),
+        "reward": (ModelConfig.from_dict(rm), "scalar"),
+    }
+
+
+def _stage_model(config, section, fallback: str, key: str = "init_from") -> tuple[ModelConfig, str]:
+    """(model config, where it came from) of the model a stage reads from `section[key]`."""
+    path = os.path.join(section.get(key, ""), "model_config.json")
+    if section.get(key) and os.path.isfile(path):
+        with open(path) as f:
+            d, source = json.load(f), path
+    else:
+        fallback = fallback if fallback in config else "model"
+        d, source = config[fallback].to_dict(), f"config.{fallback}"
+    if section.get("dropout", -1.0) >= 0:
+        d["dropout"] = section.dropout
+    return ModelConfig.from_dict(d), source
+
+
+def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
+    """SFT / pretraining (LM loss) or RM (K-wise loss): one train_lib step, as the drivers."""
+    from instructrl.stages.reward import rewards_of
+
+    c, seq = config[name], config.data.seq_len
+    rm = c.kind == "rm"
+    mc, source = _stage_model(config, c, "reward_model" if rm else "model")
+    model = Transformer(mc, head="scalar" if rm else "lm")
+    params = _params(model, mesh, rules)
+    optimizer = train_lib.make_optimizer(c.optimizer, 1000, name=f"{name}.optimizer")
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    state, state_sh = train_lib.abstract_train_state(optimizer, params, param_sh, mesh)
+    bs = sharding.batch_sharding(mesh)
+    b, accum = c.batch_size, c.get("accum_steps", 1)
+
+    def rm_loss(p, batch, rng):
+        r = rewards_of(model, p, batch, deterministic=False, rng=rng)
+        total, count = losses.reward_loss_sum(r, batch["pair_mask"])
+        return total / jnp.maximum(count, 1.0), {"weight": count}
+
+    def lm_loss(p, batch, rng):
+        args = (batch["tokens"], batch["positions"], batch["mask"])
+        logits = model.apply({"params": p}, *args, deterministic=False, rngs={"dropout": rng})
+        total, count = losses.lm_loss_sum(logits, batch["targets"], batch["loss_mask"])
+        return total / jnp.maximum(count, 1.0), {"weight": count}
+
+    if rm:
+        batch = _arrays({key: (b, k, seq) for key in ("tokens", "mask", "positions")}, bs)
+        batch |= _arrays({"response_mask": (b, k)}, bs)
+        batch |= _arrays({"pair_mask": (b, k, k)}, bs, jnp.float32)
+        rows, note = b * k, f"batch {b} prompts x K={k} responses x {seq} tokens"
+    else:
+        keys = ("tokens", "targets", "loss_mask", "mask", "positions")
+        batch = _arrays({key: (b, seq) for key in keys}, bs)
+        rows, note = b, f"batch {b} x {seq} tokens"
+    step = train_lib.make_train_step(rm_loss if rm else lm_loss, optimizer, accum_steps=accum)
+    jitted = train_lib.jit_train_step(step, state_sh, bs).jitted
+    # jit_train_step splits the state: (params, opt_state, extras) donated, (step, rng) kept.
+    kept = (state.step, state.rng)
+    args = ((state.params, state.opt_state, state.extras), kept, batch, _key(mesh))
+    grads = device_bytes(params) * (2 if accum > 1 else 1)  # + the f32 accumulator
+    act = activation_bytes(mc, rows // accum, seq, mshape, train=True, logits=not rm)
+    head, tokens = model.head, rows * seq
+    prog = Program(
+        "train_step",
+        jitted,
+        args,
+        inputs=device_bytes(batch),
+        outputs=0,
+        temp=_combine(act) + weight_bytes(mc, mshape) + grads,
+        flops=3 * forward_flops(mc, tokens, seq, head),
+        flops_6nd=6.0 * param_count(mc, head) * tokens,
+    )
+    return StagePlan(
+        name,
+        c.kind,
+        params={"reward model" if rm else "model": param_count(mc, head)},
+        resident={
+            "params": device_bytes(state.params),
+            "optimizer state": device_bytes(state.opt_state),
+        },
+        programs=[prog],
+        notes=[f"{note}, accum_steps {accum}; model from {source}"],
+    )
+
+
+def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
+    """PPO / PPO-ptx: the rollout and the update programs of instructrl/ppo.py."""
+    from instructrl.stages.ppo import DRIVER_KEYS
+
+    c = config[name]
+    cfg = ppo.PPOConfig.from_config(c, name=name, extra_keys=DRIVER_KEYS, stop_token=1)
+    pol_mc, pol_src = _stage_model(config, c, "model")
+    rm_mc, rm_src = _stage_model(config, c, "reward_model", key="reward_from")
+    val_mc = pol_mc if cfg.value_head_on_policy else rm_mc
+    policy, reward = Transformer(pol_mc), Transformer(rm_mc, head="scalar")
+    models = ppo.PPOModels(policy, reward, None if cfg.value_head_on_policy else reward)
+    optimizer = ppo.make_ppo_optimizer(cfg, c, max(c.num_iterations, 1), name=name)
+    state, state_sh = ppo.abstract_ppo_state(models, cfg, optimizer, mesh, rules)
+    ref, rm_params = _params(policy, mesh, rules), _params(reward, mesh, rules)
+
+    bs, rep = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    b, p, n, t = cfg.batch_size, config.data.max_prompt_len, cfg.max_new_tokens, config.data.seq_len
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    prompts = _arrays({"prompt_tokens": (b, p), "prompt_mask": (b, p)}, bs)
+    ptx = _arrays({k: (cfg.ptx_batch_size, t) for k in ppo.PTX_KEYS}, bs) if cfg.ptx_coef else None
+    value = state.params["value"]
+    params = ppo.RolloutParams(state.params["policy"], ref, value, rm_params, scalar, scalar)
+    rollout_args = (params, prompts["prompt_tokens"], prompts["prompt_mask"], _key(mesh), scalar)
+    rollout_fn = ppo.make_rollout_fn(models, cfg, mesh=mesh, rules=rules)
+
+    def arr(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=bs)
+
+    ints = [arr((b, p), jnp.int32)] * 2 + [arr((b, n), jnp.int32)] * 2
+    rollout = ppo.Rollout(*ints, *[arr((b, n))] * 4, *[arr((b,))] * 3, metrics={})
+    update_fn = ppo.make_update_fn(
+        models, cfg, optimizer, mesh=mesh, rules=rules, state_shardings=state_sh
+    )
+    donated = (state.params, state.opt_state, state.ema, state.kl)  # make_update_fn's split
+    update_args = (donated, (state.step, state.rng), rollout, ptx, _key(mesh))
+
+    # Rollout: sampling with the KV cache, then the scoring passes one after another.
+    length = p + n - 1  # the sampler's cache; the scoring passes' sequence
+    kv = kv_cache_bytes(pol_mc, b, length, mshape)
+    prefill = activation_bytes(pol_mc, b, p, mshape, train=False, logits=False, kv_len=length)
+    scoring = activation_bytes(pol_mc, b, length, mshape, train=False, logits=True)
+    scoring_weights = max(weight_bytes(pol_mc, mshape), weight_bytes(rm_mc, mshape))
+    rollout_temp = max(kv + _combine(prefill), _combine(scoring) + scoring_weights)
+    # Update, per minibatch: policy, value and ptx passes, all saved until one backward.
+    mb = cfg.minibatch_size
+    passes = [activation_bytes(pol_mc, mb, length, mshape, train=True, logits=True)]
+    weights = weight_bytes(pol_mc, mshape)
+    if not cfg.value_head_on_policy:
+        passes.append(activation_bytes(val_mc, mb, length, mshape, train=True, logits=False))
+        weights += weight_bytes(val_mc, mshape)
+    if ptx is not None:
+        rows = cfg.ptx_batch_size // cfg.num_minibatches
+        passes.append(activation_bytes(pol_mc, rows, t, mshape, train=True, logits=True))
+    update_temp = _combine(*passes) + weights + device_bytes(state.params)  # + gradients
+
+    n_pol, n_val = param_count(pol_mc), param_count(val_mc, "scalar")
+    n_rm, tokens = param_count(rm_mc, "scalar"), b * (p + n)
+    gen = forward_flops(pol_mc, b * p, length) + forward_flops(pol_mc, b * (n - 1), length)
+    score = 2 * forward_flops(pol_mc, b * length, length)
+    score += forward_flops(val_mc, b * length, length, "scalar")
+    score += forward_flops(rm_mc, b * (p + n), p + n, "scalar")
+    upd = forward_flops(pol_mc, b * length, length)
+    upd += forward_flops(val_mc, b * length, length, "scalar")
+    upd += forward_flops(pol_mc, cfg.ptx_batch_size * t, t) if ptx else 0
+    ptx_tokens = cfg.ptx_batch_size * t if ptx else 0
+    # Each generated token reads every policy weight (all-gathered) and the device's cache.
+    read = _block_matmul_params(pol_mc) * pol_mc.num_layers // mshape["tensor"]
+    read = (n - 1) * (read * jnp.dtype(pol_mc.param_dtype).itemsize + kv)
+    opt = state.opt_state
+    resident = {
+        "policy params": device_bytes(state.params["policy"]),
+        "policy optimizer": device_bytes(opt.get("policy", opt.get("joint"))),
+        "policy EMA (f32)": device_bytes(state.ema),
+        "reference (frozen)": device_bytes(ref),
+        "value params": device_bytes(value),
+        "value optimizer": device_bytes(opt.get("value", {})),
+        "reward model (frozen)": device_bytes(rm_params),
+    }
+    programs = [
+        Program(
+            "rollout",
+            rollout_fn.jitted,
+            rollout_args,
+            inputs=device_bytes((prompts, ptx)),  # the driver shards the whole batch first
+            outputs=device_bytes(rollout),
+            temp=rollout_temp,
+            flops=gen + score,
+            flops_6nd=2.0 * (2 * n_pol + n_val + n_rm) * tokens,
+            kv_cache=kv,
+            hbm_read=read,
+        ),
+        Program(
+            "update",
+            update_fn.jitted,
+            update_args,
+            inputs=device_bytes((rollout, ptx)),
+            outputs=0,
+            temp=update_temp,
+            flops=3 * cfg.num_epochs * upd,
+            flops_6nd=6.0 * cfg.num_epochs * ((n_pol + n_val) * tokens + n_pol * ptx_tokens),
+        ),
+    ]
+    note = (
+        f"{b} prompts x ({p} prompt + {n} response) tokens, minibatch {mb}, {cfg.num_epochs} "
+        f"epoch(s), ptx {cfg.ptx_batch_size} x {t} tokens; policy from {pol_src}, RM and "
+        f"value from {rm_src}"
+    )
+    counts = {"policy": n_pol, "reference": n_pol, "value": n_val, "reward model": n_rm}
+    return StagePlan(name, "ppo", counts, resident, programs, [note], c.num_iterations)
+
+
+def build_stage(config, name, mesh, rules, mshape, *, responses: int = 9) -> StagePlan:
+    """The StagePlan of stage `name`; `responses`: K of RM batches if data.max_responses is 0."""
+    kind = config[name].kind
+    if kind in ("sft", "pretrain", "rm"):
+        k = config.data.get("max_responses", 0) or responses
+        return _train_stage(config, name, mesh, rules, mshape, k)
+    if kind == "ppo":
+        return _ppo_stage(config, name, mesh, rules, mshape)
+    raise ConfigError(f"config key '{name}.kind': plan supports sft, pretrain, rm, ppo; not {kind}")
+
+
+# ---- lowering or compiling, and the plan ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+    if isinstance(mesh, AbstractMesh):  # jax.set_mesh needs devices; trace on the abstract mesh
+        with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
+            yield
+    else:
+        with sharding.mesh_context(mesh, rules):
+            yield
+
+
+def run_program(prog: Program, mesh, rules, devices: int) -> dict[str, Any]:
+    """Lowers `prog` for TPU on an abstract mesh (analytic temporaries), or compiles it on the
+    mesh's devices (XLA's temporaries and outputs)."""
+    with _mesh_context(mesh, rules):
+        traced = prog.jitted.trace(*prog.args)
+        if isinstance(mesh, AbstractMesh):
+            cost = traced.lower(lowering_platforms=("tpu",)).cost_analysis()
+            return {"temp": prog.temp, "outputs": prog.outputs, "flops_xla": cost.get("flops", 0.0)}
+        compiled = traced.lower().compile()
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    return {
+        "temp": int(mem.temp_size_in_bytes),
+        "outputs": int(mem.output_size_in_bytes - mem.alias_size_in_bytes),
+        "xla_argument_bytes": int(mem.argument_size_in_bytes),
+        "flops_xla": float(cost.get("flops", 0.0)) * devices,  # per device -> global
+    }
+
+
+def plan(
+    config: ml_collections.ConfigDict,
+    mesh_shape: dict[str, int],
+    stages: Sequence[str],
+    *,
+    chip: str = "v4",
+    mfu: float = 0.4,
+    mode: str = "analytic",
+    responses: int = 9,
+) -> dict[str, Any]:
+    """The plan as a JSON-able dict: bytes per device, FLOPs global, seconds per step.
+
+    mode "compile" needs jax to have exactly prod(mesh_shape) devices.
+    """
+    n = math.prod(mesh_shape.values())
+    if mode == "compile":
+        mesh = sharding.make_mesh(mesh_shape)
+    else:
+        sizes = tuple(mesh_shape[a] for a in sharding.MESH_AXES)
+        mesh = AbstractMesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    rules = sharding.rules_from_config(config.get("rules"))
+    hw = CHIPS[chip]
+    hbm, rate = hw.hbm_gib * GIB, n * hw.peak_flops * mfu
+    out = {"mesh": mesh_shape, "devices": n, "chip": {"key": chip, **dataclasses.asdict(hw)},
+           "mfu": mfu, "mode": mode, "platform": jax.devices()[0].platform, "stages": []}  # fmt: skip
+    for name in stages:
+        sp = build_stage(config, name, mesh, rules, mesh_shape, responses=responses)
+        resident = sum(sp.resident.values())
+        progs = []
+        for prog in sp.programs:
+            r = run_program(prog, mesh, rules, n)
+            r["peak"] = resident + prog.inputs + r["temp"] + r["outputs"]
+            r["compute_seconds"] = r["seconds"] = prog.flops / rate
+            if prog.hbm_read:
+                r["hbm_bound_seconds"] = prog.hbm_read / hw.hbm_bytes_per_s
+                r["seconds"] = max(r["seconds"], r["hbm_bound_seconds"])
+            fields = ("name", "inputs", "kv_cache", "flops", "flops_6nd")
+            progs.append({f: getattr(prog, f) for f in fields} | {"temp_analytic": prog.temp} | r)
+        peak, step = max(q["peak"] for q in progs), sum(q["seconds"] for q in progs)
+        hours = step * sp.iterations / 3600 if sp.iterations else None
+        out["stages"].append({
+            "stage": sp.name, "kind": sp.kind, "params": sp.params, "resident": sp.resident,
+            "programs": progs, "peak": peak, "fits": peak <= hbm, "hbm_fraction": peak / hbm,
+            "step_seconds": step, "stage_hours": hours, "notes": sp.notes,
+        })  # fmt: skip
+    return out
+
+
+def _row(label: str, values: Sequence[str]) -> str:
+    return f"  {label:26s}" + "".join(f"{v:>12s}" for v in values)
+
+
+def format_report(p: dict[str, Any], spec: str) -> str:
+    """The plan as the text the command prints."""
+    c, compiled = p["chip"], p["mode"] == "compile"
+    mesh = " ".join(f"{a}={s}" for a, s in p["mesh"].items())
+    temp_from = (
+        f"XLA memory_analysis of the CPU compile of the same sharded program ({p['devices']} "
+        f"virtual {p['platform']} devices; an upper bound for a TPU)"
+        if compiled
+        else "estimated from shapes (programs lowered for TPU on an AbstractMesh)"
+    )
+    lines = [
+        f"plan {spec}: mesh {mesh} ({p['devices']} devices), {c['name']} "
+        f"({c['hbm_gib']:g} GiB HBM, {c['peak_flops'] / 1e12:g} TFLOP/s bf16), MFU {p['mfu']:g}",
+        "memory per device: params, optimizer state, frozen models, batches exact from the "
+        f"shardings; activations/temp {temp_from}",
+    ]
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    for s in p["stages"]:
+        progs = s["programs"]
+        counts = ", ".join(f"{k} {v:.4g}" for k, v in s["params"].items())
+        lines += ["", f"stage {s['stage']} (kind {s['kind']}): params {counts}"]
+        lines += [f"  {note}" for note in s["notes"]]
+        lines.append(_row("GiB per device", [q["name"] for q in progs]))
+        lines += [_row(k, [gib(v)] * len(progs)) for k, v in s["resident"].items()]
+        lines.append(_row("batch / rollout", [gib(q["inputs"]) for q in progs]))
+        temp = [gib(q["temp"]) for q in progs]
+        lines.append(_row("activations/temp" + (" (XLA)" if compiled else ""), temp))
+        if compiled:
+            lines.append(_row("  analytic estimate", [gib(q["temp_analytic"]) for q in progs]))
+        kv = [gib(q["kv_cache"]) if q["kv_cache"] else "-" for q in progs]
+        lines.append(_row("  incl. KV cache", kv))
+        lines.append(_row("outputs (not donated)", [gib(q["outputs"]) for q in progs]))
+        lines.append(_row("peak", [gib(q["peak"]) for q in progs]))
+        verdict = "fits" if s["fits"] else "DOES NOT FIT"
+        lines.append(f"  peak {gib(s['peak'])} GiB of {c['hbm_gib']:g} GiB "
+                     f"({100 * s['hbm_fraction']:.0f}%): {verdict}")  # fmt: skip
+        for q in progs:
+            lines.append(
+                f"  {q['name']} FLOPs: 6·N·tokens {q['flops_6nd']:.3e}, model (+attention) "
+                f"{q['flops']:.3e}, XLA {q['flops_xla']:.3e} (loop bodies counted once); "
+                f"{q['compute_seconds']:.2f} s at MFU {p['mfu']:g}"
+            )
+            if "hbm_bound_seconds" in q:
+                lines.append("    decoding reads the weights and KV cache once per token: >= "
+                             f"{q['hbm_bound_seconds']:.2f} s at HBM bandwidth")  # fmt: skip
+        hours = f"; {s['stage_hours']:.1f} h for the stage's iterations" if s["stage_hours"] else ""
+        lines.append(f"  step {s['step_seconds']:.2f} s{hours}")
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data:8,fsdp:16,tensor:4' -> {"data": 8, "fsdp": 16, "tensor": 4}; missing axes are 1."""
+    sizes: dict[str, int] = {}
+    for item in text.split(","):
+        axis, sep, size = item.strip().partition(":")
+        ok = sep and axis in sharding.MESH_AXES and axis not in sizes
+        if not (ok and size.isdigit() and int(size) >= 1):
+            raise ConfigError(
+                f"--mesh={text!r}: expected AXIS:SIZE items (AXIS one of data, fsdp, tensor, "
+                "each at most once; SIZE >= 1), e.g. data:8,fsdp:16,tensor:4"
+            )
+        sizes[axis] = int(size)
+    return {a: sizes.get(a, 1) for a in sharding.MESH_AXES}
+
+
+def select_stages(config: ml_collections.ConfigDict, wanted: str | None) -> list[str]:
+    """Stage names to plan: `wanted` is a stage name or a kind (sft, rm, ppo); None = all."""
+    names = config_lib.stage_names(config)
+    kinds = {"sft": ("sft", "pretrain"), "rm": ("rm",), "ppo": ("ppo",)}
+    if wanted is None:
+        return [n for n in names if config[n].kind in ("sft", "pretrain", "rm", "ppo")]
+    if wanted in names:
+        return [wanted]
+    for n in names:
+        if config[n].kind in kinds.get(wanted, ()):
+            return [n]
+    raise ConfigError(f"--stage={wanted}: no such stage or kind in config.stages ({', '.join(names)})")  # fmt: skip
+
+
+def _reexec_with_devices(n: int, argv: Sequence[str]) -> None:
+    """Restarts this command with n virtual CPU devices unless jax already has n devices."""
+    if jax.device_count() == n:
+        return
+    if os.environ.get(_CHILD_ENV):
+        raise ConfigError(f"--compile: wanted {n} devices, jax has {jax.device_count()}")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: str(n)})
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "instructrl.plan", *argv], env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m instructrl.plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="experiments/x.py[:ARGS]")
+    parser.add_argument("--mesh", help="data:D,fsdp:F,tensor:T (default: config.mesh)")
+    parser.add_argument("--stage", help="sft, rm, ppo or a stage name (default: all)")
+    parser.add_argument("--chip", default="v4", choices=sorted(CHIPS))
+    parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--responses", type=int, default=9, help="RM K if data.max_responses=0")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--analytic", action="store_true", help="lower only; estimate temporaries")
+    mode.add_argument("--compile", action="store_true", help="compile on N virtual CPU devices")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if any(not r.startswith("--config.") for r in rest):
+            bad = next(r for r in rest if not r.startswith("--config."))
+            raise ConfigError(f"unknown flag '{bad}' (overrides look like --config.KEY=VALUE)")
+        config = config_lib.load_config(args.config)
+        config_lib.apply_overrides(config, [r[len("--config.") :] for r in rest])
+        if args.mesh is not None:
+            mesh = parse_mesh(args.mesh)
+        else:
+            mesh = {a: int(config.mesh.get(a, 1)) for a in sharding.MESH_AXES}
+            if min(mesh.values()) < 1:
+                raise ConfigError("config.mesh has a -1 axis (the device count): give --mesh")
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu={args.mfu}: must be in (0, 1]")
+        n = math.prod(mesh.values())
+        compile_ = args.compile or (not args.analytic and n <= COMPILE_MAX_DEVICES)
+        stages = select_stages(config, args.stage)
+        if compile_:
+            _reexec_with_devices(n, argv)
+        mode = "compile" if compile_ else "analytic"
+        report = plan(config, mesh, stages, chip=args.chip, mfu=args.mfu, mode=mode,
+                      responses=args.responses)  # fmt: skip
+    except ValueError as e:  # ConfigError, and sharding's "dim ... not divisible by mesh axis"
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report, args.config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

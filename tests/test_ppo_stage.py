@@ -1,0 +1,449 @@
+"""End-to-end tests of the PPO stage driver (instructrl/stages/ppo.py) through the real CLI.
+
+One module fixture runs the stages before PPO (world, tokenizer, pretrain, sft, collect, rm,
+ppo_init; the smoke experiment cut to 3 steps each) once, in this process, with
+`instructrl.main.run`. Every PPO run is then `python -m instructrl.main --config=<this
+module's config> --workdir=<a copy> --config.stages=ppo|ppo_ptx` in a subprocess, so exit
+codes, SIGKILL and SIGTERM are real. All runs share a persistent XLA compilation cache (a
+module temporary folder): a cached executable is the very program a fresh compile makes, so
+it changes no number, and only the first PPO run pays for compiling. Subprocesses run with
+JAX_LOG_COMPILES=1, so their logs list every compilation.
+
+What each test shows (the PPO stage "must show" list):
+  ppo and ppo_ptx log every documented metric each       test_metrics_per_iteration_and_export
+    iteration, beta follows the adaptive controller,
+    and the exported EMA policy loads and runs
+  the rollout and the update compile once per stage      test_rollout_and_update_compile_once
+    (also after a resume)
+  SIGKILL at a random iteration, re-run -> final state   test_sigkill_then_rerun_is_bit_identical
+    (params, Adam moments, EMA, KL controller, rng),
+    export and metrics bit-identical (plain PPO)
+  SIGTERM -> checkpoint, exit 143, re-run completes      test_sigterm_exits_143_and_rerun_completes
+    bit-identically (PPO-ptx: the pretraining stream's
+    position is resumed too)
+  a diverging run stops with "step N: loss is nan",      test_non_finite_metric_stops_the_run
+    keeping the checkpoint before it and saving none after
+Same numbers on 1 device and a (2, 2, 2) mesh: tests/test_ppo.py covers the compiled core;
+at the stage level the 8-device run costs ~45 s here (compiling two sharded programs), over
+this module's budget, so it is not repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, subprocess_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ppo_stage")]
+
+ITERS = 8  # PPO iterations of every run (checkpoint every iteration)
+BATCH = 8  # episodes per iteration (the smoke experiment's)
+KL_TARGET, KL_HORIZON = 0.05, 50.0  # adaptive beta that visibly moves in 8 iterations
+PRE_PPO = "world,tokenizer,pretrain,sft,collect,rm,ppo_init"
+
+CONFIG = f'''
+"""Smoke experiment for tests/test_ppo_stage.py: tiny pre-PPO stages, then PPO and PPO-ptx
+({ITERS} iterations, a checkpoint every iteration, adaptive KL controller)."""
+
+from experiments import tiny_instructgpt
+
+
+def get_config(arg=None):
+    config = tiny_instructgpt.get_config("smoke")
+    config.stages = "{PRE_PPO}"
+    config.world.update(num_pretrain=200, num_demonstrations=100, num_rm=24, num_ppo=64,
+                        num_eval=10)
+    config.pretrain.update(num_steps=3)
+    config.pretrain.optimizer.warmup_steps = 1
+    for name in ("sft", "ppo_init", "rm"):
+        config[name].update(num_steps=3, eval_batches=1)
+    config.rm.normalize_num = 8
+    for name in ("ppo", "ppo_ptx"):
+        config[name].update(num_iterations={ITERS}, checkpoint_every=1, log_every=1,
+                            gold_every=1, adaptive_kl=True, kl_target={KL_TARGET},
+                            kl_horizon={KL_HORIZON})
+    return config
+'''
+
+# Documented per-iteration metrics (stages/ppo.py, ppo.py): what a user plots.
+METRICS = (
+    "score_raw", "score", "score_final", "gold_score", "kl", "kl_per_token", "beta",
+    "entropy", "policy_loss", "value_loss", "ptx_loss", "loss", "pg_clip_frac",
+    "vf_clip_frac", "approx_kl", "vf_explained_var", "value_explained_var_rollout",
+    "response_length", "no_stop_frac", "policy_grad_norm", "value_grad_norm", "lr",
+    "logprob_mismatch", "rollout_seconds", "update_seconds", "rollout_fraction",
+    "rollout_tokens_per_s", "generated_tokens_per_s", "update_tokens_per_s", "episodes",
+)  # fmt: skip
+TIMING = {
+    "rollout_seconds", "update_seconds", "rollout_fraction", "rollout_tokens_per_s",
+    "generated_tokens_per_s", "update_tokens_per_s",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ running the CLI
+
+
+class Env:
+    """The module's folders: the config file, the pre-PPO run (`base`), the XLA cache."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.config = os.path.join(self.root, "ppo_test_config.py")
+        self.base = os.path.join(self.root, "base")
+        self.cache = os.path.join(self.root, "xla_cache")
+
+    def env(self) -> dict[str, str]:
+        return subprocess_env(
+            1,
+            JAX_COMPILATION_CACHE_DIR=self.cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+            JAX_LOG_COMPILES="1",
+        )
+
+    def copy_base(self, workdir: str) -> str:
+        shutil.copytree(self.base, workdir)
+        return workdir
+
+    def command(self, workdir, stages, *overrides) -> list[str]:
+        return [sys.executable, "-m", "instructrl.main", f"--config={self.config}",
+                f"--workdir={workdir}", f"--config.stages={stages}", *overrides]  # fmt: skip
+
+    def run(self, workdir, stages, *overrides, expect=0, timeout=300):
+        proc = subprocess.run(
+            self.command(workdir, stages, *overrides),
+            env=self.env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if expect is not None and proc.returncode != expect:
+            pytest.fail(
+                f"exit {proc.returncode} (expected {expect}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-8000:]}"
+            )
+        return proc
+
+    def start(self, workdir, stages, log_path, *overrides) -> subprocess.Popen:
+        with open(log_path, "w") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                self.command(workdir, stages, *overrides),
+                env=self.env(),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str):
+    """This process's jit compilations read/write the persistent cache at `path` (the
+    pre-PPO stages share train-step programs); jax's settings are restored afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {
+        "jax_compilation_cache_dir": path,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": -1,
+    }
+    old = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # re-read the settings at the next compile
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+def read_metrics(workdir, stage: str) -> list[dict]:
+    with open(os.path.join(workdir, stage, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def committed_steps(workdir, stage: str) -> list[int]:
+    ckpts = os.path.join(workdir, stage, "checkpoints")
+    if not os.path.isdir(ckpts):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+
+
+def checkpoint_state(workdir, stage: str, step: int) -> dict[str, np.ndarray]:
+    """The saved PPOState at `step` as numpy arrays keyed by path (the rng as its key data),
+    plus the data iterator's state as JSON text under "data_state"."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    folder = os.path.join(workdir, stage, "checkpoints", str(step))
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(os.path.join(folder, "state"))
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    with open(os.path.join(folder, "data", "process_0-of-1.json"), encoding="utf-8") as f:
+        out["data_state"] = f.read()
+    return out
+
+
+def exported_params(workdir, stage: str) -> dict[str, np.ndarray]:
+    import jax
+
+    from instructrl import checkpoint
+
+    params, _ = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def assert_trees_equal(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    differ = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not differ, f"{what}: differs at {differ[:8]}"
+
+
+def assert_same_metrics(got: list[dict], want: list[dict], what: str) -> None:
+    """Every non-timing metric of every iteration equal (floats from f32: bit for bit)."""
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, ITERS + 1))
+    for g, w in zip(got, want, strict=True):
+        moved = sorted(k for k in w if k not in TIMING and g.get(k) != w[k])
+        assert not moved, f"{what}: step {w['step']}: {moved} differ"
+
+
+def compile_counts(log: str, stage: str) -> dict[str, int]:
+    """How often each program was compiled in `stage`'s part of a JAX_LOG_COMPILES log.
+
+    Persistent-cache hits are logged as compilations too (lowering and a cache lookup ran)."""
+    start = log.index(f"stage {stage} (ppo): starting")
+    end = log.find(" starting", start + 30)
+    counts: dict[str, int] = {}
+    for line in log[start : end if end > 0 else None].splitlines():
+        if "Compiling jit(" in line:
+            name = line.split("Compiling jit(")[1].split(")")[0]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def assert_compiled_once(log: str, stage: str, what: str) -> None:
+    counts = compile_counts(log, stage)
+    # jit(rollout): ppo_rollout.make_rollout_fn; jit(inner): ppo.make_update_fn's program.
+    assert counts.get("rollout") == 1 and counts.get("inner") == 1, f"{what}: {counts}"
+
+
+def wait_for(proc, workdir, stage: str, step: int, timeout: float = 240) -> bool:
+    """Polls until `stage` has logged `step` and committed a checkpoint; False if the run
+    ended first."""
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if os.path.exists(path) and committed_steps(workdir, stage):
+            with open(path) as f:
+                lines = [x for x in f.read().split("\n") if x.strip()]
+            try:
+                last = json.loads(lines[-1])["step"] if lines else 0
+            except json.JSONDecodeError:  # a line being written
+                last = 0
+            if last >= step:
+                return True
+        time.sleep(0.002)
+    return False
+
+
+def interrupt(env, workdir, stage: str, sig, at_step: int) -> tuple[int, str]:
+    """Starts `stage` in `workdir`; sends `sig` once iteration `at_step` is logged and a
+    checkpoint is committed. Returns (exit code, log)."""
+    log_path = workdir + ".log"
+    proc = env.start(workdir, stage, log_path)
+    try:
+        reached = wait_for(proc, workdir, stage, at_step)
+        if reached:
+            proc.send_signal(sig)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open(log_path) as f:
+        log = f.read()
+    if not reached:
+        pytest.fail(f"run ended (exit {code}) before iteration {at_step}:\n{log[-5000:]}")
+    return code, log
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The config file and the pre-PPO stages, run once in this process."""
+    from instructrl import config as config_lib
+    from instructrl import main
+
+    e = Env(tmp_path_factory.mktemp("ppo_stage"))
+    with open(e.config, "w") as f:
+        f.write(CONFIG)
+    with persistent_compilation_cache(e.cache):
+        main.run(config_lib.load_config(e.config), e.base)
+    for stage in PRE_PPO.split(","):
+        assert os.path.exists(os.path.join(e.base, stage, main.DONE_MARKER)), stage
+    return e
+
+
+@pytest.fixture(scope="module")
+def ref(env):
+    """The uninterrupted reference: ppo then ppo_ptx, ITERS iterations each, one process."""
+    workdir = env.copy_base(os.path.join(env.root, "ref"))
+    proc = env.run(workdir, "ppo,ppo_ptx")
+    return workdir, proc.stderr
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("stage", ["ppo", "ppo_ptx"])
+def test_metrics_per_iteration_and_export(env, ref, stage):
+    import jax
+
+    from instructrl import checkpoint
+    from instructrl.models import ModelConfig, Transformer, positions_from_mask
+
+    workdir, _ = ref
+    logged = read_metrics(workdir, stage)
+    assert [m["step"] for m in logged] == list(range(1, ITERS + 1))
+    for m in logged:
+        missing = [k for k in METRICS if k not in m]
+        assert not missing, f"step {m['step']}: {missing} not logged"
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        assert not bad, f"step {m['step']}: {bad} not finite"
+        assert m["episodes"] == m["step"] * BATCH
+        assert 0 < m["rollout_fraction"] < 1 and m["rollout_seconds"] > 0
+        assert m["update_seconds"] > 0 and m["update_tokens_per_s"] > 0
+        assert 1 <= m["response_length"] <= 32 and 0 <= m["no_stop_frac"] <= 1
+        assert 0 <= m["pg_clip_frac"] <= 1 and 0 <= m["vf_clip_frac"] <= 1
+        assert m["logprob_mismatch"] < 1e-4  # sampler and full forward agree
+        # PPO-ptx adds gamma x the LM loss of pretraining text (~log V at this size).
+        assert (m["ptx_loss"] > 1.0) if stage == "ppo_ptx" else (m["ptx_loss"] == 0.0)
+    # The policy moves away from the reference after iteration 1 (KL exactly 0 there).
+    assert logged[0]["kl"] == 0.0 and any(m["kl"] != 0 for m in logged[1:])
+
+    # The adaptive controller, from the logged KL: beta *= 1 + clip(KL/target - 1) n / H.
+    beta = 0.02
+    for m in logged:
+        err = np.clip(m["kl"] / KL_TARGET - 1.0, -0.2, 0.2)
+        beta *= 1.0 + err * BATCH / KL_HORIZON
+        assert m["beta"] == pytest.approx(beta, rel=1e-5), m["step"]
+    # It moved (by up to 0.2 n / H = 3.2% an iteration): a wrong controller would show.
+    assert max(abs(m["beta"] / 0.02 - 1) for m in logged) > 0.02
+
+    # The export is the EMA in the final checkpoint; it loads and runs; it left ppo_init.
+    assert os.path.exists(os.path.join(workdir, stage, "DONE"))
+    assert committed_steps(workdir, stage)[-1] == ITERS
+    state = checkpoint_state(workdir, stage, ITERS)
+    export = exported_params(workdir, stage)
+    ema = {k[len("['ema']") :]: v for k, v in state.items() if k.startswith("['ema']")}
+    assert_trees_equal(export, ema, f"{stage}: export vs checkpointed EMA")
+    init = exported_params(workdir, "ppo_init")
+    assert any(not np.array_equal(export[k], init[k]) for k in init)
+    params, model_dict = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
+    tokens = np.array([[0, 0, 5, 9, 17, 3]], np.int32)
+    mask = (tokens != 0).astype(np.int32)
+    model = Transformer(ModelConfig.from_dict(model_dict))
+    logits = model.apply({"params": params}, tokens, positions_from_mask(mask), mask)
+    assert logits.shape == (1, 6, model_dict["vocab_size"])
+    assert np.isfinite(np.asarray(jax.device_get(logits))).all()
+
+
+def test_rollout_and_update_compile_once(ref):
+    _, log = ref
+    for stage in ("ppo", "ppo_ptx"):
+        assert_compiled_once(log, stage, f"{stage}, {ITERS} iterations")
+
+
+def test_sigkill_then_rerun_is_bit_identical(env, ref, tmp_path):
+    workdir = env.copy_base(str(tmp_path / "run"))
+    kill_at = random.Random().randint(2, ITERS - 2)
+    code, _ = interrupt(env, workdir, "ppo", signal.SIGKILL, kill_at)
+    assert code == -signal.SIGKILL
+    saved = committed_steps(workdir, "ppo")
+    what = f"killed after iteration {kill_at}, checkpoints {saved}"
+    assert saved and not os.path.exists(os.path.join(workdir, "ppo", "DONE")), what
+    proc = env.run(workdir, "ppo")
+    if saved[-1] < ITERS:
+        assert f"ppo: resumed from iteration {saved[-1]}" in proc.stderr, what
+    assert_compiled_once(proc.stderr, "ppo", f"resumed run, {what}")
+    ref_dir, _ = ref
+    assert_same_metrics(read_metrics(workdir, "ppo"), read_metrics(ref_dir, "ppo"), what)
+    assert_trees_equal(
+        checkpoint_state(workdir, "ppo", ITERS), checkpoint_state(ref_dir, "ppo", ITERS), what
+    )
+    assert_trees_equal(exported_params(workdir, "ppo"), exported_params(ref_dir, "ppo"), what)
+    leftovers = [n for n in os.listdir(os.path.join(workdir, "ppo", "checkpoints")) if "tmp" in n]
+    assert not leftovers, what
+
+
+def test_sigterm_exits_143_and_rerun_completes(env, ref, tmp_path):
+    workdir = env.copy_base(str(tmp_path / "run"))
+    stop_at = random.Random().randint(1, ITERS - 3)
+    code, log = interrupt(env, workdir, "ppo_ptx", signal.SIGTERM, stop_at)
+    assert code == 143, log[-3000:]
+    marker = "preempted: stage ppo_ptx: stopped by signal at iteration "
+    assert marker in log, log[-3000:]
+    stopped = int(log.split(marker)[1].split(";")[0])
+    assert stop_at <= stopped < ITERS and committed_steps(workdir, "ppo_ptx")[-1] == stopped
+    assert not os.path.exists(os.path.join(workdir, "ppo_ptx", "DONE"))
+    proc = env.run(workdir, "ppo_ptx")
+    assert f"ppo_ptx: resumed from iteration {stopped}" in proc.stderr
+    assert os.path.exists(os.path.join(workdir, "ppo_ptx", "DONE"))
+    ref_dir, _ = ref
+    what = f"SIGTERM at iteration {stopped}"
+    assert_same_metrics(read_metrics(workdir, "ppo_ptx"), read_metrics(ref_dir, "ppo_ptx"), what)
+    assert_trees_equal(
+        checkpoint_state(workdir, "ppo_ptx", ITERS),
+        checkpoint_state(ref_dir, "ppo_ptx", ITERS),
+        what,
+    )
+    assert_trees_equal(
+        exported_params(workdir, "ppo_ptx"), exported_params(ref_dir, "ppo_ptx"), what
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message, kept",
+    [
+        # Adam steps of 1e29 blow the params up in the first minibatch; the second's loss is nan.
+        ("--config.ppo.optimizer.lr=1e30", "step 1: loss is nan", []),
+        # beta 1e38 x a nonzero log-ratio (iteration 2 on) overflows the returns; the
+        # checkpoint of iteration 1, still being written when the error comes, must commit.
+        ("--config.ppo.kl_coef=1e38", "step 2: loss is inf", [1]),
+    ],
+    ids=["lr-nan", "beta-inf"],
+)
+def test_non_finite_metric_stops_the_run(env, ref, tmp_path, override, message, kept):
+    del ref  # only for its compiled programs in the shared cache
+    workdir = env.copy_base(str(tmp_path / "run"))
+    proc = env.run(workdir, "ppo", override, expect=None)
+    assert proc.returncode not in (0, 143), proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert committed_steps(workdir, "ppo") == kept  # nothing non-finite was saved
+    for name in ("DONE", "export"):
+        assert not os.path.exists(os.path.join(workdir, "ppo", name))
+    logged = read_metrics(workdir, "ppo")
+    assert [m["step"] for m in logged] == kept  # the bad iteration is not logged either
