@@ -43,7 +43,8 @@ Stages, in order (each writes DIR/<stage>/):
   sft       16 epochs from `base`, residual dropout 0.2, cosine to 10%, no warm-up, Adam
             b2 0.95, LR 9.65e-6 / batch 32 (1.3B, 6B) or 5.03e-6 / batch 8 (175B); the
             exported epoch is the one whose greedy samples the RM scores highest.
-  ppo_init  the PPO-init model: SFT for 2 epochs with 10% pretraining rows per batch.
+  ppo_init  the PPO-init model: SFT for 2 epochs with pretraining rows mixed into each batch
+            (paper 10%; here 4 of 32 rows, see the note in `pipeline`).
   ppo_ptx   PPO-ptx: 256k episodes = 500 iterations of 512 prompts, minibatch 64, 1 epoch,
             beta 0.02, gamma_ptx 27.8 with 8 pretraining sequences per episode, EMA 0.992,
             temperature 1, prompts up to 1024 tokens and responses up to 1024; value network
@@ -77,17 +78,20 @@ PADDED_VOCAB = (
     50304  # next multiple of 128: any tensor axis up to 128 that is a power of 2 divides it
 )
 
-# size: (layers, d_model, heads, SFT LR, SFT batch, value LR, mesh). method.md §1 and §3.
+# GPT-3 shapes; SFT LR / batch (method.md 1); value LR (method.md 3); the default mesh.
 SIZES = {
-    "1p3b": (24, 2048, 16, 9.65e-6, 32, 9e-6, dict(data=1, fsdp=-1, tensor=1)),
-    "6b": (32, 4096, 32, 9.65e-6, 32, 9e-6, dict(data=1, fsdp=32, tensor=-1)),
-    "175b": (96, 12288, 96, 5.03e-6, 8, 5e-6, dict(data=1, fsdp=8, tensor=-1)),
-}
+    "1p3b": dict(layers=24, d_model=2048, heads=16, sft_lr=9.65e-6, sft_batch=32,
+                 value_lr=9e-6, mesh=dict(data=1, fsdp=-1, tensor=1)),
+    "6b": dict(layers=32, d_model=4096, heads=32, sft_lr=9.65e-6, sft_batch=32,
+               value_lr=9e-6, mesh=dict(data=1, fsdp=32, tensor=-1)),
+    "175b": dict(layers=96, d_model=12288, heads=96, sft_lr=5.03e-6, sft_batch=8,
+                 value_lr=5e-6, mesh=dict(data=1, fsdp=8, tensor=-1)),
+}  # fmt: skip
 
 
 def gpt3_model(size: str, *, smoke: bool = False) -> ml_collections.ConfigDict:
     """ModelConfig fields of a GPT-3 size; `smoke`: 2 layers, d 64, vocab 512, context 128."""
-    layers, d, heads = SIZES[size][:3]
+    layers, d, heads = (SIZES[size][k] for k in ("layers", "d_model", "heads"))
     if smoke:
         layers, d, heads = 2, 64, 4
     return ml_collections.ConfigDict(
@@ -170,7 +174,10 @@ def pipeline(
     config.ppo_init = sft.default_config()
     config.ppo_init.update(config.sft.to_dict())
     config.ppo_init.num_epochs = 1 if s else 2
-    config.ppo_init.ptx_fraction = 0.125 if s else 0.1  # 1 of 8 rows in smoke; 3 of 32 (paper 10%)
+    # Paper: 10%. The mix is per batch and each host loads whole rows of both streams, so
+    # 4 of 32 rows (12.5%) is the nearest share that splits over up to 4 hosts; on more hosts
+    # raise ppo_init.batch_size so both row counts divide by the host count.
+    config.ppo_init.ptx_fraction = 0.125
     config.ppo_init.select_by = "last"
     config.ppo_init.select_reward_from = ""
 
@@ -201,18 +208,18 @@ def instructgpt(size: str, arg: str | None) -> ml_collections.ConfigDict:
         rm_base="", tokenizer="",
     )  # fmt: skip
     rm_base = a.rm_base or (a.base if size == "6b" else "checkpoints/gpt3_6b")
-    layers, d, heads, sft_lr, sft_batch, value_lr, mesh = SIZES[size]
+    shape = SIZES[size]
     return pipeline(
         model=gpt3_model(size, smoke=a.smoke),
         reward_model=gpt3_model("6b", smoke=a.smoke),  # the paper's 6B RM for every size
-        mesh=mesh,
+        mesh=shape["mesh"],
         data=a.data,
         base=a.base,
         rm_base=rm_base,
         tokenizer=a.tokenizer,
-        sft_lr=sft_lr,
-        sft_batch=sft_batch,
-        value_lr=value_lr,
+        sft_lr=shape["sft_lr"],
+        sft_batch=shape["sft_batch"],
+        value_lr=shape["value_lr"],
         smoke=a.smoke,
         seed=a.seed,
     )

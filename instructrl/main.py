@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
-    text = config_lib.to_json(config)
+    text = config_lib.to_json(config) + "\n"
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
@@ -120,7 +120,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(text + "\n")
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -74,16 +74,23 @@ def score_tokens(
 
 
 def encode_pairs(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], seq_len: int
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    seq_len: int,
+    stopped: Sequence[bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`[BOS] prompt response [EOS]` right-padded to [B, seq_len] (the RM training layout).
-    Overlong rows keep their start and lose the EOS, as in the data pipeline."""
+    """`[BOS] prompt response [EOS]` right-padded to [B, seq_len] (the RM training layout);
+    no EOS where stopped[i] is False. Overlong rows keep their start and lose the EOS, as
+    in the data pipeline."""
     if len(prompts) != len(responses):
         raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    stopped = [True] * len(responses) if stopped is None else stopped
     tokens = np.full((len(prompts), seq_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(prompts), seq_len), np.int32)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        seq = [tokenizer.bos_id, *tokenizer.encode(p), *tokenizer.encode(r), tokenizer.eos_id]
+        eos = [tokenizer.eos_id] if stopped[i] else []
+        seq = [tokenizer.bos_id, *tokenizer.encode(p), *tokenizer.encode(r), *eos]
         seq = seq[:seq_len]
         tokens[i, : len(seq)] = seq
         mask[i, : len(seq)] = 1
@@ -111,25 +118,50 @@ class RewardModel:
         config = ModelConfig.from_dict(model_dict)
         return cls(Transformer(config, head="scalar"), params, norm, tokenizer, config.max_len)
 
+    def __post_init__(self):
+        # One compiled scorer per RewardModel; rows are padded to whole batches below, so
+        # every call reuses it.
+        self._score = jax.jit(
+            lambda p, t, m: score_tokens(self.model, p, t, positions_from_mask(m), m)
+        )
+
     def raw_tokens(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Raw scores f32 [N] of token rows [N,T] (any padding side)."""
-        fn = jax.jit(lambda p, t, m: score_tokens(self.model, p, t, positions_from_mask(m), m))
+        n = len(tokens)
+        pad = -n % batch_size
+        if pad:  # padding rows copy row 0 (a real row); their scores are dropped
+            tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+            mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
         out = []
         for s in range(0, len(tokens), batch_size):
-            out.append(np.asarray(fn(self.params, jnp.asarray(tokens[s : s + batch_size]),
-                                     jnp.asarray(mask[s : s + batch_size]))))  # fmt: skip
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+            rows = (jnp.asarray(tokens[s : s + batch_size]), jnp.asarray(mask[s : s + batch_size]))
+            out.append(np.asarray(self._score(self.params, *rows)))
+        return np.concatenate(out)[:n] if out else np.zeros((0,), np.float32)
 
     def score(
-        self, prompts: Sequence[str], responses: Sequence[str], *, raw: bool = False
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        stopped: Sequence[bool] | None = None,
+        raw: bool = False,
+        no_stop_score: float | None = None,
     ) -> np.ndarray:
+        """Normalised (or raw) scores f32 [N]. `stopped[i]` False: response i never emitted
+        EOS, so it is scored without one (like a truncated RM training row), or gets
+        `no_stop_score` when that is given (the PPO penalty)."""
         if self.tokenizer is None:
             raise ValueError(
                 "RewardModel.score needs a tokenizer (RewardModel.load(..., tokenizer))"
             )
-        tokens, mask = encode_pairs(self.tokenizer, prompts, responses, self.seq_len)
+        stopped = [True] * len(responses) if stopped is None else list(stopped)
+        tokens, mask = encode_pairs(self.tokenizer, prompts, responses, self.seq_len, stopped)
         scores = self.raw_tokens(tokens, mask)
-        return scores if raw else np.asarray(self.normalization.apply(scores), np.float32)
+        if not raw:
+            scores = np.asarray(self.normalization.apply(scores), np.float32)
+        if no_stop_score is not None:
+            scores = np.where(np.asarray(stopped), scores, np.float32(no_stop_score))
+        return scores
 
 
 def score(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -14,7 +14,7 @@ Parameter tree (Linen, under "params"; D=d_model, H=heads, K=kv heads, Dh=head_d
   block_{i}/mlp/{up,gate}/kernel [D, F], bias [F]  (gate only for swiglu)
   block_{i}/mlp/down/kernel [F, D], bias [D]
   final_norm/{scale, bias}
-  unembed/kernel [D, V]         (head="lm" and tie_embeddings=False)
+  unembed [D, V]                (head="lm" and tie_embeddings=False)
   head/kernel [D, 1], bias [1]  (head="scalar")
 The trunk names are identical for both heads: `init_scalar_from_lm` builds a reward/value model
 from LM params. Params stay per block (block_{i}, easy to read and convert); init and cached

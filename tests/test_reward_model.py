@@ -1,0 +1,71 @@
+"""RM normalisation and text-level scoring (instructrl/reward_model.py)."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from instructrl import checkpoint
+from instructrl.models import ModelConfig, Transformer, positions_from_mask
+from instructrl.reward_model import Normalization, RewardModel, encode_pairs
+from instructrl.tokenizer import Tokenizer
+
+
+def test_normalization_fits_the_paper_and_ziegler_targets():
+    raw = np.random.default_rng(0).normal(3.0, 2.0, size=1000)
+    demos = Normalization.fit(raw, "demonstrations")
+    assert demos.gain == 1.0 and abs(np.mean(demos.apply(raw))) < 1e-9
+    policy = Normalization.fit(raw, "policy")
+    out = policy.apply(raw)
+    assert abs(out.mean()) < 1e-9 and abs(out.std() - 1.0) < 1e-9
+    assert Normalization.fit(raw, "none").apply(2.5) == 2.5
+    with pytest.raises(ValueError, match="mode 'bogus'"):
+        Normalization.fit(raw, "bogus")
+    with pytest.raises(ValueError, match="no scores"):
+        Normalization.fit(np.zeros(0), "policy")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    text = folder / "text.txt"
+    text.write_text("\n".join(f"the cat {i} sat on the mat {i % 7}" for i in range(300)))
+    return Tokenizer.load(Tokenizer.train([str(text)], 300, str(folder / "tok")))
+
+
+def test_encode_pairs_layout_and_no_stop(tokenizer):
+    tokens, mask = encode_pairs(tokenizer, ["the cat", "a"], ["sat", "mat"], 16, [True, False])
+    first = [tokenizer.bos_id, *tokenizer.encode("the cat"), *tokenizer.encode("sat")]
+    assert tokens[0, : len(first) + 1].tolist() == [*first, tokenizer.eos_id]
+    assert mask[0].sum() == len(first) + 1
+    second = [tokenizer.bos_id, *tokenizer.encode("a"), *tokenizer.encode("mat")]
+    assert tokens[1, : mask[1].sum()].tolist() == second  # no EOS: it never stopped
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        encode_pairs(tokenizer, ["a", "b"], ["c"], 16)
+
+
+def test_reward_model_scores_texts_like_the_model(tokenizer, tmp_path):
+    config = ModelConfig(vocab_size=320, max_len=24, num_layers=1, d_model=16, num_heads=2, d_ff=32)
+    model = Transformer(config, head="scalar")
+    dummy = np.ones((1, 24), np.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, dummy, dummy)["params"])
+    checkpoint.export_params(params, dataclasses.asdict(config), str(tmp_path / "rm"))
+    norm = Normalization(gain=2.0, bias=-1.0, mode="policy")
+    with open(tmp_path / "rm" / "reward_normalization.json", "w") as f:
+        json.dump(dataclasses.asdict(norm), f)
+    rm = RewardModel.load(str(tmp_path / "rm"), tokenizer)
+    prompts = [f"the cat {i}" for i in range(70)]  # more rows than one batch of 64
+    responses = [f"sat on the mat {i % 7}" for i in range(70)]
+    stopped = [i % 3 != 0 for i in range(70)]
+    tokens, mask = encode_pairs(tokenizer, prompts, responses, 24, stopped)
+    expected = np.asarray(model.apply({"params": params}, tokens, positions_from_mask(mask), mask))
+    got = rm.score(prompts, responses, stopped=stopped)
+    np.testing.assert_allclose(got, 2.0 * expected - 1.0, rtol=1e-5, atol=1e-5)
+    raw = rm.score(prompts, responses, stopped=stopped, raw=True)
+    np.testing.assert_allclose(raw, expected, rtol=1e-5, atol=1e-5)
+    penalised = rm.score(prompts, responses, stopped=stopped, no_stop_score=-7.0)
+    assert np.all(penalised[~np.asarray(stopped)] == -7.0)
+    np.testing.assert_array_equal(penalised[np.asarray(stopped)], got[np.asarray(stopped)])
