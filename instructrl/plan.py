@@ -325,9 +325,9 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     cfg = ppo.PPOConfig.from_config(c, name=name, extra_keys=DRIVER_KEYS, stop_token=1)
     pol_mc, pol_src = _stage_model(config, c, "model")
     rm_mc, rm_src = _stage_model(config, c, "reward_model", key="reward_from")
-    val_mc = pol_mc if cfg.value_head_on_policy else rm_mc
+    separate_value = not cfg.value_head_on_policy  # else a head on the policy trunk
     policy, reward = Transformer(pol_mc), Transformer(rm_mc, head="scalar")
-    models = ppo.PPOModels(policy, reward, None if cfg.value_head_on_policy else reward)
+    models = ppo.PPOModels(policy, reward, reward if separate_value else None)
     optimizer = ppo.make_ppo_optimizer(cfg, c, max(c.num_iterations, 1), name=name)
     state, state_sh = ppo.abstract_ppo_state(models, cfg, optimizer, mesh, rules)
     ref, rm_params = _params(policy, mesh, rules), _params(reward, mesh, rules)
@@ -337,8 +337,9 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     prompts = _arrays({"prompt_tokens": (b, p), "prompt_mask": (b, p)}, bs)
     ptx = _arrays({k: (cfg.ptx_batch_size, t) for k in ppo.PTX_KEYS}, bs) if cfg.ptx_coef else None
-    value = state.params["value"]
-    params = ppo.RolloutParams(state.params["policy"], ref, value, rm_params, scalar, scalar)
+    params = ppo.RolloutParams(
+        state.params["policy"], ref, state.params["value"], rm_params, scalar, scalar
+    )
     rollout_args = (params, prompts["prompt_tokens"], prompts["prompt_mask"], _key(mesh), scalar)
     rollout_fn = ppo.make_rollout_fn(models, cfg, mesh=mesh, rules=rules)
 
@@ -364,34 +365,33 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     mb = cfg.minibatch_size
     passes = [activation_bytes(pol_mc, mb, length, mshape, train=True, logits=True)]
     weights = weight_bytes(pol_mc, mshape)
-    if not cfg.value_head_on_policy:
-        passes.append(activation_bytes(val_mc, mb, length, mshape, train=True, logits=False))
-        weights += weight_bytes(val_mc, mshape)
+    if separate_value:
+        passes.append(activation_bytes(rm_mc, mb, length, mshape, train=True, logits=False))
+        weights += weight_bytes(rm_mc, mshape)
     if ptx is not None:
         rows = cfg.ptx_batch_size // cfg.num_minibatches
         passes.append(activation_bytes(pol_mc, rows, t, mshape, train=True, logits=True))
     update_temp = _combine(*passes) + weights + device_bytes(state.params)  # + gradients
 
-    n_pol, n_val = param_count(pol_mc), param_count(val_mc, "scalar")
-    n_rm, tokens = param_count(rm_mc, "scalar"), b * (p + n)
+    n_pol, n_rm, tokens = param_count(pol_mc), param_count(rm_mc, "scalar"), b * (p + n)
+    n_val = n_rm if separate_value else pol_mc.d_model + 1
+    value = forward_flops(rm_mc, b * length, length, "scalar") if separate_value else 0.0
     gen = forward_flops(pol_mc, b * p, length) + forward_flops(pol_mc, b * (n - 1), length)
-    score = 2 * forward_flops(pol_mc, b * length, length)
-    score += forward_flops(val_mc, b * length, length, "scalar")
+    score = 2 * forward_flops(pol_mc, b * length, length) + value
     score += forward_flops(rm_mc, b * (p + n), p + n, "scalar")
-    upd = forward_flops(pol_mc, b * length, length)
-    upd += forward_flops(val_mc, b * length, length, "scalar")
+    upd = forward_flops(pol_mc, b * length, length) + value
     upd += forward_flops(pol_mc, cfg.ptx_batch_size * t, t) if ptx else 0
     ptx_tokens = cfg.ptx_batch_size * t if ptx else 0
     # Each generated token reads every policy weight (all-gathered) and the device's cache.
-    read = _block_matmul_params(pol_mc) * pol_mc.num_layers // mshape["tensor"]
-    read = (n - 1) * (read * jnp.dtype(pol_mc.param_dtype).itemsize + kv)
+    weights_read = _block_matmul_params(pol_mc) * pol_mc.num_layers // mshape["tensor"]
+    read = (n - 1) * (weights_read * jnp.dtype(pol_mc.param_dtype).itemsize + kv)
     opt = state.opt_state
     resident = {
         "policy params": device_bytes(state.params["policy"]),
         "policy optimizer": device_bytes(opt.get("policy", opt.get("joint"))),
         "policy EMA (f32)": device_bytes(state.ema),
         "reference (frozen)": device_bytes(ref),
-        "value params": device_bytes(value),
+        "value params": device_bytes(state.params["value"]),
         "value optimizer": device_bytes(opt.get("value", {})),
         "reward model (frozen)": device_bytes(rm_params),
     }

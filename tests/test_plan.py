@@ -216,3 +216,14 @@ def test_plan_1p3b_compiles_on_8_virtual_devices():
     _check_arguments(stage, step, ["params", "optimizer state"])
     assert stage["params"]["model"] == pytest.approx(1.316e9, rel=1e-3)
     assert step["temp"] > 0 and step["flops_xla"] > 0
+
+
+def test_plan_ppo_with_value_head_on_policy_has_no_value_network():
+    config = _load(os.path.join(REPO, "experiments", "tiny_instructgpt.py"), "smoke")
+    config_lib.apply_overrides(config, ["ppo.value_head_on_policy=true"])
+    mesh = {"data": 1, "fsdp": 2, "tensor": 2}
+    (stage,) = plan.plan(config, mesh, ["ppo"], mode="analytic")["stages"]
+    d = config.model.d_model
+    assert stage["params"]["value"] == d + 1
+    assert stage["resident"]["value params"] == (d + 1) * 4  # replicated f32 head
+    assert stage["resident"]["value optimizer"] == 0  # one optimizer over policy + head

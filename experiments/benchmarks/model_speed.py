@@ -12,7 +12,8 @@ Both sides are warmed up; each figure is the median of several repetitions, alte
 ours and torch rep by rep. `--threads N` pins the process to N cores (default: all it may
 use). On a shared machine, check `load_avg_1min` in the JSON: torch's OpenMP threads degrade
 badly when cores are oversubscribed, so compare figures from quiet runs. Prints one JSON object
-(figures and ratios ours/torch).
+(tokens/s by wall clock and by process CPU time -- `cpu_` keys, the steadier figure on a
+busy machine -- and the ratios ours/torch).
 """
 
 from __future__ import annotations
@@ -36,18 +37,22 @@ CONFIG = ModelConfig(
 )
 
 
-def interleaved_medians(runs: dict, reps: int) -> dict[str, float]:
-    """Median wall seconds of each blocking `run()`, alternating the runs rep by rep.
+def interleaved_medians(runs: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds of each blocking `run()`, alternating runs rep by rep.
 
-    Alternating exposes both sides to the same background load on a shared machine.
+    Alternating exposes both sides to the same background load on a shared machine; CPU
+    time (all threads of this process) is the steadier figure when other jobs compete.
     """
     times = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+        for name, t in times.items()
+    }
 
 
 def jax_train(tokens: np.ndarray):
@@ -199,14 +204,18 @@ def main() -> None:
     sample_s = interleaved_medians(
         {"jax": jax_sample(prompts, new_tokens), "torch": torch_sample(prompts, new_tokens)}, reps
     )
-    train = {f"{k}_tokens_per_s": train_batch * CONFIG.max_len / v for k, v in train_s.items()}
-    sample = {f"{k}_tokens_per_s": sample_batch * new_tokens / v for k, v in sample_s.items()}
-    for figures in (train, sample):
-        figures["ratio_jax_over_torch"] = (
-            figures["jax_tokens_per_s"] / figures["torch_tokens_per_s"]
-        )
-        for key in list(figures):
-            figures[key] = round(figures[key], 3 if key.startswith("ratio") else 1)
+    figures = {}
+    for name, medians, tokens in (
+        ("train", train_s, train_batch * CONFIG.max_len),
+        ("sample", sample_s, sample_batch * new_tokens),
+    ):
+        out = {}
+        for clock, i in (("", 0), ("cpu_", 1)):
+            for side in ("jax", "torch"):
+                out[f"{side}_{clock}tokens_per_s"] = round(tokens / medians[side][i], 1)
+            ratio = out[f"jax_{clock}tokens_per_s"] / out[f"torch_{clock}tokens_per_s"]
+            out[f"ratio_{clock}jax_over_torch"] = round(ratio, 3)
+        figures[name] = out
     result = {
         "benchmark": "model_speed",
         "quick": args.quick,
@@ -218,13 +227,18 @@ def main() -> None:
             k: getattr(CONFIG, k)
             for k in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff")
         },
-        "train": {"batch": train_batch, "seq_len": CONFIG.max_len, "reps": reps, **train},
+        "train": {
+            "batch": train_batch,
+            "seq_len": CONFIG.max_len,
+            "reps": reps,
+            **figures["train"],
+        },
         "sample": {
             "batch": sample_batch,
             "prompt_len": prompt_len,
             "new_tokens": new_tokens,
             "reps": reps,
-            **sample,
+            **figures["sample"],
         },
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
     }

@@ -1,22 +1,25 @@
-"""Speed of the SFT and RM train steps, and model FLOPs utilisation (MFU) on this machine.
+"""Speed of the SFT and RM train steps, and model FLOPs utilisation (MFU), on this machine.
 
     python -m experiments.benchmarks.train_speed [--quick] [--models=small,large,gpt2_10m]
 
 For each model, times the train step the stages run (train_lib.make_train_step +
 jit_train_step with the stages' loss functions, explicit shardings on a 1-device mesh, state
-donated, AdamW with clipping) on synthetic batches of the stages' layout, and reports tokens/s
-and MFU = model FLOPs/s / peak FLOPs/s, where
+donated, clipped AdamW) on synthetic batches of the stages' layout, and reports tokens/s and
+  MFU = (model FLOPs per step / step seconds) / matmul peak FLOP/s
   model FLOPs per token = 6 * N + 12 * num_layers * d_model * seq_len   (forward + backward)
   N = parameters of the matrix multiplications: every kernel, plus the token embedding when it
       is also the unembedding (LM head, tied); not the position table, biases or norms, and
       for the RM (scalar head) not the token embedding, which it only looks up;
-  peak = 2 n^3 / t of an n x n f32 matmul (n = 2048) timed through jax in the same process
-      (the best of repeated timings, before and after the models: the figure XLA's own matmul
-      reaches on these cores; it is not the chip's datasheet peak).
+  peak = 2 n^3 / t of an n x n f32 matmul (n = 2048) through jax in the same process: what
+      XLA's own matmul reaches on these cores, not the chip's datasheet figure.
 Models: `small` and `large` are the tiny experiment's sizes (experiments/tiny_instructgpt.py,
 seq 128, its batch sizes); `gpt2_10m` is a ~10M-parameter GPT-2-style model at seq 256.
-Each figure is the median over repetitions of a few steps each. On a shared machine read
-`load_avg_1min`: other processes take cores from both the matmul and the steps.
+
+Shared machines: each repetition times the matmul and then the steps back to back, and MFU is
+the median over repetitions of their ratio, so both see the same background load. `mfu` uses
+wall time; `mfu_cpu` uses this process's CPU time (FLOPs per CPU-second over the matmul's),
+which is much less sensitive to other processes taking cores; on a quiet machine the two
+agree. `tokens_per_s` is the best repetition. Read `load_avg_1min` before trusting a figure.
 
 Prints one JSON object.
 """
@@ -29,6 +32,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,15 +50,16 @@ GPT2_10M = dict(
     position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
 )  # fmt: skip
 
-# name -> (model config dict, seq_len, SFT batch, RM prompts per batch, RM responses K)
+# name -> (model config dict, seq_len, SFT sequences per batch, RM prompts per batch, RM K)
 MODELS: dict[str, tuple[dict[str, Any], int, int, int, int]] = {
     "small": (tiny_instructgpt.model_config("small", 384, 128).to_dict(), 128, 32, 32, 6),
     "large": (tiny_instructgpt.model_config("large", 384, 128).to_dict(), 128, 32, 32, 6),
     "gpt2_10m": (GPT2_10M, 256, 16, 4, 4),
 }
+MATMUL_N = 2048
 
 
-# ------------------------------------------------------------------ FLOPs
+# ------------------------------------------------------------------ FLOPs and timing
 
 
 def matmul_params(params: Any, head: str) -> int:
@@ -62,7 +67,7 @@ def matmul_params(params: Any, head: str) -> int:
     n = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = jax.tree_util.keystr(path)
-        if leaf.ndim < 2 or "pos" in name:
+        if leaf.ndim < 2 or "position" in name:
             continue
         if "embed" in name and head != "lm":
             continue
@@ -74,18 +79,26 @@ def flops_per_token(config: ModelConfig, n_matmul: int, seq_len: int) -> float:
     return 6.0 * n_matmul + 12.0 * config.num_layers * config.d_model * seq_len
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n @ n x n f32 matmul through jax on this process's cores."""
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one blocking call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def matmul_runner(n: int = MATMUL_N) -> Callable[[], None]:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return lambda: mm(a, b).block_until_ready()
+
+
+def matmul_rate(run: Callable[[], None], tries: int = 3) -> tuple[float, float]:
+    """Best (wall, CPU) FLOP/s of `tries` n x n matmuls."""
+    times = [timed(run) for _ in range(tries)]
+    flops = 2.0 * MATMUL_N**3
+    return flops / min(t[0] for t in times), flops / min(t[1] for t in times)
 
 
 # ------------------------------------------------------------------ the stages' steps
@@ -117,40 +130,40 @@ def _rm_loss(model: Transformer):
 
 
 def sft_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict:
+    """An SFT batch [batch, seq] with the first quarter of each row as (unscored) prompt."""
     tokens = rng.integers(4, vocab, (batch, seq + 1)).astype(np.int32)
     ones = np.ones((batch, seq), np.int32)
     loss_mask = ones.copy()
-    loss_mask[:, : seq // 4] = 0  # the prompt quarter carries no loss, as in SFT
+    loss_mask[:, : seq // 4] = 0
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
     return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=loss_mask, mask=ones,
                 positions=positions)  # fmt: skip
 
 
 def rm_batch(rng: np.random.Generator, batch: int, k: int, seq: int, vocab: int) -> dict:
+    """An RM batch: [batch, k, seq] rows, every response ranked (0 best), all pairs valid."""
     tokens = rng.integers(4, vocab, (batch, k, seq)).astype(np.int32)
     mask = np.ones((batch, k, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, k, seq)).copy()
-    pair_mask = np.triu(np.ones((k, k), np.float32), 1)  # ranking 0 > 1 > ... > k-1
+    pair_mask = np.triu(np.ones((k, k), np.float32), 1)
     return dict(tokens=tokens, mask=mask, positions=positions,
                 response_mask=np.ones((batch, k), np.int32),
                 pair_mask=np.broadcast_to(pair_mask, (batch, k, k)).copy())  # fmt: skip
 
 
-def make_runner(model_dict: dict, head: str, batch: dict, seq: int):
-    """A blocking `run(n)` doing n train steps, and the params tree (for counting)."""
+def step_runner(model_dict: dict, head: str, batch: dict, seq: int):
+    """(run(n): n blocking train steps, ModelConfig, abstract params), built as the stages do."""
     config = ModelConfig.from_dict(model_dict)
     model = Transformer(config, head=head)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     rules = sharding.DEFAULT_RULES
     dummy = [np.zeros((1, seq), np.int32)] * 2 + [np.ones((1, seq), np.int32)]
-    _, param_sh = sharding.abstract_params_and_shardings(model, dummy, mesh, rules)
+    abstract_params, param_sh = sharding.abstract_params_and_shardings(model, dummy, mesh, rules)
     params = sharding.init_params_sharded(model, jax.random.key(0), dummy, mesh, rules)
     opt_cfg = train_lib.default_optimizer_config()
     opt_cfg.lr = 1e-4
     optimizer = train_lib.make_optimizer(opt_cfg, 10_000)
-    abstract, state_sh = train_lib.abstract_train_state(
-        optimizer, jax.eval_shape(lambda: params), param_sh, mesh
-    )
+    _, state_sh = train_lib.abstract_train_state(optimizer, abstract_params, param_sh, mesh)
     state = jax.jit(
         lambda p: train_lib.create_train_state(p, optimizer, jax.random.key(1)),
         out_shardings=state_sh,
@@ -170,49 +183,44 @@ def make_runner(model_dict: dict, head: str, batch: dict, seq: int):
         jax.block_until_ready(metrics["loss"])
 
     run(2)  # compile and warm up
-    return run, config, abstract.params
+    return run, config, abstract_params
 
 
-def time_steps(run, steps: int, reps: int) -> tuple[float, float]:
-    """(best, median) seconds per step over `reps` timings of `steps` steps each."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run(steps)
-        times.append((time.perf_counter() - start) / steps)
-    return min(times), statistics.median(times)
-
-
-def bench_model(name: str, quick: bool, peak_ref: list[float]) -> dict[str, Any]:
-    model_dict, seq, sft_b, rm_b, rm_k = MODELS[name]
+def bench_step(kind: str, model_name: str, quick: bool, mm: Callable[[], None]) -> dict:
+    model_dict, seq, sft_b, rm_b, rm_k = MODELS[model_name]
     if quick:
         sft_b, rm_b = max(sft_b // 4, 2), max(rm_b // 4, 1)
     rng = np.random.default_rng(0)
     vocab = model_dict["vocab_size"]
-    out: dict[str, Any] = {"seq_len": seq}
-    for kind, head, batch, tokens in (
-        ("sft", "lm", sft_batch(rng, sft_b, seq, vocab), sft_b * seq),
-        ("rm", "scalar", rm_batch(rng, rm_b, rm_k, seq, vocab), rm_b * rm_k * seq),
-    ):
-        run, config, params = make_runner(model_dict, head, batch, seq)
-        peak_ref.append(matmul_peak(reps=3))  # under the load the steps see
-        best, median = time_steps(run, 2 if quick else 3, 3 if quick else 7)
-        n_matmul = matmul_params(params, head)
-        out[kind] = {
-            "batch": list(batch["tokens"].shape[:-1]),
-            "tokens_per_step": tokens,
-            "params": train_lib.count_params(params),
-            "matmul_params": n_matmul,
-            "flops_per_token": flops_per_token(config, n_matmul, seq),
-            "step_s": best,
-            "step_s_median": median,
-            "tokens_per_s": tokens / best,
-        }
-    return out
-
-
-def tokens_of(figures: dict[str, Any]) -> int:
-    return figures["tokens_per_step"]
+    if kind == "sft":
+        head, batch, tokens = "lm", sft_batch(rng, sft_b, seq, vocab), sft_b * seq
+    else:
+        head, batch, tokens = "scalar", rm_batch(rng, rm_b, rm_k, seq, vocab), rm_b * rm_k * seq
+    run, config, params = step_runner(model_dict, head, batch, seq)
+    n_matmul = matmul_params(params, head)
+    flops = flops_per_token(config, n_matmul, seq) * tokens
+    steps, reps = (1, 3) if quick else (2, 7)
+    walls, ratios, cpu_ratios, peaks = [], [], [], []
+    for _ in range(reps):
+        mm_wall, mm_cpu = matmul_rate(mm)
+        wall, cpu = timed(lambda: run(steps))
+        walls.append(wall / steps)
+        ratios.append(flops * steps / wall / mm_wall)
+        cpu_ratios.append(flops * steps / cpu / mm_cpu)
+        peaks.append(mm_wall)
+    return {
+        "batch": list(batch["tokens"].shape[:-1]),
+        "tokens_per_step": tokens,
+        "params": train_lib.count_params(params),
+        "matmul_params": n_matmul,
+        "gflops_per_step": round(flops / 1e9, 2),
+        "step_s_best": round(min(walls), 4),
+        "step_s_median": round(statistics.median(walls), 4),
+        "tokens_per_s": round(tokens / min(walls), 1),
+        "mfu": round(statistics.median(ratios), 3),
+        "mfu_cpu": round(statistics.median(cpu_ratios), 3),
+        "matmul_gflops_best": round(max(peaks) / 1e9, 1),
+    }
 
 
 def main() -> None:
@@ -226,18 +234,12 @@ def main() -> None:
         parser.error(f"--models: unknown {unknown} (known: {', '.join(MODELS)})")
 
     load_before = os.getloadavg()[0]
-    peaks = [matmul_peak()]
-    results = {name: bench_model(name, args.quick, peaks) for name in names}
-    peaks.append(matmul_peak())
-    peak = max(peaks)
-    for figures in results.values():
+    mm = matmul_runner()
+    results = {}
+    for name in names:
+        results[name] = {"seq_len": MODELS[name][1]}
         for kind in ("sft", "rm"):
-            f = figures[kind]
-            f["mfu"] = f["flops_per_token"] * f["tokens_per_s"] / peak
-            f["mfu_median"] = f["flops_per_token"] * tokens_of(f) / f["step_s_median"] / peak
-            for key in ("step_s", "step_s_median", "tokens_per_s", "flops_per_token"):
-                f[key] = round(f[key], 4 if key.startswith("step") else 1)
-            f["mfu"], f["mfu_median"] = round(f["mfu"], 3), round(f["mfu_median"], 3)
+            results[name][kind] = bench_step(kind, name, args.quick, mm)
     print(
         json.dumps(
             {
@@ -247,8 +249,7 @@ def main() -> None:
                 "cores": len(os.sched_getaffinity(0)),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
                 "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                "matmul_peak_gflops": round(peak / 1e9, 1),
-                "matmul_gflops_each": [round(p / 1e9, 1) for p in peaks],
+                "matmul": f"{MATMUL_N}x{MATMUL_N} f32",
                 "models": results,
             },
             indent=2,

@@ -41,6 +41,11 @@ class SampleOutput(NamedTuple):
     mask: jax.Array  # [B,N] int32; 1 up to and including the stop token
 
 
+def _check_filter(top_k: int, top_p: float) -> None:
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sampling: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+
+
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Sets logits outside the top-k / nucleus set to -inf. logits f32 [..., V].
 
@@ -50,8 +55,7 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     with the last one kept; 1.0 = off.
     Apply after dividing by the temperature (the nucleus depends on it).
     """
-    if top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"filter_logits: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    _check_filter(top_k, top_p)
     neg_inf = jnp.array(-jnp.inf, logits.dtype)
     if 0 < top_k < logits.shape[-1]:
         kth = lax.top_k(logits, top_k)[0][..., -1:]
@@ -140,7 +144,7 @@ def sample(
         raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
     if isinstance(temperature, (int, float)) and not greedy and temperature <= 0:
         raise ValueError(f"sample: temperature must be > 0 (or greedy=True), got {temperature}")
-    filter_logits(jnp.zeros((1, 1)), top_k=top_k, top_p=top_p)  # validates the settings early
+    _check_filter(top_k, top_p)
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     batch, p_len = prompt_tokens.shape
