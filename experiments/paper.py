@@ -55,10 +55,14 @@ Plain PPO (the paper's "PPO") is the same stage with `--config.ppo_ptx.ptx_coef=
 Mesh (config.mesh, axes data/fsdp/tensor; see instructrl/sharding.py). One mesh serves every
 stage, so its batch shards (data x fsdp) must divide each stage's batch (SFT 32 or 8, RM 64,
 PPO minibatch 64); the tensor axis takes the rest of the slice:
-  1.3B  fsdp=-1: pure FSDP on up to 32 chips (e.g. v5p-32, 16 chips).
-  6B    fsdp=32 x tensor=-1: e.g. v5p-128 (64 chips) -> tensor 2, where PPO-ptx fits.
-  175B  fsdp=8 x tensor=-1: e.g. v5p-256 (128 chips) -> tensor 16.
-`python -m instructrl.plan --config=... --mesh=... --chip=...` prints what fits where.
+  1.3B  fsdp=32 x tensor=-1: v5p-64 (32 chips) runs every stage.
+  6B    fsdp=32 x tensor=-1: v5p-128 (64 chips, tensor 2) runs every stage.
+  175B  fsdp=8 x tensor=-1: v5p-256 (128 chips, tensor 16) runs rm, sft and ppo_init.
+        ppo_ptx (512 pretraining rows per minibatch) needs more batch shards than the SFT
+        batch of 8 allows: run it on v5p-1024 with --config.mesh.fsdp=64 --config.mesh.tensor=8
+        (stages reshard the exports they load).
+These slices come from `python -m instructrl.plan --config=... --mesh=... --chip=v5p`
+(estimates; RM batches with K = 9 responses, the paper's maximum).
 Compute in bfloat16 with float32 params and optimizer state; every block is rematerialised.
 At run time a stage takes dtype and remat from its `init_from` export's model_config.json
 (`instructrl.convert` writes float32 compute without remat): set them there for exports.
@@ -81,7 +85,7 @@ PADDED_VOCAB = (
 # GPT-3 shapes; SFT LR / batch (method.md 1); value LR (method.md 3); the default mesh.
 SIZES = {
     "1p3b": dict(layers=24, d_model=2048, heads=16, sft_lr=9.65e-6, sft_batch=32,
-                 value_lr=9e-6, mesh=dict(data=1, fsdp=-1, tensor=1)),
+                 value_lr=9e-6, mesh=dict(data=1, fsdp=32, tensor=-1)),
     "6b": dict(layers=32, d_model=4096, heads=32, sft_lr=9.65e-6, sft_batch=32,
                value_lr=9e-6, mesh=dict(data=1, fsdp=32, tensor=-1)),
     "175b": dict(layers=96, d_model=12288, heads=96, sft_lr=5.03e-6, sft_batch=8,

@@ -24,7 +24,8 @@ temporaries come from one of two paths:
             devices needed; every sharding must divide its dim) and estimates the
             temporaries from shapes (`activation_bytes`).
 XLA's FLOP counts visit a loop body once (layer scan, decode loop, PPO minibatches), so step
-times use the analytic model FLOPs: 6·N·tokens for the matmuls plus the attention products.
+times use the analytic model FLOPs: 2 per weight per token for each matmul (x3 with the
+backward; rematerialisation not counted, as MFU does not) plus the attention products.
 
 A stage's model is the model_config.json of its `init_from` (RM/value: `reward_from`) export
 when that file exists, else `config.model`, or `config.reward_model` for the RM and value
@@ -212,7 +213,7 @@ class Program:
     outputs: int  # bytes of new (not donated) outputs
     temp: int  # analytic activations + temporaries (KV cache and gradients included)
     flops: float  # analytic model FLOPs
-    flops_6nd: float
+    flops_nd: float  # the rule of thumb: 6·N per trained token, 2·N per forward-only token
     kv_cache: int = 0
     hbm_read: int = 0  # decode: bytes each device reads from HBM over all decode steps
 
@@ -302,7 +303,7 @@ def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
         outputs=0,
         temp=_combine(act) + weight_bytes(mc, mshape) + grads,
         flops=3 * forward_flops(mc, tokens, seq, head),
-        flops_6nd=6.0 * param_count(mc, head) * tokens,
+        flops_nd=6.0 * param_count(mc, head) * tokens,
     )
     return StagePlan(
         name,
@@ -404,7 +405,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
             outputs=device_bytes(rollout),
             temp=rollout_temp,
             flops=gen + score,
-            flops_6nd=2.0 * (2 * n_pol + n_val + n_rm) * tokens,
+            flops_nd=2.0 * (2 * n_pol + n_val + n_rm) * tokens,
             kv_cache=kv,
             hbm_read=read,
         ),
@@ -416,7 +417,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
             outputs=0,
             temp=update_temp,
             flops=3 * cfg.num_epochs * upd,
-            flops_6nd=6.0 * cfg.num_epochs * ((n_pol + n_val) * tokens + n_pol * ptx_tokens),
+            flops_nd=6.0 * cfg.num_epochs * ((n_pol + n_val) * tokens + n_pol * ptx_tokens),
         ),
     ]
     note = (
@@ -506,7 +507,7 @@ def plan(
             if prog.hbm_read:
                 r["hbm_bound_seconds"] = prog.hbm_read / hw.hbm_bytes_per_s
                 r["seconds"] = max(r["seconds"], r["hbm_bound_seconds"])
-            fields = ("name", "inputs", "kv_cache", "flops", "flops_6nd")
+            fields = ("name", "inputs", "kv_cache", "flops", "flops_nd")
             progs.append({f: getattr(prog, f) for f in fields} | {"temp_analytic": prog.temp} | r)
         peak, step = max(q["peak"] for q in progs), sum(q["seconds"] for q in progs)
         hours = step * sp.iterations / 3600 if sp.iterations else None
@@ -560,7 +561,7 @@ def format_report(p: dict[str, Any], spec: str) -> str:
                      f"({100 * s['hbm_fraction']:.0f}%): {verdict}")  # fmt: skip
         for q in progs:
             lines.append(
-                f"  {q['name']} FLOPs: 6·N·tokens {q['flops_6nd']:.3e}, model (+attention) "
+                f"  {q['name']} FLOPs: N·tokens rule {q['flops_nd']:.3e}, model (+attention) "
                 f"{q['flops']:.3e}, XLA {q['flops_xla']:.3e} (loop bodies counted once); "
                 f"{q['compute_seconds']:.2f} s at MFU {p['mfu']:g}"
             )

@@ -24,8 +24,9 @@ What each test shows (the PPO stage "must show" list):
   a diverging run stops with "step N: loss is nan",      test_non_finite_metric_stops_the_run
     keeping the checkpoint before it and saving none after
 Same numbers on 1 device and a (2, 2, 2) mesh: tests/test_ppo.py covers the compiled core;
-at the stage level the 8-device run costs ~45 s here (compiling two sharded programs), over
-this module's budget, so it is not repeated.
+at the stage level an 8-device run of 2 iterations took 48 s here (compiling two sharded
+programs; its score/KL/losses matched the 1-device run to rtol 2e-4), over this module's
+budget, so it is not repeated.
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ def test_sigterm_exits_143_and_rerun_completes(env, ref, tmp_path):
     marker = "preempted: stage ppo_ptx: stopped by signal at iteration "
     assert marker in log, log[-3000:]
     stopped = int(log.split(marker)[1].split(";")[0])
-    assert stop_at <= stopped < ITERS and committed_steps(workdir, "ppo_ptx")[-1] == stopped
+    assert stop_at <= stopped <= ITERS and committed_steps(workdir, "ppo_ptx")[-1] == stopped
     assert not os.path.exists(os.path.join(workdir, "ppo_ptx", "DONE"))
     proc = env.run(workdir, "ppo_ptx")
     assert f"ppo_ptx: resumed from iteration {stopped}" in proc.stderr

@@ -182,6 +182,24 @@ def _finish(proc, timeout=300) -> int:
             proc.kill()
 
 
+def _finish_all(procs, timeout=400) -> list[int | None]:
+    """Waits for every process; once one fails (or time runs out) the others are killed, since
+    they would wait for it in a collective until jax.distributed gives up (minutes)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return codes
+
+
 def _log_of(workdir) -> str:
     with open(os.path.join(workdir, "..", os.path.basename(workdir) + ".log")) as f:
         return f.read()
@@ -426,7 +444,7 @@ def test_same_trajectory_across_meshes_and_processes(env, traj_one, traj_eight, 
                 extra=join,
             )
         )
-    codes = [_finish(p) for p in procs]
+    codes = _finish_all(procs)
     if codes != [0, 0]:
         logs = [(tmp_path / f"p{i}.log").read_text()[-5000:] for i in range(2)]
         pytest.fail(f"exit codes {codes}:\n" + "\n-----\n".join(logs))

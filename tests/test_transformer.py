@@ -353,5 +353,7 @@ def test_config_from_dict_and_validation():
         dataclasses.replace(GPT, norm="batchnorm")
     with pytest.raises(ValueError, match=r"model\.num_kv_heads"):
         dataclasses.replace(GPT, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"model\.num_layers: must be a positive int"):
+        dataclasses.replace(GPT, num_layers=0)
     with pytest.raises(ValueError, match=r"model\.dtype"):
         dataclasses.replace(GPT, dtype="float77")

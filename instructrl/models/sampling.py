@@ -15,6 +15,7 @@ Not here: the model itself (transformer.py), PPO rewards and losses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -117,6 +118,19 @@ def _choose(logits, key, temperature, top_k, top_p, greedy):
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+def _decoding_model(model: Transformer, params) -> tuple[Transformer, dict]:
+    """For tied embeddings, an untied twin whose unembedding is the table transposed once.
+
+    Same numbers; the per-step [B,D] x [D,V] product then reads the table in the layout
+    XLA:CPU multiplies fastest (~8% of a decoding step at V=8192).
+    """
+    if not model.config.tie_embeddings:
+        return model, params
+    config = dataclasses.replace(model.config, tie_embeddings=False)
+    params = {**params, "unembed": params["embed"]["token"].T}
+    return Transformer(config, head=model.head), params
+
+
 def sample(
     model: Transformer,
     params,
@@ -149,6 +163,7 @@ def sample(
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     batch, p_len = prompt_tokens.shape
     n = max_new_tokens
+    model, params = _decoding_model(model, params)
     variables = {"params": params}
     choose = functools.partial(
         _choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy

@@ -68,6 +68,9 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
+        for key in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"model.{key}: must be a positive int, got {getattr(self, key)!r}")
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}: {getattr(self, key)!r} not in {allowed}")

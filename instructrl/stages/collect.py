@@ -55,6 +55,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         raise ConfigError(f"config keys '{name}.k_min/k_max' need 2 <= k_min <= k_max")
     out_dir = inputs.stage_dir(workdir, name)
     policies = [p.strip() for p in c.policies.split(",") if p.strip()]
+    inputs.wait_for_done_markers(f"{name}.policies")
     for p in policies:
         if not inputs.is_done(workdir, p):
             raise InputError(f"config key '{name}.policies': stage '{p}' has not finished")

@@ -25,6 +25,9 @@ from instructrl.models import ModelConfig, Transformer, init_scalar_from_lm
 from instructrl.stages import common, inputs
 
 
+EXECUTION_KEYS = ("dtype", "remat")
+
+
 @dataclasses.dataclass
 class ModelSetup:
     """A model on a mesh: what a stage needs to init, restore, shard and export params."""
@@ -73,7 +76,8 @@ def setup_model(
     seq_len: int | None = None,
 ) -> ModelSetup:
     """The model of stage `name`: the config of the stage named by `config.<name>.<init_key>`
-    (its export's model_config.json), else `config.model`; `<name>.dropout` >= 0 overrides."""
+    (its export's model_config.json, with dtype and remat from `config.model`), else
+    `config.model`; `<name>.dropout` >= 0 overrides."""
     c = config[name]
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("rules"))
@@ -81,6 +85,12 @@ def setup_model(
     if init_dir:
         with open(os.path.join(init_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
             model_dict = json.load(f)
+        # Compute dtype and rematerialisation are how this run executes, not part of the
+        # weights: the experiment's config.model decides them (e.g. bf16 + remat on a TPU
+        # for a checkpoint converted in f32).
+        for key in EXECUTION_KEYS:
+            if key in config.model:
+                model_dict[key] = config.model[key]
     else:
         model_dict = config.model.to_dict()
     if c.get("dropout", -1.0) >= 0:

@@ -28,10 +28,21 @@ def is_done(workdir: str, name: str) -> bool:
     return os.path.exists(os.path.join(stage_dir(workdir, name), DONE_MARKER))
 
 
+def wait_for_done_markers(what: str) -> None:
+    """With several processes, waits until all reach this point. Process 0 alone writes a
+    stage's DONE marker (main.run), after the stage returns; without this barrier a faster
+    process could look for it before it exists and fail the next stage."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"instructrl_inputs_{what}")
+
+
 def input_stage(
     config: ml_collections.ConfigDict, name: str, key: str, workdir: str, default: str = ""
 ) -> str:
     """The folder of the stage named by `config.<name>.<key>`; it must have finished."""
+    wait_for_done_markers(f"{name}.{key}")
     source = config[name].get(key, default)
     where = f"config key '{name}.{key}'"
     if not source:
