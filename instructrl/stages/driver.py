@@ -24,7 +24,6 @@ from instructrl.errors import ConfigError, Preempted
 from instructrl.models import ModelConfig, Transformer, init_scalar_from_lm
 from instructrl.stages import common, inputs
 
-
 EXECUTION_KEYS = ("dtype", "remat")
 
 
