@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InstructrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NaN/inf in a logged metric (stages.common.check_finite)
+        print(f"error: {e}; the run stopped, its last checkpoint is intact", file=sys.stderr)
+        return 3
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended the process

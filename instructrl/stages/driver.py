@@ -182,6 +182,7 @@ def train_loop(
         # was killed ahead of its first checkpoint: those steps are about to run again.
         common.MetricsWriter(stage_dir, resume_step=run.resumed_step or 0) as writer,
         common.TerminationSignal() as term,
+        checkpointer,  # closing commits a pending async save, also when a step fails
     ):
         while step < total_steps:
             batch = sharding.shard_batch(next(run.data_iter), setup.mesh)
@@ -202,9 +203,7 @@ def train_loop(
                     step, state, data_state=run.data_iter.get_state(), meta=run.meta, force=True
                 )
             if stop:
-                checkpointer.close()
                 raise Preempted(f"stage {name}: stopped by signal at step {step}; checkpoint saved")
-    checkpointer.close()
     return state
 
 
