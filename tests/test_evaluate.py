@@ -367,7 +367,8 @@ def _naive_heldout_nll(workdir: str, stage: str, num_docs: int, window: int = 12
 @pytest.mark.slow
 def test_eval_stage_end_to_end(workdir, capsys):
     models = "GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo"
-    evaluate.run(_eval_config(models=models, num_samples=2, heldout_num=4), "eval", workdir)
+    config = _eval_config(models=models, num_samples=2, heldout_num=4)
+    evaluate.run(config, "eval", workdir)
     out_dir = os.path.join(workdir, "eval")
     with open(os.path.join(out_dir, "results.json")) as f:
         results = json.load(f)
@@ -379,7 +380,8 @@ def test_eval_stage_end_to_end(workdir, capsys):
         assert 0 <= m["stopped_rate"] <= 1 and m["length_tokens"] >= 0
     sft = by_label["SFT"]  # against itself (independent samples): 1/2 up to noise
     assert abs(sft["win_rate"] - 0.5) <= 4 * sft["stderr"] + 0.02
-    assert sft["heldout_nll"] == pytest.approx(_naive_heldout_nll(workdir, "sft", 4), rel=1e-5)
+    naive = _naive_heldout_nll(workdir, "sft", 4, window=config.data.seq_len)
+    assert sft["heldout_nll"] == pytest.approx(naive, rel=1e-5)
     assert 0 <= sft["public_choice_accuracy"] <= 1
     assert by_label["GPT (prompted)"]["heldout_nll"] is None  # the base model's tax is GPT's
     assert by_label["PPO"]["heldout_nll"] == pytest.approx(sft["heldout_nll"])  # same params
