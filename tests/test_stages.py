@@ -50,8 +50,11 @@ CONFIG = '''
 must learn, RM on a ranking rule. `mode=traj`: full-batch SFT + RM on 16 demonstrations and
 8 comparisons, unpacked, so every step sees the same rows on any mesh or process count."""
 
-from experiments import tiny_instructgpt
+import ml_collections
+
 from instructrl import config as config_lib
+from instructrl.data import default_data_config
+from instructrl.stages import pretrain, reward, sft, tokenizer, world
 
 DATA = {data!r}
 BASE = {base!r}
@@ -59,20 +62,31 @@ BASE = {base!r}
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, mode="learn")
-    config = tiny_instructgpt.get_config("smoke")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
     config.stages = "world,tokenizer,sft"
-    config.model.update(vocab_size=384, max_len=64, num_layers=1, d_model=32, num_heads=2,
-                        d_ff=128)
-    config.data.update(seq_len=64, max_prompt_len=32, max_response_len=30, num_threads=1,
-                       comparisons=DATA + "/cmp.jsonl",
-                       comparisons_validation=DATA + "/cmp_val.jsonl")
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # GPT-2 style; heads, d_ff and vocab divide by tensor=2.
+    config.model = ml_collections.ConfigDict(dict(
+        vocab_size=384, max_len=64, num_layers=1, d_model=32, num_heads=2, d_ff=128,
+        position="learned", norm="layernorm", mlp="gelu", dropout=0.0, remat=False))
+    config.data = default_data_config()
+    config.data.update(
+        pretrain="@world/pretrain.jsonl", demonstrations="@world/demonstrations.jsonl",
+        comparisons=DATA + "/cmp.jsonl", comparisons_validation=DATA + "/cmp_val.jsonl",
+        seq_len=64, max_prompt_len=32, max_response_len=30, num_threads=1)
+    config.world = world.default_config()
     config.world.update(num_pretrain=100, num_pretrain_heldout=10, num_demonstrations=500,
                         num_rm=10, num_ppo=10, num_eval=10, num_public=40)
+    config.tokenizer = tokenizer.default_config()
     # byte_fallback needs ~320 pieces for bytes and characters: 384 is the smallest round size.
     config.tokenizer.update(vocab_size=384, input="@world/demonstrations.jsonl")
+    config.pretrain = pretrain.default_config()  # not run: the missing-input test names it
+    config.sft = sft.default_config()
     config.sft.update(init_from="", batch_size=8, num_steps=60, dropout=0.0,
                       select_by="val_loss", log_every=1, checkpoint_every=30)
     config.sft.optimizer.update(lr=3e-3)
+    config.rm = reward.default_config()
     config.rm.update(init_from="sft", batch_size=16, num_steps=30, log_every=5,
                      normalize_num=64)
     config.rm.optimizer.update(lr=1e-3)
@@ -328,10 +342,7 @@ def test_sft_loss_falls_and_export_loads(env):
     last = np.mean([m["loss"] for m in logged[-5:]])
     assert last < 0.75 * first, (first, last)  # ~6.0 -> ~3.7 for this run
     assert np.isfinite(logged[-1]["val_loss"]) and logged[-1]["val_loss"] < 0.8 * first
-    for name in ("DONE", "config.json", "selection.json"):
-        assert os.path.exists(
-            os.path.join(env.base, name if name == "config.json" else f"sft/{name}")
-        )
+    assert os.path.exists(os.path.join(sft, "DONE"))
     with open(os.path.join(sft, "selection.json")) as f:
         assert json.load(f)["exported_step"] == 60  # the only validation point
 
@@ -344,11 +355,11 @@ def test_sft_loss_falls_and_export_loads(env):
                                     max_len=64, add_bos=True)  # fmt: skip
     logits = jax.jit(model.apply)({"params": params}, tokens, positions_from_mask(mask), mask)
     assert logits.shape == (1, 64, 384) and np.isfinite(np.asarray(logits)).all()
-    # The export is the params the loss was measured on: its loss on the validation rows
-    # is the logged val_loss, so "loss fell" is about these params.
-    assert (
-        exported_params(os.path.join(sft, "export")).keys()
-        == exported_params(os.path.join(sft, "best")).keys()
+    # select_by="val_loss" exports the best validation params: here those of step 60.
+    assert_params_equal(
+        exported_params(os.path.join(sft, "export")),
+        exported_params(os.path.join(sft, "best")),
+        "export vs best",
     )
 
 
@@ -497,16 +508,28 @@ def test_resume_on_other_meshes(env, traj_one, traj_eight, tmp_path, mesh, devic
 # ------------------------------------------------------------------ kill, preempt, resume
 
 
+# SFT on the 16 demonstrations in batches of 4 (a new data position every step, so a resume
+# that lost its place in the data would train on other rows), a checkpoint every 2 steps.
+KILL_ARGS = ("--config.stages=sft", "--config.sft.batch_size=4", "--config.sft.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def kill_ref(env):
+    """The uninterrupted run of the command the kill tests interrupt."""
+    workdir = os.path.join(env.root, "kill_ref")
+    env.run(workdir, *KILL_ARGS, mode="traj")
+    return workdir
+
+
 def _committed_steps(workdir) -> list[int]:
     ckpts = os.path.join(workdir, "sft", "checkpoints")
     return sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
 
 
 def _interrupt(env, workdir, sig, at_step: int) -> int:
-    """Starts the traj SFT run (checkpoint every 2 steps) and sends `sig` once it has logged
-    `at_step`; returns the exit code."""
-    proc = env.start(workdir, "--config.stages=sft", "--config.sft.checkpoint_every=2",
-                     mode="traj")  # fmt: skip
+    """Starts the KILL_ARGS run and sends `sig` once it has logged `at_step`; returns the exit
+    code."""
+    proc = env.start(workdir, *KILL_ARGS, mode="traj")
     try:
         reached = _wait_for_step(proc, workdir, "sft", at_step)
         if reached:
@@ -520,36 +543,43 @@ def _interrupt(env, workdir, sig, at_step: int) -> int:
     return code
 
 
+def _assert_same_as_reference(workdir, ref, what: str) -> None:
+    assert [m["step"] for m in metrics(workdir)] == list(range(1, 21)), what
+    got, want = losses(workdir), losses(ref)
+    moved = [s for s in want if got[s] != want[s]]
+    assert not moved, f"{what}: loss differs at steps {moved}"
+    assert_params_equal(
+        exported_params(os.path.join(workdir, "sft", "export")),
+        exported_params(os.path.join(ref, "sft", "export")),
+        what,
+    )
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_is_bit_identical(env, traj_one, tmp_path):
+def test_sigkill_then_rerun_is_bit_identical(env, kill_ref, tmp_path):
     workdir = str(tmp_path / "run")
-    kill_at = random.Random().randint(2, 15)
+    kill_at = random.Random().randint(1, 15)
     code = _interrupt(env, workdir, signal.SIGKILL, kill_at)
     assert code == -signal.SIGKILL
     assert not os.path.exists(os.path.join(workdir, "sft", "DONE"))
     saved = _committed_steps(workdir)
-    assert all(s <= 20 for s in saved)
-    proc = env.run(workdir, "--config.stages=sft", "--config.sft.checkpoint_every=2", mode="traj")
-    latest = saved[-1] if saved else None
-    if latest is not None and latest < 20:
-        assert f"resumed from step {latest}" in proc.stderr, (kill_at, saved)
-    assert [m["step"] for m in metrics(workdir)] == list(range(1, 21)), (kill_at, saved)
-    got, ref = losses(workdir), losses(traj_one)
-    moved = [s for s in ref if got[s] != ref[s]]
-    assert not moved, f"killed after step {kill_at}, checkpoints {saved}: loss differs at {moved}"
-    assert_params_equal(
-        exported_params(os.path.join(workdir, "sft", "export")),
-        exported_params(os.path.join(traj_one, "sft", "export")),
-        f"killed after step {kill_at}, checkpoints {saved}",
-    )
+    ckpts = os.path.join(workdir, "sft", "checkpoints")
+    cut = [n for n in os.listdir(ckpts) if "tmp" in n] if os.path.isdir(ckpts) else []
+    what = f"killed after step {kill_at}, committed {saved}, cut short {cut}"
+    proc = env.run(workdir, *KILL_ARGS, mode="traj")
+    if saved:  # the latest committed step, whether or not a later save was cut short
+        assert f"resumed from step {saved[-1]}" in proc.stderr, what
+    else:
+        assert "resumed from step" not in proc.stderr, what
+    _assert_same_as_reference(workdir, kill_ref, what)
     leftovers = [n for n in os.listdir(os.path.join(workdir, "sft", "checkpoints")) if "tmp" in n]
     assert not leftovers
 
 
 @pytest.mark.slow
-def test_sigterm_exits_143_and_rerun_completes(env, traj_one, tmp_path):
+def test_sigterm_exits_143_and_rerun_completes(env, kill_ref, tmp_path):
     workdir = str(tmp_path / "run")
-    stop_at = random.Random().randint(2, 12)
+    stop_at = random.Random().randint(1, 12)
     code = _interrupt(env, workdir, signal.SIGTERM, stop_at)
     log = _log_of(workdir)
     assert code == 143, log[-3000:]
@@ -557,14 +587,10 @@ def test_sigterm_exits_143_and_rerun_completes(env, traj_one, tmp_path):
     stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
     assert stopped >= stop_at and _committed_steps(workdir)[-1] == stopped
     assert not os.path.exists(os.path.join(workdir, "sft", "DONE"))
-    proc = env.run(workdir, "--config.stages=sft", "--config.sft.checkpoint_every=2", mode="traj")
+    proc = env.run(workdir, *KILL_ARGS, mode="traj")
     assert f"resumed from step {stopped}" in proc.stderr
     assert os.path.exists(os.path.join(workdir, "sft", "DONE"))
-    assert_params_equal(
-        exported_params(os.path.join(workdir, "sft", "export")),
-        exported_params(os.path.join(traj_one, "sft", "export")),
-        f"SIGTERM at step {stopped}",
-    )
+    _assert_same_as_reference(workdir, kill_ref, f"SIGTERM at step {stopped}")
 
 
 # ------------------------------------------------------------------ errors and re-runs

@@ -18,8 +18,18 @@ seq 128, its batch sizes); `gpt2_10m` is a ~10M-parameter GPT-2-style model at s
 Shared machines: each repetition times the matmul and then the steps back to back, and MFU is
 the median over repetitions of their ratio, so both see the same background load. `mfu` uses
 wall time; `mfu_cpu` uses this process's CPU time (FLOPs per CPU-second over the matmul's),
-which is much less sensitive to other processes taking cores; on a quiet machine the two
-agree. `tokens_per_s` is the best repetition. Read `load_avg_1min` before trusting a figure.
+which is much less sensitive to other processes taking cores. Both rise when other processes
+leave this one about one core (the big matmul gains more from the second core than the step).
+`tokens_per_s` is the best repetition. Read `load_avg_1min` before trusting a figure.
+
+Tried on a 2-core AMD EPYC (jax 0.10.2, gpt2_10m SFT step): XLA's default (YNNPACK fusions
+of dots) was best; --xla_cpu_experimental_ynn_fusion_type= (off) cost ~20%; xnnpack, onednn or
+YNN eltwise/reduce fusions made no difference beyond run-to-run noise; remat on was no faster.
+Batch size mattered most (see MODELS). glibc returns freed buffers over its mmap threshold to
+the OS, so every large activation is page-faulted in again on each step; keeping them with
+  MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824
+doubled the [8192, 320] x [320, 1280] matmul and gave the gpt2_10m step ~5-10%. The JSON
+records XLA_FLAGS and these variables.
 
 Prints one JSON object.
 """
@@ -54,7 +64,9 @@ GPT2_10M = dict(
 MODELS: dict[str, tuple[dict[str, Any], int, int, int, int]] = {
     "small": (tiny_instructgpt.model_config("small", 384, 128).to_dict(), 128, 32, 32, 6),
     "large": (tiny_instructgpt.model_config("large", 384, 128).to_dict(), 128, 32, 32, 6),
-    "gpt2_10m": (GPT2_10M, 256, 16, 4, 4),
+    # 8192 tokens per step: at 4096 the step spends a larger share outside the big matmuls
+    # (measured MFU ~0.45-0.5 at batch 16 against ~0.56-0.6 at 32, 2 idle cores).
+    "gpt2_10m": (GPT2_10M, 256, 32, 8, 4),
 }
 MATMUL_N = 2048
 
@@ -199,7 +211,7 @@ def bench_step(kind: str, model_name: str, quick: bool, mm: Callable[[], None]) 
     run, config, params = step_runner(model_dict, head, batch, seq)
     n_matmul = matmul_params(params, head)
     flops = flops_per_token(config, n_matmul, seq) * tokens
-    steps, reps = (1, 3) if quick else (2, 7)
+    steps, reps = (1, 3) if quick else (2, 5)
     walls, ratios, cpu_ratios, peaks = [], [], [], []
     for _ in range(reps):
         mm_wall, mm_cpu = matmul_rate(mm)
@@ -248,6 +260,7 @@ def main() -> None:
                 "device": jax.devices()[0].device_kind,
                 "cores": len(os.sched_getaffinity(0)),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                 "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "matmul": f"{MATMUL_N}x{MATMUL_N} f32",
                 "models": results,
