@@ -18,8 +18,17 @@ Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
   ppo_ptx    PPO-ptx: the same plus gamma_ptx x the pretraining LM loss
   eval       gold-judge win rates against SFT, constraints, alignment tax, plots
 
-Your own data: drop `world` from `config.stages` and point `--config.data.<kind>=FILE`
-(pretrain, demonstrations, comparisons, prompts) and `--config.tokenizer.input` at files.
+Your own data: run the stages that do not need the synthetic world's gold scorers
+(`world`, `collect` and `eval` do) and point `--config.data.<kind>=FILE` (pretrain,
+demonstrations, comparisons, prompts) and `--config.tokenizer.input` at your files:
+
+    python -m instructrl.main --config=experiments/tiny_instructgpt.py --workdir=runs/mine \
+      --config.stages=tokenizer,pretrain,sft,rm,ppo_init,ppo,ppo_ptx \
+      --config.data.pretrain=text.jsonl --config.data.demonstrations=demos.jsonl \
+      --config.data.comparisons=rankings.jsonl --config.data.prompts=prompts.jsonl \
+      --config.tokenizer.input=text.jsonl,demos.jsonl
+
+(tests/test_byod.py runs exactly this on files it writes.)
 """
 
 import ml_collections
