@@ -162,4 +162,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.reference = "sft"
 
     config.smoke = smoke.default_config()
+    if arg.full:
+        add_large_size(config, model_config("small" if s else "large", vocab_size, max_len))
     return config
+
+
+LARGE_STAGES = "pretrain_large,sft_large,ppo_init_large,ppo_large,ppo_ptx_large"
+
+
+def add_large_size(config: ml_collections.ConfigDict, large: ml_collections.ConfigDict) -> None:
+    """`full`: the same recipe at a second model size (~9x the parameters), all methods at
+    both sizes, everything judged against the large SFT model (the paper's Figure 1).
+
+    The small-size stages keep their names and settings, so `full` in the workdir of a
+    default run (without its `eval/`) reuses them and trains only the large models. One RM
+    (trained from the small SFT model) serves both sizes, as the paper used one 6B RM for
+    all policy sizes (here the RM is the smaller model, as for the paper's 175B policy).
+    """
+    names = dict(pretrain="pretrain_large", sft="sft_large", ppo_init="ppo_init_large")
+    for small in ("pretrain", "sft", "ppo_init", "ppo", "ppo_ptx"):
+        c = ml_collections.ConfigDict(config[small].to_dict())
+        if small == "pretrain":
+            c.model = large  # trained from scratch at the large size; the rest inherit it
+        else:
+            c.init_from = names[c.init_from]
+        config[f"{small}_large"] = c
+    config.stages = config.stages.replace(",eval", f",{LARGE_STAGES},eval")
+    methods = "GPT={p},GPT (prompted)={p}:fewshot,SFT={s},PPO={o},PPO-ptx={x}"
+    config.eval.models = "; ".join(
+        f"{size}: " + methods.format(p=f"pretrain{t}", s=f"sft{t}", o=f"ppo{t}", x=f"ppo_ptx{t}")
+        for size, t in (("small", ""), ("large", "_large"))
+    )
+    config.eval.reference = "sft_large"

@@ -76,7 +76,8 @@ def setup_model(
 ) -> ModelSetup:
     """The model of stage `name`: the config of the stage named by `config.<name>.<init_key>`
     (its export's model_config.json, with dtype and remat from `config.model`), else
-    `config.model`; `<name>.dropout` >= 0 overrides."""
+    `config.model` updated by `config.<name>.model` when the stage has one (a stage that
+    trains another size from scratch); `<name>.dropout` >= 0 overrides."""
     c = config[name]
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("rules"))
@@ -90,6 +91,8 @@ def setup_model(
         for key in EXECUTION_KEYS:
             if key in config.model:
                 model_dict[key] = config.model[key]
+    elif c.get("model") is not None:  # a stage-level shape, e.g. the larger size of a sweep
+        model_dict = {**config.model.to_dict(), **c.model.to_dict()}
     else:
         model_dict = config.model.to_dict()
     if c.get("dropout", -1.0) >= 0:

@@ -1,0 +1,326 @@
+"""Summarises the `eval` results of several runs (seeds) of one experiment, as Markdown.
+
+    python -m instructrl.summarize RUN_DIR [RUN_DIR ...] [--eval_stage=eval] \
+        [--out=FILE.md] [--plot=FILE.png]
+
+Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/results.json`
+(instructrl/evaluate.py) is read and its seed taken from `RUN_DIR/config.json`. Prints:
+
+  - the runs, their seeds and the reference stage;
+  - win rate against the reference: a row per model type, a column per size, each cell
+    "mean ± sd (n runs)" with sd the sample standard deviation over runs (n - 1; "—" for
+    one run), then the per-seed values in the order the runs were given;
+  - per model, the mean over runs of gold score, constraint rate, stop rate, held-out NLL
+    and public-task accuracy (blank where missing; "(k/n)" where only k of n runs have it);
+  - RM validation accuracy and inter-labeler agreement, mean ± sd over runs.
+
+The spread over seeds is the number to quote across runs: each run's own stderr covers
+prompt sampling only, not the seed's effect on training. Runs must share the reference
+stage, the models (size, label, stage, few-shot, parameter count) and the eval settings;
+otherwise one error line names the two runs and the difference (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from instructrl import eval_plots
+from instructrl.errors import InputError
+
+# (results.json key, column heading) of the per-model means table.
+METRICS = (
+    ("gold_score", "gold score"),
+    ("constraint_rate", "constraints"),
+    ("stopped_rate", "stopped"),
+    ("heldout_nll", "held-out NLL"),
+    ("public_task_accuracy", "public task"),
+)
+# Settings that define what a win rate measures: runs that differ here are not seeds of one
+# experiment.
+SAME_SETTINGS = ("num_prompts", "num_samples", "temperature", "greedy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    run_dir: str
+    seed: int | None  # None: RUN_DIR/config.json is missing or has no "seed"
+    summary: dict  # the content of results.json
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    values: tuple[float | None, ...]  # one per run, in run order (None: missing)
+    mean: float | None  # over the present values
+    sd: float | None  # sample sd (n - 1) over the present values; None below 2
+    n: int  # runs with a value
+
+
+# ---------------------------------------------------------------- reading
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def load_run(run_dir: str, eval_stage: str = "eval") -> Run:
+    path = os.path.join(run_dir, eval_stage, "results.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not found (run the {eval_stage} stage first)")
+    summary = _read_json(path)
+    for key in ("reference", "settings", "models", "reward_models", "labelers"):
+        if key not in summary:
+            raise InputError(f"{path}: no '{key}' key (not an eval results.json?)")
+    if not summary["models"]:
+        raise InputError(f"{path}: 'models' is empty")
+    for i, m in enumerate(summary["models"]):
+        missing = [k for k in ("size", "label", "stage", "params") if k not in m]
+        if missing:
+            raise InputError(f"{path}: models[{i}] has no {', '.join(missing)}")
+    config_path = os.path.join(run_dir, "config.json")
+    seed = _read_json(config_path).get("seed") if os.path.isfile(config_path) else None
+    return Run(run_dir, seed, summary)
+
+
+def _model_key(m: Mapping[str, Any]) -> tuple[str, str]:
+    return m["size"], m["label"]
+
+
+def _describe(m: Mapping[str, Any]) -> str:
+    fewshot = ":fewshot" if m.get("fewshot") else ""
+    size = f"{m['size']}: " if m["size"] else ""
+    return f"{size}{m['label']}={m['stage']}{fewshot} ({m['params']} params)"
+
+
+def check_consistent(runs: Sequence[Run]) -> None:
+    """InputError naming the first run, another run and how they differ, unless all runs
+    share the reference stage, the eval settings and the models."""
+    first = runs[0]
+    seen = {os.path.realpath(first.run_dir): first.run_dir}
+    for run in runs[1:]:
+        real = os.path.realpath(run.run_dir)
+        if real in seen:
+            raise InputError(f"{seen[real]} and {run.run_dir}: the same run given twice")
+        seen[real] = run.run_dir
+        where = f"{first.run_dir} and {run.run_dir}"
+        a, b = first.summary, run.summary
+        if a["reference"]["stage"] != b["reference"]["stage"]:
+            raise InputError(
+                f"{where}: different reference stages "
+                f"('{a['reference']['stage']}' vs '{b['reference']['stage']}')"
+            )
+        for key in SAME_SETTINGS:
+            if a["settings"].get(key) != b["settings"].get(key):
+                raise InputError(
+                    f"{where}: different eval settings ({key} = "
+                    f"{a['settings'].get(key)!r} vs {b['settings'].get(key)!r})"
+                )
+        ma = {_model_key(m): _describe(m) for m in a["models"]}
+        mb = {_model_key(m): _describe(m) for m in b["models"]}
+        if ma != mb:
+            only_a = [v for k, v in ma.items() if mb.get(k) != v]
+            only_b = [v for k, v in mb.items() if ma.get(k) != v]
+            raise InputError(
+                f"{where}: different models (only in the first: {'; '.join(only_a) or '-'}; "
+                f"only in the second: {'; '.join(only_b) or '-'})"
+            )
+
+
+# ---------------------------------------------------------------- statistics
+def stat(values: Sequence[float | None]) -> Stat:
+    """Mean and sample sd (n - 1) over the values that are not None."""
+    present = [float(v) for v in values if v is not None]
+    return Stat(
+        values=tuple(values),
+        mean=statistics.fmean(present) if present else None,
+        sd=statistics.stdev(present) if len(present) > 1 else None,
+        n=len(present),
+    )
+
+
+def model_stats(runs: Sequence[Run], key: str) -> dict[tuple[str, str], Stat]:
+    """{(size, label): Stat of field `key` over runs} in the first run's model order; a model
+    without the field (or with null) counts as missing in that run."""
+    by_run = [{_model_key(m): m for m in run.summary["models"]} for run in runs]
+    return {
+        k: stat([models[k].get(key) for models in by_run])
+        for k in map(_model_key, runs[0].summary["models"])
+    }
+
+
+def list_stats(runs: Sequence[Run], section: str, field: str) -> dict[str, Stat]:
+    """{stage: Stat of `field`} over runs for the entries of `reward_models` or `labelers`."""
+    stages = list(dict.fromkeys(e["stage"] for run in runs for e in run.summary[section]))
+    out = {}
+    for stage in stages:
+        values = []
+        for run in runs:
+            entry = next((e for e in run.summary[section] if e["stage"] == stage), None)
+            values.append(None if entry is None else entry.get(field))
+        out[stage] = stat(values)
+    return out
+
+
+# ---------------------------------------------------------------- Markdown
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def mean_sd_cell(s: Stat) -> str:
+    if s.n == 0:
+        return "—"
+    return f"{s.mean:.3f} ± {_num(s.sd)} ({s.n} run{'s' if s.n != 1 else ''})"
+
+
+def per_seed_cell(s: Stat) -> str:
+    return " / ".join(_num(v) for v in s.values)
+
+
+def _mean_cell(s: Stat, runs: int) -> str:
+    if s.n == 0:
+        return ""
+    return f"{s.mean:.3f}" + (f" ({s.n}/{runs})" if s.n < runs else "")
+
+
+def seed_name(run: Run) -> str:
+    return f"seed {'?' if run.seed is None else run.seed}"
+
+
+def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = "") -> str:
+    """The whole summary (the module doc); `plot` is a PNG path to link, relative to where
+    the Markdown is written."""
+    first = runs[0].summary
+    cols = eval_plots.sizes(first)
+    heads = dict(cols)
+    n = len(runs)
+    s = first["settings"]
+    out = [
+        f"# {n} run{'s' if n != 1 else ''} ({', '.join(map(seed_name, runs))}), "
+        f"reference stage {first['reference']['stage']}",
+        "",
+        f"Runs: {', '.join(r.run_dir for r in runs)} (stage {eval_stage}); "
+        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
+        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2.",
+        "",
+        f"## Win rate against {first['reference']['stage']}",
+        "",
+        "mean ± sample sd over runs; per seed in the order of the runs above.",
+        "",
+    ]
+    wins = model_stats(runs, "win_rate")
+    seed_heads = ["per seed"] if len(cols) == 1 else [f"per seed ({h})" for _, h in cols]
+    rows = []
+    for label in eval_plots.labels(first):
+        found = [wins.get((size, label)) for size, _ in cols]
+        rows.append(
+            [
+                label,
+                *(mean_sd_cell(w) if w else "—" for w in found),
+                *(per_seed_cell(w) if w else "—" for w in found),
+            ]
+        )
+    out += [eval_plots._table(["model", *heads.values(), *seed_heads], rows), ""]
+
+    out += ["## Quality, constraints, alignment tax (mean over runs)", ""]
+    means = {key: model_stats(runs, key) for key, _ in METRICS}
+    rows = [
+        [
+            f"{m['label']} [{heads[m['size']]}]",
+            *(_mean_cell(means[key][_model_key(m)], n) for key, _ in METRICS),
+        ]
+        for m in first["models"]
+    ]
+    out += [eval_plots._table(["model", *(h for _, h in METRICS)], rows), ""]
+
+    rm = list_stats(runs, "reward_models", "val_accuracy")
+    agree = list_stats(runs, "labelers", "inter_labeler_agreement")
+    parts = [f"RM validation accuracy ({k}): {mean_sd_cell(v)}" for k, v in rm.items()]
+    parts += [f"inter-labeler agreement ({k}): {mean_sd_cell(v)}" for k, v in agree.items()]
+    paper = first.get("paper") or {}
+    if paper:
+        parts.append(f"paper: ~{paper['rm_accuracy']:.2f} / {paper['inter_labeler_agreement']:.3f}")
+    out.append("; ".join(parts) + "." if parts else "No reward model or labeler results.")
+    if plot:
+        out += ["", f"![mean win rate]({plot})"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- plot
+def plot_mean_win_rates(runs: Sequence[Run], path: str) -> None:
+    """Bars: mean win rate per model type, one bar per size side by side, sd error bars;
+    dots: the runs' own values; dashed line: 1/2 (as good as the reference)."""
+    first = runs[0].summary
+    cols = eval_plots.sizes(first)
+    names = eval_plots.labels(first)
+    wins = model_stats(runs, "win_rate")
+    fig, (ax,) = eval_plots._figure(max(5.0, 1.2 * len(names) + 2), 4.5)
+    width = 0.8 / len(cols)
+    for j, (size, head) in enumerate(cols):
+        xs, ys, es = [], [], []
+        for i, label in enumerate(names):
+            w = wins.get((size, label))
+            if w is None or w.n == 0:
+                continue
+            x = i + (j - (len(cols) - 1) / 2) * width
+            xs.append(x)
+            ys.append(w.mean)
+            es.append(w.sd or 0.0)
+            dots = [v for v in w.values if v is not None]
+            ax.plot([x] * len(dots), dots, "k.", markersize=4, zorder=3)
+        ax.bar(xs, ys, width=width * 0.9, yerr=es if any(es) else None, capsize=4, label=head)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate against {first['reference']['stage']}")
+    n = len(runs)
+    ax.set_title(f"Mean win rate over {n} run{'s' if n != 1 else ''} (error bars: sd over runs)")
+    ax.legend(title="model size")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m instructrl.summarize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="workdir of one run")
+    parser.add_argument("--eval_stage", default="eval", help="name of the eval stage")
+    parser.add_argument("--out", default="", help="also write the Markdown to this file")
+    parser.add_argument("--plot", default="", help="write a PNG bar chart of mean win rates")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(d, args.eval_stage) for d in args.run_dirs]
+        check_consistent(runs)
+        link = ""
+        if args.plot:
+            plot_mean_win_rates(runs, args.plot)
+            # The Markdown links the plot relative to where it is written.
+            base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
+            link = os.path.relpath(os.path.abspath(args.plot), base)
+        text = summary_markdown(runs, args.eval_stage, plot=link)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+    except (InputError, OSError) as e:  # OSError: unreadable input, unwritable --out/--plot
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seeds = [r.seed for r in runs if r.seed is not None]
+    if len(set(seeds)) < len(seeds):
+        print(f"warning: repeated seeds among the runs ({seeds})", file=sys.stderr)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
