@@ -66,7 +66,7 @@ def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.Con
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0)
+    arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0, rounds=2)
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
@@ -116,14 +116,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sft.log_every = 5 if s else 25
 
     config.collect = collect.default_config()
+    config.collect.policies = "sft"
     config.collect.seed = arg.seed
     config.collect.calibrate = not s  # untrained smoke models give no agreement to fit
 
     config.rm = reward.default_config()
     config.rm.init_from = "sft"
     config.rm.batch_size = 8 if s else 32
-    config.rm.num_epochs = 1  # paper: more overfits
-    config.rm.optimizer.lr = 1e-3 if s else 3e-4
+    # Deviation: the paper trains 1 epoch (more overfits at 33k prompts); at 1.5k prompts
+    # 3 epochs raise accuracy against the gold judge (0.55 -> 0.65 on held-out SFT samples).
+    config.rm.num_epochs = 1 if s else 3
+    config.rm.optimizer.lr = 1e-3
     config.rm.log_every = 5 if s else 10
     config.rm.normalize_num = 64 if s else 512
 
@@ -162,9 +165,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.reference = "sft"
 
     config.smoke = smoke.default_config()
+    if arg.rounds == 2:
+        add_second_round(config, s)
+    elif arg.rounds != 1:
+        raise config_lib.ConfigError(f"config argument 'rounds' must be 1 or 2, got {arg.rounds}")
     if arg.full:
         add_large_size(config, model_config("small" if s else "large", vocab_size, max_len))
     return config
+
+
+def add_second_round(config: ml_collections.ConfigDict, smoke_run: bool) -> None:
+    """A second round of comparisons on samples of a first PPO policy (`ppo_1`), and the RM
+    retrained on both rounds (`rm_2`) for the final PPO and PPO-ptx.
+
+    Deviation (method.md has one RM): a first RM trained only on SFT samples never sees what
+    PPO will say; here PPO against it collapses to single numbers (" 3") and empty answers
+    for every instruction family. Labelers ranking those answers next to SFT samples, as
+    in iterated ("online") RLHF, teach the RM what they are worth. `rounds=1` is the paper's
+    single-round pipeline.
+    """
+    config.ppo_1 = ml_collections.ConfigDict(config.ppo.to_dict())
+    config.ppo_1.num_iterations = 3 if smoke_run else 30
+    config.collect_2 = ml_collections.ConfigDict(config.collect.to_dict())
+    config.collect_2.policies = "sft,ppo_1"
+    config.collect_2.seed = config.collect.seed + 1
+    config.rm_2 = ml_collections.ConfigDict(config.rm.to_dict())
+    config.rm_2.data = ml_collections.ConfigDict(
+        dict(comparisons="@collect/comparisons.jsonl,@collect_2/comparisons.jsonl")
+    )
+    config.ppo.reward_from = "rm_2"
+    config.ppo_ptx.reward_from = "rm_2"
+    config.stages = config.stages.replace(",ppo,", ",ppo_1,collect_2,rm_2,ppo,")
+    config.eval.rm_from = "rm,rm_2"
+    config.eval.collect_from = "collect,collect_2"
 
 
 LARGE_STAGES = "pretrain_large,sft_large,ppo_init_large,ppo_large,ppo_ptx_large"

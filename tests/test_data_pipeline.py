@@ -42,6 +42,7 @@ def env(tmp_path_factory):
     cmps = synthetic.synthetic_records("comparisons", 16, k_range=(2, 5), **SHORT)
     cmps[0]["ties"] = [[cmps[0]["ranking"][0], cmps[0]["ranking"][1]]]
     cmps[1] = {"prompt": "pairwise", "chosen": "yes", "rejected": "no"}
+    cmps[3] = dict(cmps[3], responses=["", *cmps[3]["responses"][1:]])  # an immediate stop
     cmps[2] = dict(
         cmps[2], responses=["a", "b", "c", "d"], ranking=[3, 0, 1, 2], ties=[[3, 0], [1, 2]]
     )

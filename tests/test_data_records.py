@@ -27,6 +27,7 @@ CASES = [
     ("demonstrations", '{"prompt": 3, "completion": "b"}', "wrong_type", "field 'prompt' must be a string, got number"),
     ("demonstrations", '{"prompt": " \\n ", "completion": "b"}', "empty_string", "field 'prompt' is empty"),
     ("pretrain", '{"text": ""}', "empty_string", "field 'text' is empty"),
+    ("comparisons", '{"prompt": " ", "responses": ["", "b"], "ranking": [1, 0]}', "empty_string", "field 'prompt' is empty"),
     ("prompts", '{"id": 1}', "missing_field", "missing field 'prompt'"),
     ("comparisons", '{"prompt": "p", "responses": ["a"], "ranking": [0]}', "too_few_responses", "needs at least 2 responses, got 1"),
     ("comparisons", '{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "duplicate_responses", "responses 0 and 2 are identical"),
@@ -151,6 +152,14 @@ def test_pairwise_becomes_k2_ranking_and_extra_prompt_fields_pass_through(tmp_pa
     path.write_text(json.dumps({"prompt": "p", "chosen": "good", "rejected": "bad"}) + "\n")
     (r,), _ = read_records("comparisons", str(path))
     assert r.data == {"prompt": "p", "responses": ["good", "bad"], "ranking": [0, 1], "ties": []}
+    # An empty answer (the policy stopped at once) is a response to rank; an empty prompt
+    # is not a prompt.
+    path.write_text(json.dumps({"prompt": "p", "responses": ["", "a"], "ranking": [1, 0]}) + "\n")
+    (r,), _ = read_records("comparisons", str(path))
+    assert r.data["responses"] == ["", "a"]
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": ""}) + "\n")
+    (r,), _ = read_records("comparisons", str(path))
+    assert r.data["responses"] == ["a", ""]
     path.write_text(json.dumps({"prompt": "p", "id": 7, "meta": {"a": [1]}}) + "\n")
     (r,), _ = read_records("prompts", str(path))
     assert r.data == {"prompt": "p", "id": 7, "meta": {"a": [1]}}

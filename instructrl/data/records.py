@@ -155,17 +155,20 @@ def _json_type(v: Any) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
 
 
-def _string(obj: dict[str, Any], key: str, label: str | None = None) -> str:
+def _string(obj: dict[str, Any], key: str, label: str | None = None, allow_empty=False) -> str:
     label = label or key
     if key not in obj:
         raise InvalidRecord("missing_field", f"missing field '{label}'")
-    return _check_string(obj[key], label)
+    return _check_string(obj[key], label, allow_empty)
 
 
-def _check_string(v: Any, label: str) -> str:
+def _check_string(v: Any, label: str, allow_empty: bool = False) -> str:
+    """A string field; `allow_empty` for ranked responses: an answer that is nothing but the
+    stop token is something a policy does say, and a labeler ranks it (the RM must learn
+    what it is worth, or PPO finds it)."""
     if not isinstance(v, str):
         raise InvalidRecord("wrong_type", f"field '{label}' must be a string, got {_json_type(v)}")
-    if not v.strip():
+    if not allow_empty and not v.strip():
         raise InvalidRecord("empty_string", f"field '{label}' is empty")
     return v
 
@@ -222,7 +225,7 @@ def _comparison(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
             "ambiguous_format", "has both 'responses'/'ranking' and 'chosen'/'rejected'"
         )
     if pairwise:
-        responses = [_string(obj, "chosen"), _string(obj, "rejected")]
+        responses = [_string(obj, k, allow_empty=True) for k in ("chosen", "rejected")]
         ranking = [0, 1]
     else:
         if "responses" not in obj:
@@ -234,7 +237,7 @@ def _comparison(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
             raise InvalidRecord(
                 "wrong_type", f"field 'responses' must be a list, got {_json_type(raw)}"
             )
-        responses = [_check_string(r, f"responses[{i}]") for i, r in enumerate(raw)]
+        responses = [_check_string(r, f"responses[{i}]", True) for i, r in enumerate(raw)]
         if "ranking" not in obj:
             raise InvalidRecord("missing_field", "missing field 'ranking'")
         ranking = _int_list(obj["ranking"], "ranking")

@@ -1,6 +1,6 @@
 """Stage `collect`: comparison data the way the paper gathered it.
 
-For each prompt of `prompts`, K responses (K uniform in [k_min, k_max]; empty ones are dropped) are sampled at
+For each prompt of `prompts`, K responses (K uniform in [k_min, k_max]; empty answers included) are sampled at
 temperature 1 from the models exported by the stages in `policies` (e.g. "sft,pretrain":
 the SFT and base models, alternating), and a simulated labeler from `LabelerPool` ranks
 them (instructrl/labelers.py). With `calibrate`, the pool's noise is first fitted so that
@@ -80,9 +80,10 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             seed=c.seed * 1000 + j, temperature=c.temperature,
         )  # fmt: skip
         for i, t, s in zip(rows, texts, stops, strict=True):
-            if t.strip():  # an immediate EOS has no text to show a labeler (nor to store)
-                responses[i].append(t)
-                stopped[i].append(s)
+            # Empty answers (an immediate stop token) are kept and ranked: an RM that never
+            # saw one scores it arbitrarily, and PPO then learns to say nothing.
+            responses[i].append(t)
+            stopped[i].append(s)
         logging.info(
             "collect: sample %d/%d from %s (%d prompts)", j + 1, c.k_max, policy, len(rows)
         )

@@ -110,9 +110,21 @@ def setup_model(
     return ModelSetup(model, model_dict, init_dir, mesh, rules, abstract, shardings, dummy)
 
 
-def data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """config.data with `@stage/...` paths resolved and the tfds folder defaulted to DIR/tfds."""
-    data = inputs.resolve_data_paths(config.data, workdir)
+def data_config(
+    config: ml_collections.ConfigDict, workdir: str, name: str | None = None
+) -> ml_collections.ConfigDict:
+    """config.data, updated by `config.<name>.data` when stage `name` has one (e.g. a second
+    RM round trained on `comparisons="@collect/comparisons.jsonl,@collect_2/comparisons.jsonl"`),
+    with `@stage/...` paths resolved and the tfds folder defaulted to DIR/tfds."""
+    data = config.data
+    own = config[name].get("data") if name else None
+    if own is not None:
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        for key, value in own.items():
+            if key not in data:
+                raise ConfigError(f"config key '{name}.data.{key}' is not a key of config.data")
+            data[key] = value
+    data = inputs.resolve_data_paths(data, workdir)
     data.tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
     return data
 

@@ -88,7 +88,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
 
     # ---- data
     tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
-    data_cfg = driver.data_config(config, workdir)
+    data_cfg = driver.data_config(config, workdir, name)
     shard_index, shard_count = sharding.data_shard_info(mesh)
     data_kind = "demonstrations" if kind == "sft" else "pretrain"
     built = inputs.build_data(data_kind, data_cfg, tokenizer)

@@ -45,6 +45,7 @@ DRIVER_KEYS = (
     "gold_every",
     "checkpoint_every",
     "max_to_keep",
+    "data",  # optional per-stage overrides of config.data (driver.data_config)
 )
 
 
@@ -85,7 +86,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         reward=reward_model,
         value=None if cfg.value_head_on_policy else reward_model,
     )
-    data_cfg = driver.data_config(config, workdir)
+    data_cfg = driver.data_config(config, workdir, name)
     data_cfg.ptx_ratio = cfg.ptx_ratio if cfg.ptx_coef > 0 else 0.0
     total_len = data_cfg.max_prompt_len + cfg.max_new_tokens
     for who, mc in (("init_from", setup.model.config), ("reward_from", rm_config)):

@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- data
     tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
-    data_cfg = driver.data_config(config, workdir)
+    data_cfg = driver.data_config(config, workdir, name)
     shard_index, shard_count = sharding.data_shard_info(mesh)
     built = inputs.build_data("comparisons", data_cfg, tokenizer)
     if data_cfg.max_responses == 0:  # one K_max for train and validation batches
@@ -264,7 +264,7 @@ def mean_greedy_score(config, name, workdir, setup, params) -> float:
     rm_dir = inputs.export_dir(config, name, "select_reward_from", workdir)
     tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
     rm = RewardModel.load(rm_dir, tokenizer)
-    data_cfg = driver.data_config(config, workdir)
+    data_cfg = driver.data_config(config, workdir, name)
     data_cfg.ptx_ratio = 0.0
     built = inputs.build_data("prompts", data_cfg, tokenizer)
     split = "validation" if "validation" in built.sources else "train"
