@@ -27,6 +27,22 @@ def pairwise_outcomes(model_scores: np.ndarray, ref_scores: np.ndarray) -> np.nd
     return np.mean(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)), axis=(1, 2))
 
 
+def ranking_accuracy(scores: np.ndarray, gold: np.ndarray) -> tuple[float | None, int]:
+    """How well `scores` [N, K] (e.g. an RM's) order K responses of each prompt as the gold
+    judge does (gold [N, K]): over the within-prompt pairs whose gold scores differ, the share
+    ordered alike (equal `scores` count 1/2), and the number of such pairs (None when 0)."""
+    s = np.asarray(scores, np.float64)
+    g = np.asarray(gold, np.float64)
+    k = g.shape[1]
+    upper = np.triu(np.ones((k, k), bool), 1)[None]
+    ds = s[:, :, None] - s[:, None, :]
+    dg = g[:, :, None] - g[:, None, :]
+    pairs = upper & (dg != 0)
+    credit = np.where(ds == 0, 0.5, (np.sign(ds) == np.sign(dg)).astype(np.float64))
+    n = int(pairs.sum())
+    return (float(credit[pairs].mean()) if n else None), n
+
+
 def win_rate(outcomes: Sequence[float]) -> dict[str, float | int | None]:
     """{"win_rate", "stderr" (None for one prompt), "n"} of per-prompt outcomes."""
     mean, se = labelers.win_rate_with_stderr(outcomes)

@@ -248,6 +248,15 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     ]
     rows += [
         [
+            f"RM {r['stage']}",
+            f"accuracy vs gold judge (reference samples, {r['gold_pairs']} pairs)",
+            _fmt(r.get("gold_accuracy")),
+        ]
+        for r in summary["reward_models"]
+        if "gold_pairs" in r
+    ]
+    rows += [
+        [
             f"labelers ({r['stage']})",
             "inter-labeler agreement",
             _fmt(r.get("inter_labeler_agreement")),

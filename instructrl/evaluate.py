@@ -54,9 +54,11 @@ from instructrl.eval_metrics import (
     batched_nll,
     constraints_kept,
     pairwise_outcomes,
+    ranking_accuracy,
     text_windows,
     win_rate,
 )
+from instructrl.reward_model import RewardModel
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
 from instructrl.tokenizer import Tokenizer
@@ -205,6 +207,22 @@ def sample_responses(
         [stopped[i * k : (i + 1) * k] for i in range(len(prompts))],
         new_tokens,
     )
+
+
+def rm_gold_accuracy(name, workdir, rm_stage, tokenizer, prompts, ref) -> dict:
+    """The RM's ranking accuracy against the gold judge on the reference's held-out samples
+    (pairs of one prompt with different gold scores): what PPO will optimise, measured where
+    the labelers' noise plays no part."""
+    export = os.path.join(inputs.stage_dir(workdir, rm_stage), inputs.EXPORT_DIR)
+    rm = RewardModel.load(export, tokenizer)
+    k = len(ref["texts"][0])
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    flat_texts = [t for ts in ref["texts"] for t in ts]
+    flat_stopped = [s for ss in ref["stopped"] for s in ss]
+    raw = rm.score(flat_prompts, flat_texts, stopped=flat_stopped, raw=True)
+    accuracy, pairs = ranking_accuracy(raw.reshape(len(prompts), k), ref["scores"])
+    logging.info("%s: RM %s orders %s of %d gold pairs", name, rm_stage, accuracy, pairs)
+    return {"gold_accuracy": accuracy, "gold_pairs": pairs}
 
 
 def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
@@ -448,7 +466,12 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- RM accuracy vs labeler agreement, PPO curves
     reward_models = [
-        {"stage": s, **_read_json(workdir, s, "results.json")} for s in stage_list(c.rm_from)
+        {
+            "stage": s,
+            **_read_json(workdir, s, "results.json"),
+            **rm_gold_accuracy(name, workdir, s, tokenizer, prompts, samples[0]),
+        }
+        for s in stage_list(c.rm_from)
     ]
     labeler_stats = [
         {"stage": s, **_read_json(workdir, s, "labelers.json")} for s in stage_list(c.collect_from)

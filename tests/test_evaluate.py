@@ -62,6 +62,30 @@ def test_pairwise_outcomes_match_gold_judge_loop():
     np.testing.assert_allclose(eval_metrics.pairwise_outcomes(got_m, got_r), expected)
 
 
+def test_ranking_accuracy_matches_a_pair_loop():
+    """RM-vs-gold accuracy: pairs of one prompt with different gold scores; equal RM scores
+    count 1/2; gold ties and other prompts' responses never pair."""
+    rng = np.random.default_rng(1)
+    for n, k in ((1, 2), (7, 4), (20, 6)):
+        gold = rng.choice([0.0, 0.2, 0.5, 1.0], size=(n, k))
+        rm = rng.choice([-1.0, 0.0, 0.3, 2.0], size=(n, k))  # few values: RM ties happen
+        credit = []
+        for i in range(n):
+            for a in range(k):
+                for b in range(a + 1, k):
+                    if gold[i, a] == gold[i, b]:
+                        continue
+                    if rm[i, a] == rm[i, b]:
+                        credit.append(0.5)
+                    else:
+                        credit.append(float((rm[i, a] > rm[i, b]) == (gold[i, a] > gold[i, b])))
+        got, pairs = eval_metrics.ranking_accuracy(rm, gold)
+        assert pairs == len(credit)
+        assert got == (pytest.approx(np.mean(credit)) if credit else None)
+    assert eval_metrics.ranking_accuracy(np.zeros((3, 2)), np.ones((3, 2))) == (None, 0)
+    assert eval_metrics.ranking_accuracy([[1.0, 0.0]], [[0.0, 1.0]]) == (0.0, 1)
+
+
 def test_constraints_kept():
     one = {"family": "one_word", "params": {}}
     assert eval_metrics.constraints_kept(one, " owl")
@@ -314,6 +338,16 @@ def workdir(tmp_path_factory):
     config.sft.update(num_steps=8, log_every=4, select_by="last")
     main.run(config, root)
     shutil.copytree(os.path.join(root, "sft", "export"), os.path.join(root, "ppo", "export"))
+    # A random-init scalar-head RM on the SFT shape (eval measures it against the gold judge)
+    from flax.core.meta import unbox
+
+    from instructrl.checkpoint import export_params, load_exported
+
+    _, model_dict = load_exported(os.path.join(root, "sft", "export"))
+    rm = Transformer(ModelConfig.from_dict(model_dict), head="scalar")
+    x = jnp.ones((1, 8), jnp.int32)
+    rm_params = unbox(rm.init(jax.random.key(3), x, positions_from_mask(x), x)["params"])
+    export_params(rm_params, model_dict, os.path.join(root, "rm", "export"))
     with open(os.path.join(root, "ppo", "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in _ppo_rows())
     for stage, name, content in (
@@ -364,6 +398,31 @@ def _naive_heldout_nll(workdir: str, stage: str, num_docs: int, window: int = 12
     return total / count
 
 
+def lines_of(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_rm_gold_accuracy(workdir: str, rm_result: dict, samples: list[dict]) -> None:
+    """The RM's accuracy vs gold on the reference samples, recomputed one pair at a time."""
+    from instructrl.reward_model import RewardModel
+    from instructrl.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(os.path.join(workdir, "tokenizer", "tokenizer.model"))
+    rm = RewardModel.load(os.path.join(workdir, "rm", "export"), tok)
+    credit = []
+    for x in (x for x in samples if x["label"] == "reference"):
+        k = len(x["responses"])
+        raw = rm.score([x["prompt"]] * k, x["responses"], stopped=x["stopped"], raw=True)
+        for a, b in itertools.combinations(range(k), 2):
+            ga, gb = x["gold_scores"][a], x["gold_scores"][b]
+            if ga != gb:
+                same = (raw[a] > raw[b]) == (ga > gb)
+                credit.append(0.5 if raw[a] == raw[b] else float(same))
+    assert rm_result["gold_pairs"] == len(credit) > 0
+    assert rm_result["gold_accuracy"] == pytest.approx(np.mean(credit))
+
+
 @pytest.mark.slow
 def test_eval_stage_end_to_end(workdir, capsys):
     models = "GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo"
@@ -386,6 +445,7 @@ def test_eval_stage_end_to_end(workdir, capsys):
     assert by_label["GPT (prompted)"]["heldout_nll"] is None  # the base model's tax is GPT's
     assert by_label["PPO"]["heldout_nll"] == pytest.approx(sft["heldout_nll"])  # same params
     assert results["reward_models"][0]["val_accuracy"] == 0.66
+    _check_rm_gold_accuracy(workdir, results["reward_models"][0], lines_of(out_dir))
     assert results["labelers"][0]["inter_labeler_agreement"] == 0.73
     assert results["ppo"][0]["stage"] == "ppo" and results["ppo"][0]["kl"] == pytest.approx(4.8)
     for name in results["plots"]:
