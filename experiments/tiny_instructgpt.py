@@ -3,7 +3,9 @@ r"""The built-in tiny InstructGPT experiment: the whole pipeline on a CPU in min
     python -m instructrl.main --config=experiments/tiny_instructgpt.py --workdir=runs/demo
 
 Arguments (big_vision style, after ':'): `smoke` shrinks everything to seconds (tests,
-notebooks); `full` runs both model sizes and all methods; `seed=N`. Example:
+notebooks); `full` adds a second model size (~9x the parameters) and compares all methods
+at both sizes against the large SFT model; `rounds=2` adds a second comparison round on a
+first PPO policy's samples (default 1, the paper's pipeline); `seed=N`. Example:
 `--config=experiments/tiny_instructgpt.py:smoke,seed=1`.
 
 Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
@@ -11,19 +13,25 @@ Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
   tokenizer  a SentencePiece model trained on its pretraining text and demonstrations
   pretrain   the base model: next-token loss on the pretraining corpus
   sft        supervised fine-tuning on demonstrations
-  collect    K = 4..9 samples per prompt from SFT and base models, ranked by simulated labelers
+  collect    K = 4..9 samples per prompt from the SFT model, ranked by simulated labelers
   rm         reward model on those rankings, normalised so demonstrations score mean 0
-  ppo_init   the PPO-init model: SFT with 10% pretraining data mixed in
-  ppo        PPO against the RM (policy and reference from ppo_init, value from the RM)
+  ppo_1      (rounds=2) a first PPO policy against `rm`
+  collect_2  (rounds=2) K samples per prompt from SFT and ppo_1, ranked by the labelers
+  rm_2       (rounds=2) the RM retrained on both rounds' comparisons
+  ppo        PPO against the last RM (policy and reference from SFT, value from the RM)
   ppo_ptx    PPO-ptx: the same plus gamma_ptx x the pretraining LM loss
-  eval       gold-judge win rates against SFT, constraints, alignment tax, plots
+  eval       gold-judge win rates against SFT, constraints, alignment tax, RM accuracy
+             against the gold judge, plots
+The paper's `ppo_init` (SFT with 10% pretraining data) is configured but not run by
+default: see the deviation noted at `config.ppo.init_from`.
 
 Your own data: run the stages that do not need the synthetic world's gold scorers
 (`world`, `collect` and `eval` do) and point `--config.data.<kind>=FILE` (pretrain,
 demonstrations, comparisons, prompts) and `--config.tokenizer.input` at your files:
 
-    python -m instructrl.main --config=experiments/tiny_instructgpt.py --workdir=runs/mine \
-      --config.stages=tokenizer,pretrain,sft,rm,ppo_init,ppo,ppo_ptx \
+    python -m instructrl.main --config=experiments/tiny_instructgpt.py:rounds=1 \
+      --workdir=runs/mine \
+      --config.stages=tokenizer,pretrain,sft,rm,ppo,ppo_ptx \
       --config.data.pretrain=text.jsonl --config.data.demonstrations=demos.jsonl \
       --config.data.comparisons=rankings.jsonl --config.data.prompts=prompts.jsonl \
       --config.tokenizer.input=text.jsonl,demos.jsonl
@@ -66,11 +74,11 @@ def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.Con
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0, rounds=2)
+    arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0, rounds=1)
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
-    config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo_init,ppo,ppo_ptx,eval"
+    config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo,ppo_ptx,eval"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     vocab_size = 384
@@ -109,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sft = sft.default_config()
     config.sft.init_from = "pretrain"
     config.sft.batch_size = 8 if s else 32
-    config.sft.num_epochs = 1 if s else 4
+    config.sft.num_epochs = 1 if s else 12  # validation loss still falls at 4 epochs
     config.sft.dropout = 0.0 if s else 0.1
     config.sft.optimizer.lr = 1e-3
     config.sft.select_by = "val_loss"
@@ -136,13 +144,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ppo_init.num_epochs = 1 if s else 2
 
     config.ppo = ppo.default_config()
-    config.ppo.init_from = "ppo_init"
+    # Deviation: the paper starts PPO from a "PPO-init" SFT run with 10% pretraining data
+    # mixed in (stage `ppo_init`, kept above for `stages=...,ppo_init,...`). This world's
+    # pretraining text mostly does NOT answer its instructions, so that mix unteaches them:
+    # measured (sft 12 epochs, seed 0) PPO-init gold score 0.208 vs SFT 0.325, win rate 0.39
+    # against SFT before any PPO. PPO therefore starts from the SFT model here.
+    config.ppo.init_from = "sft"
     config.ppo.reward_from = "rm"
     config.ppo.batch_size = 8 if s else 64
     config.ppo.num_minibatches = 2 if s else 4
     config.ppo.max_new_tokens = 32
     config.ppo.num_iterations = 3 if s else 60
-    config.ppo.kl_coef = 0.02
+    # Deviation: the paper's beta = 0.02 lets PPO over-optimise this RM, which orders held-out
+    # SFT samples like the gold judge only ~60% of the time (eval reports it): measured on
+    # seed 0, win rate vs SFT 0.43 at 0.02, 0.49-0.51 at 0.1.
+    config.ppo.kl_coef = 0.1
     config.ppo.ptx_coef = 0.0  # plain PPO
     config.ppo.ptx_ratio = 1.0 if s else 2.0
     config.ppo.optimizer.lr = 1e-3 if s else 2e-4
@@ -154,9 +170,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ppo_ptx = ppo.default_config()
     config.ppo_ptx.update(config.ppo.to_dict())
     # Deviation: the paper's gamma_ptx = 27.8 swamps the PPO term here, because this world's
-    # pretraining text mostly does NOT answer its instructions (measured on the default run:
-    # 27.8 -> 56% of responses never stop, gold score 0.12; 2.0 -> 8%, gold 0.20, like PPO).
-    config.ppo_ptx.ptx_coef = 2.0
+    # pretraining text mostly does NOT answer its instructions (27.8 -> 56% of responses never
+    # stop). Measured on seed 0 (beta 0.1): gamma 2.0 -> win rate 0.43, held-out NLL 1.11;
+    # 0.5 -> 0.47, NLL 1.47 (PPO: 4.29, SFT: 4.02).
+    config.ppo_ptx.ptx_coef = 0.5
 
     config.eval = evaluate.default_config()
     config.eval.models = (
@@ -165,7 +182,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.reference = "sft"
 
     config.smoke = smoke.default_config()
-    if arg.rounds == 2:
+    if arg.rounds == 2:  # measured on seed 0: no gain over one round (PPO 0.49 vs 0.51)
         add_second_round(config, s)
     elif arg.rounds != 1:
         raise config_lib.ConfigError(f"config argument 'rounds' must be 1 or 2, got {arg.rounds}")
@@ -200,7 +217,7 @@ def add_second_round(config: ml_collections.ConfigDict, smoke_run: bool) -> None
     config.eval.collect_from = "collect,collect_2"
 
 
-LARGE_STAGES = "pretrain_large,sft_large,ppo_init_large,ppo_large,ppo_ptx_large"
+LARGE_STAGES = "pretrain_large,sft_large,ppo_large,ppo_ptx_large"
 
 
 def add_large_size(config: ml_collections.ConfigDict, large: ml_collections.ConfigDict) -> None:
@@ -208,9 +225,9 @@ def add_large_size(config: ml_collections.ConfigDict, large: ml_collections.Conf
     both sizes, everything judged against the large SFT model (the paper's Figure 1).
 
     The small-size stages keep their names and settings, so `full` in the workdir of a
-    default run (without its `eval/`) reuses them and trains only the large models. One RM
-    (trained from the small SFT model) serves both sizes, as the paper used one 6B RM for
-    all policy sizes (here the RM is the smaller model, as for the paper's 175B policy).
+    default run (without its `eval/`) reuses them and trains only the large models. The
+    small run's last RM serves both sizes, as the paper used one 6B RM for all policy sizes
+    (here the RM is the smaller model, as for the paper's 175B policy).
     """
     names = dict(pretrain="pretrain_large", sft="sft_large", ppo_init="ppo_init_large")
     for small in ("pretrain", "sft", "ppo_init", "ppo", "ppo_ptx"):

@@ -47,7 +47,7 @@ import pytest
 from tests.conftest import REPO, subprocess_env
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
-STAGES = ("tokenizer", "pretrain", "sft", "rm", "ppo_init", "ppo", "ppo_ptx")
+STAGES = ("tokenizer", "pretrain", "sft", "rm", "ppo", "ppo_ptx")
 # The user's files: kind -> a name the world never writes.
 FILES = {
     "pretrain": "my_pretrain.jsonl",
@@ -140,7 +140,7 @@ class UserData:
 
     def run(self, workdir: str, stages, expect: int = 0, timeout: int = 600, **paths: str):
         command = [
-            sys.executable, "-m", "instructrl.main", f"--config={EXPERIMENT}:smoke",
+            sys.executable, "-m", "instructrl.main", f"--config={EXPERIMENT}:smoke,rounds=1",
             f"--workdir={workdir}", f"--config.stages={','.join(stages)}",
             *(f"--config.{k}={v}" for k, v in self.overrides(**paths).items()),
         ]  # fmt: skip
@@ -165,7 +165,7 @@ class UserData:
 def smoke_config():
     from instructrl import config as config_lib
 
-    return config_lib.load_config(f"{EXPERIMENT}:smoke")
+    return config_lib.load_config(f"{EXPERIMENT}:smoke,rounds=1")
 
 
 @pytest.fixture(scope="module")

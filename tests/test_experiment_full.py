@@ -1,15 +1,15 @@
 """The `full` argument of experiments/tiny_instructgpt.py: every method at two model sizes.
 
-`full` adds pretrain_large, sft_large, ppo_init_large, ppo_large and ppo_ptx_large (the same
+`full` adds pretrain_large, sft_large, ppo_large and ppo_ptx_large (the same
 recipe at a ~9x larger model) and judges all ten models against sft_large. Its small-size
 stages keep the names and settings of the default config, so `full` run in the workdir of a
 default run trains only the large models.
 
 What each test shows:
   every stage has a config section; the large chain mirrors   test_full_config_stages_and_chain
-    the small one: pretrain_large (own model) <- sft_large and
-    ppo_init_large; ppo_init_large <- ppo_large, ppo_ptx_large
-    (reward from the one RM); each large stage is its small
+    the small one: pretrain_large (own model) <- sft_large
+    <- ppo_large, ppo_ptx_large (reward from the small run's
+    last RM); each large stage is its small
     one's recipe; the small
     stages equal the default config's; eval compares both
     sizes against sft_large (smoke and non-smoke)
@@ -45,13 +45,13 @@ from instructrl.models import ModelConfig, Transformer
 from tests.conftest import REPO, subprocess_env
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
-SMALL = ("pretrain", "sft", "ppo_init", "ppo", "ppo_ptx")
+SMALL = ("pretrain", "sft", "ppo", "ppo_ptx")
 LARGE = tuple(f"{s}_large" for s in SMALL)
 LABELS = ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")
-# stage -> the stage its init_from must name (pretrain_large trains from scratch). PPO-init
-# is a separate SFT run from the pretrained model, as its small twin (docs/method.md).
-LARGE_INIT = {"sft_large": "pretrain_large", "ppo_init_large": "pretrain_large",
-              "ppo_large": "ppo_init_large", "ppo_ptx_large": "ppo_init_large"}  # fmt: skip
+# stage -> the stage its init_from must name (pretrain_large trains from scratch). PPO starts
+# from SFT, as its small twin (the experiment's documented deviation from PPO-init).
+LARGE_INIT = {"sft_large": "pretrain_large", "ppo_large": "sft_large",
+              "ppo_ptx_large": "sft_large"}  # fmt: skip
 
 
 def _config(arg: str):
@@ -94,7 +94,7 @@ def test_full_config_stages_and_chain(smoke):
         assert full[small].init_from + "_large" == parent, f"{stage} does not mirror {small}"
         assert full[stage].get("model") is None, f"{stage} must inherit its parent's model"
     for stage in ("ppo_large", "ppo_ptx_large"):
-        assert full[stage].reward_from == "rm", stage
+        assert full[stage].reward_from == full.ppo.reward_from == "rm", stage
     assert full.ppo_ptx_large.ptx_coef == full.ppo_ptx.ptx_coef > 0 == full.ppo_large.ptx_coef
 
     # each large stage is its small one's recipe, apart from what makes it large
