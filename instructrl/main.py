@@ -86,6 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage of `config.stages` not yet finished in `workdir`."""
     import jax
 
+    if "://" not in workdir:  # orbax (tensorstore) writes only to absolute local paths
+        workdir = os.path.abspath(workdir)
     names = config_lib.stage_names(config)
     runners = {name: stage_runner(config[name].kind) for name in names}
     if jax.process_index() == 0:

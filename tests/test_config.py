@@ -105,3 +105,22 @@ def test_main_rejects_missing_config_file_and_stray_flags(tmp_path):
         "--config=experiments/tiny_instructgpt.py:smoke", f"--workdir={tmp_path}", "--lr=3"
     )
     assert proc.returncode == 2 and "unknown flag '--lr=3'" in proc.stderr
+
+
+def test_relative_workdir_checkpoints_and_resumes(tmp_path):
+    """`make demo` passes --workdir=runs/demo: a relative folder must hold orbax
+    checkpoints (tensorstore wants absolute paths) and be found again on resume."""
+    experiment = os.path.join(REPO, "experiments", "tiny_instructgpt.py:smoke")
+    args = [
+        sys.executable, "-m", "instructrl.main", f"--config={experiment}",
+        "--workdir=runs/rel", "--config.stages=world,tokenizer,pretrain",
+        "--config.pretrain.num_steps=6", "--config.pretrain.checkpoint_every=2",
+    ]  # fmt: skip
+    for _ in range(2):  # the second run finds the finished stages in the same folder
+        proc = subprocess.run(
+            args, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(os.listdir(tmp_path / "runs" / "rel" / "pretrain" / "checkpoints"))
+    assert steps and all(s.isdigit() for s in steps) and "6" in steps
+    assert "stage pretrain: finished earlier, skipped" in proc.stderr

@@ -153,5 +153,5 @@ def test_ppo_notebook(notebook_env):
     assert len(out["png"]) >= 2  # training curves, KL vs reward
     tables = "\n".join(out["markdown"])
     assert "| policy | PPO reward | gold score |" in tables
-    for stage in ("ppo_init", "ppo", "ppo_ptx"):
+    for stage in ("sft", "ppo", "ppo_ptx"):  # the PPO stages start from SFT
         assert re.search(rf"^\| {stage} \| -?[0-9.]+ \| [0-9.]+ \|", tables, re.M)
