@@ -7,6 +7,7 @@ must never leak into the main pytest process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -110,3 +111,15 @@ def run_multiprocess(
     if failed:
         pytest.fail("\n".join(failed))
     return outs
+
+
+def tree_digest(folder: str) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative path -> hex digest): "nothing was
+    rewritten" checks compare it before and after a run."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out

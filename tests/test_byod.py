@@ -44,7 +44,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, tree_digest
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 STAGES = ("tokenizer", "pretrain", "sft", "rm", "ppo", "ppo_ptx")
@@ -72,16 +72,6 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def tree_digest(folder: str) -> dict[str, str]:
-    """sha256 of every file under `folder` (relative path -> hex digest)."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = _sha256(path)
-    return out
 
 
 def ranked_comparisons(prompt_records: list[dict], seed: int) -> list[dict]:

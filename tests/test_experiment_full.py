@@ -28,7 +28,6 @@ What each test shows:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ import pytest
 from instructrl import config as config_lib
 from instructrl import evaluate, train_lib
 from instructrl.models import ModelConfig, Transformer
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, tree_digest
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 SMALL = ("pretrain", "sft", "ppo", "ppo_ptx")
@@ -166,17 +165,6 @@ def _run(workdir: str, cache: str, timeout: float = 900) -> str:
     return proc.stdout + proc.stderr
 
 
-def _tree_digest(folder: str) -> dict[str, str]:
-    """sha256 of every file under `folder` (relative path -> hex digest)."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def _check_eval(workdir: str) -> dict:
     """The eval stage's outputs of a `smoke,full` run; returns results.json."""
     out = os.path.join(workdir, "eval")
@@ -244,7 +232,7 @@ def test_smoke_full_end_to_end_and_reuse(tmp_path):
         assert os.path.exists(os.path.join(second, name, "DONE")), f"{name}: no DONE"
     for name in stages:  # the small stages' folders are untouched
         if not _rerun(name):
-            assert _tree_digest(os.path.join(second, name)) == _tree_digest(
+            assert tree_digest(os.path.join(second, name)) == tree_digest(
                 os.path.join(first, name)
             ), f"stage {name} changed"
     again = _check_eval(second)

@@ -30,7 +30,6 @@ committed step all the same.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, subprocess_env
+from tests.conftest import REPO, free_port, subprocess_env, tree_digest
 
 CONFIG = '''
 """Tiny config for tests/test_stages.py. `mode=learn` (default): world, tokenizer, SFT that
@@ -243,17 +242,6 @@ def assert_params_equal(a, b, what: str) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype == np.float32, k
         assert np.array_equal(a[k], b[k]), f"{what}: {k} differs"
-
-
-def tree_digest(folder) -> dict[str, str]:
-    """sha256 of every file under `folder` (relative path -> hex digest)."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _wait_for_step(proc, workdir, stage: str, step: int, timeout: float = 240) -> bool:
