@@ -133,7 +133,8 @@ def _pm(m: Mapping[str, Any]) -> str:
     return f"{m['win_rate']:.3f} ± {se:.3f}" if se is not None else f"{m['win_rate']:.3f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -156,7 +157,7 @@ def main_table(summary: Mapping[str, Any]) -> str:
         f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
         f"{', greedy' if s['greedy'] else ''})"
     )
-    return title + "\n\n" + _table(["model", *(h for _, h in cols)], rows)
+    return title + "\n\n" + markdown_table(["model", *(h for _, h in cols)], rows)
 
 
 def results_markdown(summary: Mapping[str, Any]) -> str:
@@ -172,7 +173,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     fams = summary["settings"]["families"]
     out += ["## Win rate by family", ""]
     out.append(
-        _table(
+        markdown_table(
             ["model", *fams],
             [
                 [_name(m, heads)]
@@ -190,7 +191,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     out.append(
-        _table(
+        markdown_table(
             [
                 "model",
                 "stage",
@@ -225,7 +226,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     out.append(
-        _table(
+        markdown_table(
             ["model", "stage", "held-out NLL", "public (greedy)", "public (choice)"],
             [
                 [
@@ -270,11 +271,11 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             f"~{paper['rm_accuracy']:.2f} / {paper['inter_labeler_agreement']:.3f} ± 0.015",
         ]
     ]
-    out.append(_table(["what", "measure", "value"], rows))
+    out.append(markdown_table(["what", "measure", "value"], rows))
     if summary["ppo"]:
         out += ["", "## PPO training (last logged values)", ""]
         out.append(
-            _table(
+            markdown_table(
                 ["stage", "last step", *PPO_SERIES],
                 [
                     [p["stage"], str(p["last_step"]), *(_fmt(p[k]) for k in PPO_SERIES)]
@@ -288,7 +289,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- plots
-def _figure(width: float, height: float, ncols: int = 1):
+def figure(width: float, height: float, ncols: int = 1):
+    """A matplotlib Figure with `ncols` axes side by side, drawn off-screen (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -300,7 +302,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def plot_win_rates(summary: Mapping[str, Any], path: str) -> None:
     """The paper's Figure 1: x = model type, a line per size, error bars = 1 standard error."""
-    fig, (ax,) = _figure(7, 4.5)
+    fig, (ax,) = figure(7, 4.5)
     names = labels(summary)
     x = np.arange(len(names))
     for size, head in sizes(summary):
@@ -334,7 +336,7 @@ def plot_family_win_rates(summary: Mapping[str, Any], path: str) -> None:
             for m in models
         ]
     )
-    fig, (ax,) = _figure(1.0 + 0.8 * len(fams), 1.5 + 0.4 * len(models))
+    fig, (ax,) = figure(1.0 + 0.8 * len(fams), 1.5 + 0.4 * len(models))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdBu", aspect="auto")
     ax.set_xticks(np.arange(len(fams)), fams, rotation=30, ha="right")
     ax.set_yticks(np.arange(len(models)), [_name(m, heads) for m in models])
@@ -352,7 +354,7 @@ def plot_ppo_training(runs: Mapping[str, Sequence[Mapping]], path: str) -> bool:
     names = [n for n in PPO_SERIES if any(len(series(r, n)[0]) for r in runs.values())]
     if not names:
         return False
-    fig, axes = _figure(4 * len(names), 3.5, ncols=len(names))
+    fig, axes = figure(4 * len(names), 3.5, ncols=len(names))
     for ax, name in zip(axes, names, strict=True):
         for stage, rows in runs.items():
             steps, values = series(rows, name)
@@ -379,7 +381,7 @@ def plot_overoptimization(
     if not pairs:
         return False
     has_gold = any(len(g[0]) for _, _, g in pairs.values())
-    fig, axes = _figure(4.5 * (2 + has_gold), 3.8, ncols=2 + has_gold)
+    fig, axes = figure(4.5 * (2 + has_gold), 3.8, ncols=2 + has_gold)
     for stage, ((ks, kl), (ss, score), (gs, gold)) in pairs.items():
         axes[0].plot(*_by_step(ks, kl, ss, score), marker=".", label=stage)
         if has_gold and len(gs):

@@ -227,7 +227,7 @@ def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = 
                 *(per_seed_cell(w) if w else "—" for w in found),
             ]
         )
-    out += [eval_plots._table(["model", *heads.values(), *seed_heads], rows), ""]
+    out += [eval_plots.markdown_table(["model", *heads.values(), *seed_heads], rows), ""]
 
     out += ["## Quality, constraints, alignment tax (mean over runs)", ""]
     means = {key: model_stats(runs, key) for key, _ in METRICS}
@@ -238,7 +238,7 @@ def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = 
         ]
         for m in first["models"]
     ]
-    out += [eval_plots._table(["model", *(h for _, h in METRICS)], rows), ""]
+    out += [eval_plots.markdown_table(["model", *(h for _, h in METRICS)], rows), ""]
 
     rm = list_stats(runs, "reward_models", "val_accuracy")
     agree = list_stats(runs, "labelers", "inter_labeler_agreement")
@@ -261,7 +261,7 @@ def plot_mean_win_rates(runs: Sequence[Run], path: str) -> None:
     cols = eval_plots.sizes(first)
     names = eval_plots.labels(first)
     wins = model_stats(runs, "win_rate")
-    fig, (ax,) = eval_plots._figure(max(5.0, 1.2 * len(names) + 2), 4.5)
+    fig, (ax,) = eval_plots.figure(max(5.0, 1.2 * len(names) + 2), 4.5)
     width = 0.8 / len(cols)
     for j, (size, head) in enumerate(cols):
         xs, ys, es = [], [], []

@@ -117,13 +117,17 @@ def test_full_config_stages_and_chain(smoke):
 
     # eval: ten models in two size groups against the large SFT model
     assert full.eval.reference == "sft_large"
+    # (and, outside smoke, the gold-reward oracle at the small size)
     specs = evaluate.parse_models(full.eval.models, "eval.models")
+    oracle = [] if smoke else [("small", "PPO (gold reward)")]
     assert [(s.size, s.label) for s in specs] == [
-        (size, label) for size in ("small", "large") for label in LABELS
+        *(("small", label) for label in LABELS),
+        *oracle,
+        *(("large", label) for label in LABELS),
     ]
     for s in specs:
         want = {"GPT": "pretrain", "GPT (prompted)": "pretrain", "SFT": "sft", "PPO": "ppo",
-                "PPO-ptx": "ppo_ptx"}[s.label]  # fmt: skip
+                "PPO-ptx": "ppo_ptx", "PPO (gold reward)": "ppo_gold"}[s.label]  # fmt: skip
         assert s.stage == want + ("_large" if s.size == "large" else ""), s
         assert s.fewshot == (s.label == "GPT (prompted)")
 

@@ -21,6 +21,8 @@ What each test shows (the PPO stage "must show" list):
   SIGTERM -> checkpoint, exit 143, re-run completes      test_sigterm_exits_143_and_rerun_completes
     bit-identically (PPO-ptx: the pretraining stream's
     position is resumed too)
+  gold_reward: the score is scale x the gold score     test_gold_reward_scores_episodes_with_the_gold_scorer
+    the host computes from the same rollout
   a diverging run stops with "step N: loss is nan",      test_non_finite_metric_stops_the_run
     keeping the checkpoint before it and saving none after
 Same numbers on 1 device and a (2, 2, 2) mesh: tests/test_ppo.py covers the compiled core;
@@ -376,6 +378,22 @@ def test_rollout_and_update_compile_once(ref):
     _, log = ref
     for stage in ("ppo", "ppo_ptx"):
         assert_compiled_once(log, stage, f"{stage}, {ITERS} iterations")
+
+
+def test_gold_reward_scores_episodes_with_the_gold_scorer(env, ref, tmp_path):
+    """`gold_reward` (the oracle of experiments/tiny_instructgpt.py's `ppo_gold`): the score
+    entering the rewards is scale x the gold score that the host computes independently from
+    the same rollout (`gold_score`, stages/ppo.py gold_metrics), every iteration."""
+    workdir = env.copy_base(str(tmp_path / "run"))
+    env.run(workdir, "ppo", "--config.ppo.gold_reward=True", "--config.ppo.gold_reward_scale=2.5")
+    logged = read_metrics(workdir, "ppo")
+    assert [m["step"] for m in logged] == list(range(1, ITERS + 1))
+    for m in logged:
+        assert m["score_raw"] == pytest.approx(m["gold_score"], abs=1e-6), m["step"]
+        assert m["score"] == pytest.approx(2.5 * m["gold_score"], abs=1e-5), m["step"]
+    assert len({round(m["gold_score"], 6) for m in logged}) > 1  # not a constant
+    by_rm = read_metrics(ref[0], "ppo")
+    assert logged[0]["score_raw"] != by_rm[0]["score_raw"]  # the RM scored the same episodes
 
 
 def test_sigkill_then_rerun_is_bit_identical(env, ref, tmp_path):

@@ -13,6 +13,13 @@ Writes `DIR/<name>/metrics.jsonl` (one line per logged iteration: score, KL, β,
 timings, and `gold_score` when the prompts come from the synthetic world), checkpoints
 (state incl. EMA and KL controller, data position), and `export/` holding the EMA policy
 (the evaluated model, as in the paper) or the last policy when `ema_decay` is 0.
+
+`gold_reward=True` (not the paper's method: an oracle for the synthetic world) scores each
+episode with the world's gold scorer, `gold_reward_scale` x score in [0, 1], instead of the
+RM; the RM of `reward_from` still initialises the value network. Trained against the exact
+preference the evaluation judges by, it is the upper bound of what a perfect reward model
+would let PPO reach, so a run can tell a weak RM from weak RL (experiments/tiny_instructgpt.py
+`ppo_gold`). Single-process only: the scorer is a host callback.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ DRIVER_KEYS = (
     "num_iterations",
     "log_every",
     "gold_every",
+    "gold_reward",
+    "gold_reward_scale",
     "checkpoint_every",
     "max_to_keep",
     "data",  # optional per-stage overrides of config.data (driver.data_config)
@@ -61,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_iterations = 500
     c.log_every = 1
     c.gold_every = 0  # iterations; > 0 scores rollouts with the world's gold scorers
+    c.gold_reward = False  # True: the gold scorer replaces the RM (an oracle; see above)
+    c.gold_reward_scale = 1.0  # score = scale x gold score in [0, 1] (no RM normalisation)
     c.checkpoint_every = 50
     c.max_to_keep = 2
     return c
@@ -133,13 +144,18 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- the two compiled programs
     params_shardings = ppo.rollout_params_shardings(models, cfg, mesh, rules)
+    score_fn = None
+    gain, bias = rm.normalization.gain, rm.normalization.bias
+    if c.gold_reward:
+        score_fn = gold_score_fn(prompts, tokenizer, name)
+        gain, bias = float(c.gold_reward_scale), 0.0
+        logging.info("%s: episodes scored by the gold scorer x %g, not the RM", name, gain)
     rollout_fn = ppo.make_rollout_fn(
-        models, cfg, mesh=mesh, rules=rules, params_shardings=params_shardings
+        models, cfg, mesh=mesh, rules=rules, params_shardings=params_shardings, score_fn=score_fn
     )
     update_fn = ppo.make_update_fn(
         models, cfg, optimizer, mesh=mesh, rules=rules, state_shardings=state_shardings
     )
-    gain, bias = rm.normalization.gain, rm.normalization.bias
 
     # ---- loop
     step = int(jax.device_get(state.step))
@@ -203,15 +219,62 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
 
 def gold_metrics(rollout, index, prompts, tokenizer) -> dict[str, float]:
-    """Mean gold score (and stop rate) of a rollout's responses, for prompts of the
-    synthetic world; {} when the prompt records carry no task family."""
+    """Mean gold score of a rollout's responses, for prompts of the synthetic world; {} when
+    the prompt records carry no task family."""
     tokens, mask, index = sharding.to_host((rollout.response_tokens, rollout.response_mask, index))
-    scores = []
-    for row, m, i in zip(tokens, mask, index, strict=True):
-        record = prompt_record(prompts, int(i))
-        if "family" not in record:
-            return {}
-        ids = row[m > 0]
+    records = [prompt_record(prompts, int(i)) for i in index]
+    if any("family" not in r for r in records):
+        return {}
+    return {"gold_score": float(np.mean(gold_scores(records, tokens, mask, tokenizer)))}
+
+
+def gold_scores(records, response_tokens, response_mask, tokenizer) -> np.ndarray:
+    """float64 [B]: tasks.score of each decoded response (mask 1 up to and including the stop
+    token; a response whose last real token is not EOS never stopped) for its prompt record."""
+    scores = np.zeros(len(records))
+    for b, (record, row, m) in enumerate(zip(records, response_tokens, response_mask, strict=True)):
+        ids = np.asarray(row)[np.asarray(m) > 0]
         stopped = bool(len(ids)) and int(ids[-1]) == tokenizer.eos_id
-        scores.append(tasks.score(record, tokenizer.decode(ids), stopped))
-    return {"gold_score": float(np.mean(scores))}
+        scores[b] = tasks.score(record, tokenizer.decode(ids), stopped)
+    return scores
+
+
+def gold_score_fn(prompts, tokenizer: Tokenizer, name: str) -> ppo.ScoreFn:
+    """A rollout `score_fn` (instructrl/ppo_rollout.py) that scores episodes with the synthetic
+    world's gold scorer: a host callback decodes each left-padded prompt, finds its record
+    (family and params) by text among `prompts`, and decodes the response."""
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"config key '{name}.gold_reward': the gold scorer is a host callback that needs "
+            f"every episode in one process; this run has {jax.process_count()} processes"
+        )
+    by_text: dict[str, dict] = {}
+    for split, source in prompts.sources.items():
+        for i in range(len(source)):
+            record = prompt_record(prompts, i, split)
+            if "family" not in record or "params" not in record:
+                raise ConfigError(
+                    f"config key '{name}.gold_reward': {split} prompt {i} of {prompts.path} has "
+                    "no 'family'/'params' (only the synthetic world's prompts have gold scorers)"
+                )
+            by_text[record["prompt"]] = record
+
+    def host(prompt_tokens, prompt_mask, response_tokens, response_mask):
+        records = []
+        for row, m in zip(prompt_tokens, prompt_mask, strict=True):
+            ids = [int(t) for t in row[m > 0] if t != tokenizer.bos_id]
+            text = tokenizer.decode(ids)
+            if text not in by_text:
+                raise KeyError(f"{name}: gold reward: no prompt record for {text!r}")
+            records.append(by_text[text])
+        return gold_scores(records, response_tokens, response_mask, tokenizer).astype(np.float32)
+
+    def score_fn(reward_params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+        del reward_params  # the RM is not consulted
+        out = jax.ShapeDtypeStruct(prompt_tokens.shape[:1], np.float32)
+        return jax.pure_callback(
+            host, out, prompt_tokens, prompt_mask, response_tokens, response_mask,
+            vmap_method="sequential",
+        )  # fmt: skip
+
+    return score_fn
