@@ -28,7 +28,7 @@ The paper's `ppo_init` (SFT with 10% pretraining data) is configured but not run
 default: see the deviation noted at `config.ppo.init_from`.
 
 Your own data: run the stages that do not need the synthetic world's gold scorers
-(`world`, `collect` and `eval` do) and point `--config.data.<kind>=FILE` (pretrain,
+(`world`, `collect`, `ppo_gold` and `eval` do) and point `--config.data.<kind>=FILE` (pretrain,
 demonstrations, comparisons, prompts) and `--config.tokenizer.input` at your files:
 
     python -m instructrl.main --config=experiments/tiny_instructgpt.py:rounds=1 \
