@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -30,29 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks.timing import interleaved_medians
 from instructrl.models import ModelConfig, Transformer, positions_from_mask, sample_jit
 
 CONFIG = ModelConfig(
     vocab_size=8192, max_len=256, num_layers=6, d_model=256, num_heads=8, d_ff=1024
 )
-
-
-def interleaved_medians(runs: dict, reps: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, process CPU) seconds of each blocking `run()`, alternating runs rep by rep.
-
-    Alternating exposes both sides to the same background load on a shared machine; CPU
-    time (all threads of this process) is the steadier figure when other jobs compete.
-    """
-    times = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {
-        name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
-        for name, t in times.items()
-    }
 
 
 def jax_train(tokens: np.ndarray):
@@ -210,9 +191,9 @@ def main() -> None:
         ("sample", sample_s, sample_batch * new_tokens),
     ):
         out = {}
-        for clock, i in (("", 0), ("cpu_", 1)):
+        for clock, key in (("", "wall_s"), ("cpu_", "cpu_s")):
             for side in ("jax", "torch"):
-                out[f"{side}_{clock}tokens_per_s"] = round(tokens / medians[side][i], 1)
+                out[f"{side}_{clock}tokens_per_s"] = round(tokens / medians[side][key], 1)
             ratio = out[f"jax_{clock}tokens_per_s"] / out[f"torch_{clock}tokens_per_s"]
             out[f"ratio_{clock}jax_over_torch"] = round(ratio, 3)
         figures[name] = out

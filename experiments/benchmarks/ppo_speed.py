@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,30 +43,10 @@ import time
 
 import numpy as np
 
+from experiments.benchmarks.timing import interleaved_medians, peak_rss_mib
+
 PAD, BOS, EOS = 0, 2, 3  # the ids instructrl.tokenizer trains with
 HOST_OPS = re.compile(r"callback|\b(send|recv|infeed|outfeed)\b", re.IGNORECASE)
-
-
-def timed_medians(runs: dict, reps: int) -> dict[str, dict[str, float]]:
-    """Median wall and process-CPU seconds of each blocking `run()`, alternating the runs rep
-    by rep so that all of them see the same background load."""
-    times = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {
-        name: {
-            "wall_s": statistics.median(w for w, _ in t),
-            "cpu_s": statistics.median(c for _, c in t),
-        }
-        for name, t in times.items()
-    }
-
-
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 @contextlib.contextmanager
@@ -353,7 +332,7 @@ def measure(size: str, quick: bool) -> dict:
 
     ours_rollout()
     ours_sampler()
-    gen = timed_medians(
+    gen = interleaved_medians(
         {"rollout": ours_rollout, "sampler": ours_sampler, "torch": torch_generate(bench, prompts)},
         reps,
     )

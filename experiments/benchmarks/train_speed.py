@@ -41,7 +41,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from experiments import tiny_instructgpt
+from experiments.benchmarks.timing import timed
 from instructrl import losses, sharding, train_lib
 from instructrl.models import ModelConfig, Transformer
 from instructrl.stages.reward import rewards_of
@@ -89,13 +89,6 @@ def matmul_params(params: Any, head: str) -> int:
 
 def flops_per_token(config: ModelConfig, n_matmul: int, seq_len: int) -> float:
     return 6.0 * n_matmul + 12.0 * config.num_layers * config.d_model * seq_len
-
-
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one blocking call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def matmul_runner(n: int = MATMUL_N) -> Callable[[], None]:
