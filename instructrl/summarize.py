@@ -4,7 +4,8 @@
         [--out=FILE.md] [--plot=FILE.png]
 
 Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/results.json`
-(instructrl/evaluate.py) is read and its seed taken from `RUN_DIR/config.json`. Prints:
+(instructrl/evaluate.py) is read; its seed is the eval's `settings.seed` (older results:
+`RUN_DIR/config.json`'s). Prints:
 
   - the runs, their seeds and the reference stage;
   - win rate against the reference: a row per model type, a column per size, each cell
@@ -50,7 +51,7 @@ SAME_SETTINGS = ("num_prompts", "num_samples", "temperature", "greedy")
 @dataclasses.dataclass(frozen=True)
 class Run:
     run_dir: str
-    seed: int | None  # None: RUN_DIR/config.json is missing or has no "seed"
+    seed: int | None  # None: neither settings.seed nor RUN_DIR/config.json's "seed"
     summary: dict  # the content of results.json
 
 
@@ -85,8 +86,11 @@ def load_run(run_dir: str, eval_stage: str = "eval") -> Run:
         missing = [k for k in ("size", "label", "stage", "params") if k not in m]
         if missing:
             raise InputError(f"{path}: models[{i}] has no {', '.join(missing)}")
+    # The seed the eval ran with; config.json (the workdir's first config) for older results.
+    seed = summary["settings"].get("seed")
     config_path = os.path.join(run_dir, "config.json")
-    seed = _read_json(config_path).get("seed") if os.path.isfile(config_path) else None
+    if seed is None and os.path.isfile(config_path):
+        seed = _read_json(config_path).get("seed")
     return Run(run_dir, seed, summary)
 
 

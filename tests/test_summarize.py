@@ -121,13 +121,16 @@ def _write_run(root, name: str, results: dict, seed: int | None) -> str:
 @pytest.fixture
 def three_runs(tmp_path) -> tuple[list[str], list[dict]]:
     results = [_results(s) for s in SEEDS]
-    # Run 2 predates public_task_accuracy for small SFT; run 3 has no config.json.
+    # Run 2 predates public_task_accuracy for small SFT and settings.seed (config.json has it;
+    # run 1's config.json names another seed: settings.seed, what the eval ran with, wins);
+    # run 3 has neither.
     del next(m for m in results[1]["models"] if m["label"] == "SFT" and m["size"] == "small")[
         "public_task_accuracy"
     ]
+    del results[1]["settings"]["seed"], results[2]["settings"]["seed"]
     dirs = [
-        _write_run(tmp_path, f"run{i}", r, seed if i < 2 else None)
-        for i, (r, seed) in enumerate(zip(results, SEEDS, strict=True))
+        _write_run(tmp_path, f"run{i}", r, [SEEDS[0] + 100, SEEDS[1], None][i])
+        for i, r in enumerate(results)
     ]
     return dirs, results
 
