@@ -72,11 +72,18 @@ def generate(
             np.asarray(x) for x in (out.tokens, out.mask, out.logprobs)
         )
         for i in range(n):
-            row = out_tokens[i][out_mask[i] > 0]
-            stopped.append(bool(len(row)) and int(row[-1]) == tokenizer.eos_id)
-            texts.append(tokenizer.decode(row))
+            text, stop = decode_response(out_tokens[i], out_mask[i], tokenizer)
+            texts.append(text)
+            stopped.append(stop)
             logps.append(float(out_logp[i].sum()))
     return texts, stopped, logps
+
+
+def decode_response(tokens: np.ndarray, mask: np.ndarray, tokenizer: Any) -> tuple[str, bool]:
+    """(text, stopped) of one sampled response row: `mask` is 1 up to and including the stop
+    token; a response whose last real token is not EOS never stopped (cut off)."""
+    ids = np.asarray(tokens)[np.asarray(mask) > 0]
+    return tokenizer.decode(ids), bool(len(ids)) and int(ids[-1]) == tokenizer.eos_id
 
 
 def load_stage_model(workdir: str, stage: str) -> tuple[Transformer, Any]:

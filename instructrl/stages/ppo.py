@@ -39,6 +39,7 @@ from instructrl.data import ppo_pipeline, prompt_record
 from instructrl.errors import ConfigError, Preempted
 from instructrl.models import ModelConfig, Transformer
 from instructrl.reward_model import RewardModel
+from instructrl.sample import decode_response
 from instructrl.stages import common, driver, inputs
 from instructrl.tokenizer import Tokenizer
 
@@ -229,14 +230,10 @@ def gold_metrics(rollout, index, prompts, tokenizer) -> dict[str, float]:
 
 
 def gold_scores(records, response_tokens, response_mask, tokenizer) -> np.ndarray:
-    """float64 [B]: tasks.score of each decoded response (mask 1 up to and including the stop
-    token; a response whose last real token is not EOS never stopped) for its prompt record."""
-    scores = np.zeros(len(records))
-    for b, (record, row, m) in enumerate(zip(records, response_tokens, response_mask, strict=True)):
-        ids = np.asarray(row)[np.asarray(m) > 0]
-        stopped = bool(len(ids)) and int(ids[-1]) == tokenizer.eos_id
-        scores[b] = tasks.score(record, tokenizer.decode(ids), stopped)
-    return scores
+    """float64 [B]: tasks.score of each decoded response (sample.decode_response) for its
+    prompt record."""
+    rows = zip(records, response_tokens, response_mask, strict=True)
+    return np.array([tasks.score(r, *decode_response(t, m, tokenizer)) for r, t, m in rows])
 
 
 def gold_score_fn(prompts, tokenizer: Tokenizer, name: str) -> ppo.ScoreFn:
@@ -262,8 +259,7 @@ def gold_score_fn(prompts, tokenizer: Tokenizer, name: str) -> ppo.ScoreFn:
     def host(prompt_tokens, prompt_mask, response_tokens, response_mask):
         records = []
         for row, m in zip(prompt_tokens, prompt_mask, strict=True):
-            ids = [int(t) for t in row[m > 0] if t != tokenizer.bos_id]
-            text = tokenizer.decode(ids)
+            text = tokenizer.decode(row[m > 0])  # drops the BOS
             if text not in by_text:
                 raise KeyError(f"{name}: gold reward: no prompt record for {text!r}")
             records.append(by_text[text])
