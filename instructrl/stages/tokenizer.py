@@ -21,7 +21,16 @@ from instructrl.tokenizer import Tokenizer
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
-        dict(kind="tokenizer", vocab_size=512, input="", model_path="", model_type="bpe")
+        dict(
+            kind="tokenizer",
+            vocab_size=512,
+            input="",
+            model_path="",
+            model_type="bpe",
+            # True: every digit its own piece (Llama-style; numbers of any size tokenise alike);
+            # False: BPE may merge "12" into one piece, shorter sequences for small numbers.
+            split_digits=True,
+        )
     )
 
 
@@ -43,7 +52,11 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             files = resolve_path(c.input, workdir).split(",")
             try:
                 path = Tokenizer.train(
-                    files, c.vocab_size, os.path.join(out_dir, "tmp"), model_type=c.model_type
+                    files,
+                    c.vocab_size,
+                    os.path.join(out_dir, "tmp"),
+                    model_type=c.model_type,
+                    split_digits=c.split_digits,
                 )
             except (ValueError, FileNotFoundError) as e:
                 raise InputError(f"stage {name}: {e}") from None
