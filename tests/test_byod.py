@@ -286,7 +286,13 @@ def test_pipeline_runs_on_user_files(data, smoke_config, tmp_path):
 
     t = smoke_config.tokenizer
     files = [data.paths["pretrain"], data.paths["demonstrations"]]
-    ref = Tokenizer.train(files, t.vocab_size, str(tmp_path / "ref"), model_type=t.model_type)
+    ref = Tokenizer.train(
+        files,
+        t.vocab_size,
+        str(tmp_path / "ref"),
+        model_type=t.model_type,
+        split_digits=t.split_digits,
+    )
     got = os.path.join(workdir, "tokenizer", "tokenizer.model")
     assert tokenizer_pieces(got) == tokenizer_pieces(ref)
 
