@@ -83,9 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stages = "world,tokenizer,pretrain,sft,collect,rm,ppo,ppo_ptx,eval"
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-    # Every word of the world (and numbers below 100) gets its own piece at 1024 with digits
-    # unsplit; at 384 pieces, 256 of them bytes, words were split into letters and the small
-    # model could not copy even 2-3 words (SFT gold score 0.05-0.14 on the copy families).
+    # At 1024 pieces with digits unsplit, every lower-case word the instructions use and every
+    # number below 50 is one piece (upper-case words, only in the case family, still split);
+    # at 384 pieces, 256 of them bytes, words were split into 2-4 pieces and the small model
+    # could not copy even 2-3 words (SFT gold score 0.05-0.14 on the copy families).
     vocab_size = 1024
     max_len = 128
     config.model = model_config("tiny" if s else arg.size, vocab_size, max_len)
