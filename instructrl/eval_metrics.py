@@ -6,6 +6,7 @@ No files, no config: arrays and records in, numbers out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,40 @@ def ranking_accuracy(scores: np.ndarray, gold: np.ndarray) -> tuple[float | None
     credit = np.where(ds == 0, 0.5, (np.sign(ds) == np.sign(dg)).astype(np.float64))
     n = int(pairs.sum())
     return (float(credit[pairs].mean()) if n else None), n
+
+
+def best_of_n_outcomes(
+    selector_scores: np.ndarray, gold: np.ndarray, ref_scores: np.ndarray, n: int
+) -> np.ndarray:
+    """Per-prompt expected win rate f64 [N] of best-of-n sampling against ref_scores [N, M].
+
+    Each prompt has S >= n samples with `selector_scores` [N, S] (e.g. an RM's, or the gold
+    scores themselves for an oracle) and gold scores `gold` [N, S]. Best-of-n draws n of the
+    S samples uniformly without replacement and keeps the one the selector scores highest
+    (ties: the lowest index). The result is the exact expectation over all C(S, n) draws,
+    not one draw: the sample of selector rank r (0 = lowest) is kept with probability
+    C(r, n-1) / C(S, n) (Nakano et al. 2021's unbiased best-of-n estimator). Its outcome
+    is its win rate against the M reference samples (ties 1/2).
+    """
+    sel = np.asarray(selector_scores, np.float64)
+    g = np.asarray(gold, np.float64)
+    if sel.shape != g.shape or sel.ndim != 2:
+        raise ValueError(f"best_of_n_outcomes: shapes {sel.shape} and {g.shape} must be [N, S]")
+    s = sel.shape[1]
+    if not 1 <= n <= s:
+        raise ValueError(f"best_of_n_outcomes: n={n} must be in [1, {s}] (samples per prompt)")
+    values = pairwise_outcomes(g.reshape(-1, 1), np.repeat(ref_scores, s, axis=0))
+    values = values.reshape(sel.shape)
+    # ascending selector rank; among equal scores the lowest index ranks highest
+    order = np.lexsort((-np.arange(s)[None, :].repeat(len(sel), 0), sel), axis=-1)
+    weights = np.array([math.comb(r, n - 1) for r in range(s)], np.float64) / math.comb(s, n)
+    return np.sum(np.take_along_axis(values, order, axis=1) * weights, axis=1)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n nats, the analytic value for a continuous
+    selector score (Stiennon et al. 2020); an upper bound when samples repeat."""
+    return math.log(n) - (n - 1) / n
 
 
 def win_rate(outcomes: Sequence[float]) -> dict[str, float | int | None]:

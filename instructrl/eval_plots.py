@@ -272,6 +272,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         ]
     ]
     out.append(markdown_table(["what", "measure", "value"], rows))
+    out += best_of_n_markdown(summary.get("best_of_n"))
     if summary["ppo"]:
         out += ["", "## PPO training (last logged values)", ""]
         out.append(
@@ -286,6 +287,37 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     if summary.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in summary["plots"]]
     return "\n".join(out) + "\n"
+
+
+def best_of_n_markdown(bon: Mapping[str, Any] | None) -> list[str]:
+    """The best-of-n section of results.md (no lines when it was not run)."""
+    if not bon:
+        return []
+    out = [
+        "",
+        "## Best-of-n: over-optimisation without RL",
+        "",
+        f"Per prompt {bon['samples']} samples of {bon['reference']}; keep the one of n the "
+        "selector scores highest (exact expectation over all draws of n). Win rate against "
+        f"{bon['reference']} (gold judge) at KL = log n - (n-1)/n nats. PPO against an RM "
+        "cannot be expected to beat that RM's best-of-n at the same KL.",
+        "",
+    ]
+    head = [
+        "selector",
+        *(f"n={n} (KL {kl:.2f})" for n, kl in zip(bon["n"], bon["kl"], strict=True)),
+    ]
+    rows = [
+        [
+            c["selector"],
+            *(
+                _pm({"win_rate": w, "stderr": e})
+                for w, e in zip(c["win_rate"], c["stderr"], strict=True)
+            ),
+        ]
+        for c in bon["curves"]
+    ]
+    return [*out, markdown_table(head, rows)]
 
 
 # ---------------------------------------------------------------- plots
@@ -413,6 +445,45 @@ def plot_overoptimization(
     return True
 
 
+def plot_best_of_n(
+    summary: Mapping[str, Any], runs: Mapping[str, Sequence[Mapping]], path: str
+) -> None:
+    """Best-of-n win rate against KL for each selector (RMs, gold judge), with each PPO
+    model's final eval win rate at its final (smoothed) KL for comparison."""
+    bon = summary["best_of_n"]
+    fig, (ax,) = figure(6.0, 4.2)
+    for c in bon["curves"]:
+        ax.errorbar(
+            bon["kl"],
+            c["win_rate"],
+            yerr=[e or 0.0 for e in c["stderr"]],
+            marker="o",
+            capsize=3,
+            linestyle="--" if c["selector"] == "gold judge" else "-",
+            label=f"best-of-n by {c['selector']}",
+        )
+    heads = dict(sizes(summary))
+    for m in summary["models"]:
+        kl = series(runs[m["stage"]], "kl")[1] if m["stage"] in runs else ()
+        if len(kl) and not m["fewshot"]:
+            ax.errorbar(
+                [float(trailing_mean(kl)[-1])],
+                [m["win_rate"]],
+                yerr=[m["stderr"] or 0.0],
+                marker="s",
+                capsize=4,
+                linestyle="none",
+                label=_name(m, heads),
+            )
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("KL to the reference, nats per response")
+    ax.set_ylabel(f"win rate vs {bon['reference']} (gold judge)")
+    ax.set_title("best-of-n (n = 1, 2, 4, ...) and PPO")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def _by_step(kl_steps, kl, y_steps, y) -> tuple[np.ndarray, np.ndarray]:
     """(KL, y) at the steps that log both, each a trailing mean over ~10% of those steps:
     per-iteration KL is noisy, and an unsmoothed curve zigzags back and forth in KL."""
@@ -439,4 +510,7 @@ def write_plots(
         written.append("ppo_training.png")
     if runs and plot_overoptimization(summary, runs, os.path.join(out_dir, "overoptimization.png")):
         written.append("overoptimization.png")
+    if summary.get("best_of_n"):
+        plot_best_of_n(summary, runs, os.path.join(out_dir, "best_of_n.png"))
+        written.append("best_of_n.png")
     return written

@@ -52,6 +52,8 @@ from instructrl.data import read_pretrain, read_prompts
 from instructrl.errors import ConfigError, InputError
 from instructrl.eval_metrics import (
     batched_nll,
+    best_of_n_kl,
+    best_of_n_outcomes,
     constraints_kept,
     pairwise_outcomes,
     ranking_accuracy,
@@ -85,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.public_max_new_tokens = 4
     c.rm_from = "rm"  # comma list of RM stages ("" = none): their validation accuracy
     c.collect_from = "collect"  # comma list of collect stages: inter-labeler agreement
+    # Best-of-n against each RM (0 = off): this many reference samples per prompt; reported
+    # for n = 1, 2, 4, ... and itself (see best_of_n below).
+    c.best_of_n = 16
     return c
 
 
@@ -213,16 +218,86 @@ def rm_gold_accuracy(name, workdir, rm_stage, tokenizer, prompts, ref) -> dict:
     """The RM's ranking accuracy against the gold judge on the reference's held-out samples
     (pairs of one prompt with different gold scores): what PPO will optimise, measured where
     the labelers' noise plays no part."""
-    export = os.path.join(inputs.stage_dir(workdir, rm_stage), inputs.EXPORT_DIR)
-    rm = RewardModel.load(export, tokenizer)
-    k = len(ref["texts"][0])
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    flat_texts = [t for ts in ref["texts"] for t in ts]
-    flat_stopped = [s for ss in ref["stopped"] for s in ss]
-    raw = rm.score(flat_prompts, flat_texts, stopped=flat_stopped, raw=True)
-    accuracy, pairs = ranking_accuracy(raw.reshape(len(prompts), k), ref["scores"])
+    raw = rm_scores(workdir, rm_stage, tokenizer, prompts, ref["texts"], ref["stopped"])
+    accuracy, pairs = ranking_accuracy(raw, ref["scores"])
     logging.info("%s: RM %s orders %s of %d gold pairs", name, rm_stage, accuracy, pairs)
     return {"gold_accuracy": accuracy, "gold_pairs": pairs}
+
+
+def rm_scores(workdir, rm_stage, tokenizer, prompts, texts, stopped) -> np.ndarray:
+    """Raw scores f32 [N, k] of RM stage `rm_stage` for texts/stopped [N][k]."""
+    export = os.path.join(inputs.stage_dir(workdir, rm_stage), inputs.EXPORT_DIR)
+    rm = RewardModel.load(export, tokenizer)
+    k = len(texts[0])
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    flat_texts = [t for ts in texts for t in ts]
+    flat_stopped = [s for ss in stopped for s in ss]
+    raw = rm.score(flat_prompts, flat_texts, stopped=flat_stopped, raw=True)
+    return np.asarray(raw).reshape(len(prompts), k)
+
+
+def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> dict | None:
+    """Best-of-n sampling from the reference model against each RM of `rm_from`, and against
+    the gold judge itself: RL-free over-optimisation (Gao et al. 2022).
+
+    `best_of_n` fresh reference samples per prompt; for n = 1, 2, 4, ... the exact expected
+    win rate (against the reference's eval samples, gold judge) of keeping the one of n that
+    the selector scores highest, at KL(best-of-n || reference) = log n - (n-1)/n nats. An RM
+    whose curve falls as n grows is being over-optimised; PPO at that KL cannot be expected
+    to do better than best-of-n with the same RM. None when off or without an RM.
+    """
+    c = config[name]
+    rms = stage_list(c.rm_from)
+    if c.best_of_n <= 0 or not rms:
+        return None
+    sample_cfg = ml_collections.ConfigDict(c.to_dict())
+    sample_cfg.update(num_samples=c.best_of_n, greedy=False)
+    prompts = [r["prompt"] for r in data.records]
+    model, params = load_stage_model(workdir, c.reference)
+    texts, stopped, _ = sample_responses(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        sample_cfg,
+        seed=sample_seed(config.seed, "best_of_n", c.reference),
+        budget=c.max_new_tokens or config.data.max_response_len + 1,
+        key=f"{name}.prompts",
+    )
+    gold = np.array(
+        [
+            [tasks.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
+            for r, ts, ss in zip(data.records, texts, stopped, strict=True)
+        ]
+    )
+    ns = sorted({2**i for i in range(c.best_of_n.bit_length())} | {c.best_of_n})
+    selectors = {"gold judge": gold}
+    selectors.update(
+        {f"RM {s}": rm_scores(workdir, s, tokenizer, prompts, texts, stopped) for s in rms}
+    )
+    curves = []
+    for label, scores in selectors.items():
+        points = [win_rate(best_of_n_outcomes(scores, gold, ref_scores, n)) for n in ns]
+        curves.append(
+            {
+                "selector": label,
+                "win_rate": [p["win_rate"] for p in points],
+                "stderr": [p["stderr"] for p in points],
+            }
+        )
+        logging.info(
+            "%s: best-of-n by %s: %s",
+            name,
+            label,
+            dict(zip(ns, curves[-1]["win_rate"], strict=True)),
+        )
+    return {
+        "reference": c.reference,
+        "samples": c.best_of_n,
+        "n": ns,
+        "kl": [best_of_n_kl(n) for n in ns],
+        "curves": curves,
+    }
 
 
 def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
@@ -498,6 +573,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "labelers": labeler_stats,
         "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": labelers.PAPER_AGREEMENT},
         "ppo": eval_plots.ppo_summaries(ppo_runs),
+        "best_of_n": best_of_n(config, name, workdir, tokenizer, data, ref_scores),
     }
     if jax.process_index() != 0:
         return

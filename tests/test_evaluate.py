@@ -86,6 +86,42 @@ def test_ranking_accuracy_matches_a_pair_loop():
     assert eval_metrics.ranking_accuracy([[1.0, 0.0]], [[0.0, 1.0]]) == (0.0, 1)
 
 
+def test_best_of_n_matches_enumerating_every_draw():
+    """The closed-form best-of-n expectation against a loop over all C(S, n) draws, with tied
+    selector scores (ties go to the lowest index) and tied gold scores."""
+    rng = np.random.default_rng(0)
+    num, s, m = 5, 7, 3
+    selector = rng.integers(0, 4, size=(num, s)).astype(np.float64)  # many ties
+    gold = rng.integers(0, 3, size=(num, s)) / 2.0
+    ref = rng.integers(0, 3, size=(num, m)) / 2.0
+    for n in range(1, s + 1):
+        got = eval_metrics.best_of_n_outcomes(selector, gold, ref, n)
+        for i in range(num):
+            total, draws = 0.0, 0
+            for subset in itertools.combinations(range(s), n):
+                pick = max(subset, key=lambda j: (selector[i, j], -j))
+                g = gold[i, pick]
+                total += np.mean([1.0 if g > r else 0.5 if g == r else 0.0 for r in ref[i]])
+                draws += 1
+            np.testing.assert_allclose(got[i], total / draws, rtol=0, atol=1e-12)
+    # n = 1 is the plain win rate of the samples; n = S always keeps the selector's best
+    np.testing.assert_allclose(
+        eval_metrics.best_of_n_outcomes(selector, gold, ref, 1),
+        eval_metrics.pairwise_outcomes(gold, ref),
+        atol=1e-12,
+    )
+    best = np.array([max(range(s), key=lambda j: (selector[i, j], -j)) for i in range(num)])
+    np.testing.assert_allclose(
+        eval_metrics.best_of_n_outcomes(selector, gold, ref, s),
+        eval_metrics.pairwise_outcomes(gold[np.arange(num), best][:, None], ref),
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="n=8"):
+        eval_metrics.best_of_n_outcomes(selector, gold, ref, s + 1)
+    assert eval_metrics.best_of_n_kl(1) == 0.0
+    np.testing.assert_allclose(eval_metrics.best_of_n_kl(4), np.log(4) - 0.75)
+
+
 def test_constraints_kept():
     one = {"family": "one_word", "params": {}}
     assert eval_metrics.constraints_kept(one, " owl")
@@ -426,7 +462,7 @@ def _check_rm_gold_accuracy(workdir: str, rm_result: dict, samples: list[dict]) 
 @pytest.mark.slow
 def test_eval_stage_end_to_end(workdir, capsys):
     models = "GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo"
-    config = _eval_config(models=models, num_samples=2, heldout_num=4)
+    config = _eval_config(models=models, num_samples=2, heldout_num=4, best_of_n=6)
     evaluate.run(config, "eval", workdir)
     out_dir = os.path.join(workdir, "eval")
     with open(os.path.join(out_dir, "results.json")) as f:
@@ -450,12 +486,21 @@ def test_eval_stage_end_to_end(workdir, capsys):
     assert results["ppo"][0]["stage"] == "ppo" and results["ppo"][0]["kl"] == pytest.approx(4.8)
     for name in results["plots"]:
         _assert_png(os.path.join(out_dir, name))
-    assert "overoptimization.png" in results["plots"]
+    assert "overoptimization.png" in results["plots"] and "best_of_n.png" in results["plots"]
+    bon = results["best_of_n"]
+    assert bon["n"] == [1, 2, 4, 6] and bon["samples"] == 6 and bon["reference"] == "sft"
+    np.testing.assert_allclose(bon["kl"], [np.log(n) - (n - 1) / n for n in bon["n"]])
+    gold, rm = bon["curves"]
+    assert gold["selector"] == "gold judge" and rm["selector"] == "RM rm"
+    assert gold["win_rate"][0] == pytest.approx(rm["win_rate"][0])  # n = 1: no selection
+    assert np.all(np.diff(gold["win_rate"]) >= -1e-12)  # the gold judge's pick never hurts
+    assert all(0 <= w <= 1 for w in rm["win_rate"])
     with open(os.path.join(out_dir, "results.md")) as f:
         md = f.read()
     printed = capsys.readouterr().out
     assert "| model |" in printed and "| GPT (prompted) |" in printed
     assert eval_plots.main_table(results) in md and eval_plots.main_table(results) in printed
+    assert "## Best-of-n" in md and "| RM rm |" in md
     with open(os.path.join(out_dir, "samples.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     assert len(lines) == 18 * 5 and all(len(x["responses"]) == 2 for x in lines)
