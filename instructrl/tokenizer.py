@@ -268,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
     train.add_argument("--character_coverage", type=float, default=0.9995)
+    train.add_argument(
+        "--split_digits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one piece per digit (default); --no-split_digits lets BPE merge numbers",
+    )
     args = parser.parse_args(argv)
     try:
         path = Tokenizer.train(
@@ -276,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             model_type=args.model_type,
             character_coverage=args.character_coverage,
+            split_digits=args.split_digits,
         )
         tok = Tokenizer.load(path)
     except (ValueError, FileNotFoundError) as e:

@@ -249,3 +249,16 @@ def test_stage_split_digits_option(tmp_path):
         tok = Tokenizer.load(os.path.join(workdir, "tok", "tokenizer.model"))
         pieces = [tok.id_to_piece(i).replace("\u2581", " ") for i in tok.encode("add 17")]
         assert pieces[-len(want) :] == want, (split, pieces)
+        # the CLI's --split_digits / --no-split_digits give the same pieces
+        flag = "--split_digits" if split else "--no-split_digits"
+        out = tmp_path / f"cli_{split}" / "tok"
+        proc = subprocess.run(
+            [sys.executable, "-m", "instructrl.tokenizer", "train", f"--input={text}",
+             "--vocab_size=320", f"--out={out}", flag],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        cli = Tokenizer.load(f"{out}.model")
+        assert [cli.id_to_piece(i) for i in cli.encode("add 17")] == [
+            tok.id_to_piece(i) for i in tok.encode("add 17")
+        ]
