@@ -299,8 +299,9 @@ def best_of_n_markdown(bon: Mapping[str, Any] | None) -> list[str]:
         "",
         f"Per prompt {bon['samples']} samples of {bon['reference']}; keep the one of n the "
         "selector scores highest (exact expectation over all draws of n). Win rate against "
-        f"{bon['reference']} (gold judge) at KL = log n - (n-1)/n nats. PPO against an RM "
-        "cannot be expected to beat that RM's best-of-n at the same KL.",
+        f"{bon['reference']} (gold judge) at KL = log n - (n-1)/n nats. Gao et al. (2022) "
+        "find RL less KL-efficient than best-of-n: PPO against an RM is not expected to beat "
+        "that RM's curve.",
         "",
     ]
     head = [

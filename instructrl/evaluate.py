@@ -243,8 +243,9 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
     `best_of_n` fresh reference samples per prompt; for n = 1, 2, 4, ... the exact expected
     win rate (against the reference's eval samples, gold judge) of keeping the one of n that
     the selector scores highest, at KL(best-of-n || reference) = log n - (n-1)/n nats. An RM
-    whose curve falls as n grows is being over-optimised; PPO at that KL cannot be expected
-    to do better than best-of-n with the same RM. None when off or without an RM.
+    whose curve falls as n grows is being over-optimised; Gao et al. find RL less KL-efficient
+    than best-of-n, so PPO against that RM is not expected to beat its curve. None when off
+    or without an RM.
     """
     c = config[name]
     rms = stage_list(c.rm_from)

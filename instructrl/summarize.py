@@ -13,7 +13,10 @@ Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/r
     one run), then the per-seed values in the order the runs were given;
   - per model, the mean over runs of gold score, constraint rate, stop rate, held-out NLL
     and public-task accuracy (blank where missing; "(k/n)" where only k of n runs have it);
-  - RM validation accuracy and inter-labeler agreement, mean ± sd over runs.
+  - RM validation accuracy, RM accuracy against the gold judge and inter-labeler
+    agreement, mean ± sd over runs;
+  - best-of-n from the reference against each RM and the gold judge (when the evals have
+    it): win rate per n, mean ± sd over runs, and each run's peak.
 
 The spread over seeds is the number to quote across runs: each run's own stderr covers
 prompt sampling only, not the seed's effect on training. Runs must share the reference
@@ -245,16 +248,64 @@ def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = 
     out += [eval_plots.markdown_table(["model", *(h for _, h in METRICS)], rows), ""]
 
     rm = list_stats(runs, "reward_models", "val_accuracy")
+    gold = list_stats(runs, "reward_models", "gold_accuracy")
     agree = list_stats(runs, "labelers", "inter_labeler_agreement")
     parts = [f"RM validation accuracy ({k}): {mean_sd_cell(v)}" for k, v in rm.items()]
+    parts += [
+        f"RM accuracy against the gold judge ({k}): {mean_sd_cell(v)}"
+        for k, v in gold.items()
+        if v.n
+    ]
     parts += [f"inter-labeler agreement ({k}): {mean_sd_cell(v)}" for k, v in agree.items()]
     paper = first.get("paper") or {}
     if paper:
         parts.append(f"paper: ~{paper['rm_accuracy']:.2f} / {paper['inter_labeler_agreement']:.3f}")
     out.append("; ".join(parts) + "." if parts else "No reward model or labeler results.")
+    out += best_of_n_markdown(runs)
     if plot:
         out += ["", f"![mean win rate]({plot})"]
     return "\n".join(out) + "\n"
+
+
+def best_of_n_markdown(runs: Sequence[Run]) -> list[str]:
+    """Best-of-n win rate per selector and n, mean ± sd over the runs that have the same n
+    (instructrl/evaluate.py best_of_n), and each run's peak over n in run order ("—" without
+    it, or with other n than the first run that has it); no lines if no run has it."""
+    have = [r for r in runs if r.summary.get("best_of_n")]
+    if not have:
+        return []
+    ns = have[0].summary["best_of_n"]["n"]
+    kls = have[0].summary["best_of_n"]["kl"]
+    curves = [{c["selector"]: c for c in (r.summary.get("best_of_n") or {}).get("curves", [])}
+              for r in runs]  # fmt: skip
+    same_n = [(r.summary.get("best_of_n") or {}).get("n") == ns for r in runs]
+    selectors = list(dict.fromkeys(k for c in curves for k in c))
+    rows = []
+    for sel in selectors:
+        found = [c.get(sel) if ok else None for c, ok in zip(curves, same_n, strict=True)]
+        cells = [
+            mean_sd_cell(stat([f and f["win_rate"][i] for f in found])) for i in range(len(ns))
+        ]
+        peaks = [
+            "—" if f is None else "{:.3f} (n={})".format(*max(zip(f["win_rate"], ns, strict=True)))
+            for f in found
+        ]
+        rows.append([sel, *cells, " / ".join(peaks)])
+    head = [
+        "selector",
+        *(f"n={n} (KL {kl:.2f})" for n, kl in zip(ns, kls, strict=True)),
+        "peak per seed",
+    ]
+    return [
+        "",
+        "## Best-of-n from the reference (mean ± sd over runs)",
+        "",
+        f"{len(have)} of {len(runs)} runs have it; win rate of keeping the one of n samples "
+        "the selector scores highest. Gao et al. (2022) find RL less KL-efficient than "
+        "best-of-n, so PPO against an RM is not expected to beat that RM's peak.",
+        "",
+        eval_plots.markdown_table(head, rows),
+    ]
 
 
 # ---------------------------------------------------------------- plot

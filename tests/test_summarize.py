@@ -321,3 +321,36 @@ def test_plot_is_a_png_and_linked_from_the_markdown(three_runs, tmp_path, capsys
     with Image.open(png) as image:
         assert image.format == "PNG" and min(image.size) > 100
     assert out.rstrip().endswith("![mean win rate](plots/win.png)")
+
+
+def test_best_of_n_table_and_gold_accuracy(tmp_path, capsys):
+    """Best-of-n rows: mean ± sd over the runs that have it, each run's peak (value, n); a
+    run without it is left out and counted; RM accuracy against gold joins the RM line."""
+    results = [_results(s) for s in SEEDS]
+    rng = np.random.default_rng(5)
+    ns = [1, 2, 4]
+    for r in results[:2]:
+        r["reward_models"][0]["gold_accuracy"] = _rate(rng)
+        r["best_of_n"] = {
+            "reference": "sft_large",
+            "samples": 4,
+            "n": ns,
+            "kl": [np.log(n) - (n - 1) / n for n in ns],
+            "curves": [
+                {"selector": sel, "win_rate": list(rng.uniform(0.4, 0.8, 3)), "stderr": [0.01] * 3}
+                for sel in ("gold judge", "RM rm")
+            ],
+        }
+    dirs = [_write_run(tmp_path, f"run{i}", r, None) for i, r in enumerate(results)]
+    out = _main(capsys, *dirs)
+    assert "2 of 3 runs have it" in out
+    rows = _rows(out, "| selector |")
+    for k, sel in enumerate(("gold judge", "RM rm")):
+        w = np.array([r["best_of_n"]["curves"][k]["win_rate"] for r in results[:2]])
+        for i in range(len(ns)):
+            assert rows[sel][i] == f"{w[:, i].mean():.3f} ± {w[:, i].std(ddof=1):.3f} (2 runs)"
+        peaks = [f"{w[j].max():.3f} (n={ns[int(w[j].argmax())]})" for j in range(2)]
+        assert rows[sel][len(ns)] == f"{peaks[0]} / {peaks[1]} / —"
+    gold = np.array([r["reward_models"][0]["gold_accuracy"] for r in results[:2]])
+    line = next(x for x in out.splitlines() if x.startswith("RM validation accuracy"))
+    assert f"gold judge (rm): {gold.mean():.3f} ± {gold.std(ddof=1):.3f} (2 runs)" in line
