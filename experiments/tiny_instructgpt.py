@@ -272,3 +272,4 @@ def add_large_size(config: ml_collections.ConfigDict, large: ml_collections.Conf
     if "ppo_gold" in config.stages:  # the oracle at the small size only
         config.eval.models = config.eval.models.replace("; large:", f",{GOLD_MODEL}; large:")
     config.eval.reference = "sft_large"
+    config.eval.best_of_n_from = "sft"  # how far the small SFT model goes by RM selection

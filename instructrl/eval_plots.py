@@ -297,7 +297,7 @@ def best_of_n_markdown(bon: Mapping[str, Any] | None) -> list[str]:
         "",
         "## Best-of-n: over-optimisation without RL",
         "",
-        f"Per prompt {bon['samples']} samples of {bon['reference']}; keep the one of n the "
+        f"Per prompt {bon['samples']} samples of {bon['policy']}; keep the one of n the "
         "selector scores highest (exact expectation over all draws of n). Win rate against "
         f"{bon['reference']} (gold judge) at KL = log n - (n-1)/n nats. Gao et al. (2022) "
         "find RL less KL-efficient than best-of-n: PPO against an RM is not expected to beat "
@@ -477,9 +477,9 @@ def plot_best_of_n(
                 label=_name(m, heads),
             )
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("KL to the reference, nats per response")
+    ax.set_xlabel(f"KL to {bon['policy']}, nats per response")
     ax.set_ylabel(f"win rate vs {bon['reference']} (gold judge)")
-    ax.set_title("best-of-n (n = 1, 2, 4, ...) and PPO")
+    ax.set_title(f"best-of-n from {bon['policy']} and PPO")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

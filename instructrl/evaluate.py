@@ -90,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Best-of-n against each RM (0 = off): this many reference samples per prompt; reported
     # for n = 1, 2, 4, ... and itself (see best_of_n below).
     c.best_of_n = 16
+    c.best_of_n_from = ""  # stage sampled for best-of-n ("" = reference); judged vs reference
     return c
 
 
@@ -240,7 +241,8 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
     """Best-of-n sampling from the reference model against each RM of `rm_from`, and against
     the gold judge itself: RL-free over-optimisation (Gao et al. 2022).
 
-    `best_of_n` fresh reference samples per prompt; for n = 1, 2, 4, ... the exact expected
+    `best_of_n` fresh samples per prompt of stage `best_of_n_from` (default: the reference);
+    for n = 1, 2, 4, ... the exact expected
     win rate (against the reference's eval samples, gold judge) of keeping the one of n that
     the selector scores highest, at KL(best-of-n || reference) = log n - (n-1)/n nats. An RM
     whose curve falls as n grows is being over-optimised; Gao et al. find RL less KL-efficient
@@ -254,14 +256,15 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
     sample_cfg = ml_collections.ConfigDict(c.to_dict())
     sample_cfg.update(num_samples=c.best_of_n, greedy=False)
     prompts = [r["prompt"] for r in data.records]
-    model, params = load_stage_model(workdir, c.reference)
+    policy = c.best_of_n_from or c.reference
+    model, params = load_stage_model(workdir, policy)
     texts, stopped, _ = sample_responses(
         model,
         params,
         tokenizer,
         prompts,
         sample_cfg,
-        seed=sample_seed(config.seed, "best_of_n", c.reference),
+        seed=sample_seed(config.seed, "best_of_n", policy),
         budget=c.max_new_tokens or config.data.max_response_len + 1,
         key=f"{name}.prompts",
     )
@@ -293,6 +296,7 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
             dict(zip(ns, curves[-1]["win_rate"], strict=True)),
         )
     return {
+        "policy": policy,
         "reference": c.reference,
         "samples": c.best_of_n,
         "n": ns,
@@ -494,6 +498,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     specs = parse_models(c.models, f"{name}.models")
     named = [("models", s.stage) for s in specs] + [("reference", c.reference)]
     named += [(key, s) for key in ("rm_from", "collect_from") for s in stage_list(c[key])]
+    named += [("best_of_n_from", c.best_of_n_from)] if c.best_of_n_from else []
     check_input_stages(config, name, workdir, named)
 
     # ---- data

@@ -217,6 +217,10 @@ def test_missing_stage_is_a_clear_error(tmp_path):
         evaluate.run(_config("sft,eval", "SFT=sft,PPO-xl=ppo_xl", **no_rm), "eval", workdir)
     with pytest.raises(ConfigError, match=r"'eval.models'.*'collect'.*not in config.stages"):
         evaluate.run(_config("sft,eval", "X=collect", **no_rm), "eval", workdir)
+    with pytest.raises(ConfigError, match=r"'eval.best_of_n_from' names stage 'sft_xl'"):
+        evaluate.run(
+            _config("sft,eval", "SFT=sft", best_of_n_from="sft_xl", **no_rm), "eval", workdir
+        )
     with pytest.raises(ConfigError, match=r"'eval.models': stage 'sft' runs after 'eval'"):
         evaluate.run(_config("eval,sft", "SFT=sft", **no_rm), "eval", workdir)
     with pytest.raises(InputError, match=r"'eval.models': stage 'sft' has not finished"):
@@ -488,7 +492,8 @@ def test_eval_stage_end_to_end(workdir, capsys):
         _assert_png(os.path.join(out_dir, name))
     assert "overoptimization.png" in results["plots"] and "best_of_n.png" in results["plots"]
     bon = results["best_of_n"]
-    assert bon["n"] == [1, 2, 4, 6] and bon["samples"] == 6 and bon["reference"] == "sft"
+    assert bon["n"] == [1, 2, 4, 6] and bon["samples"] == 6
+    assert bon["reference"] == bon["policy"] == "sft"
     np.testing.assert_allclose(bon["kl"], [np.log(n) - (n - 1) / n for n in bon["n"]])
     gold, rm = bon["curves"]
     assert gold["selector"] == "gold judge" and rm["selector"] == "RM rm"
