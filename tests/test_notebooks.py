@@ -135,8 +135,10 @@ def test_quickstart_notebook(notebook_env):
 def test_reward_model_notebook(notebook_env):
     out = execute("reward_model.ipynb")
     assert reused_run(out)
-    assert len(out["png"]) >= 4  # RM curves, accuracy by K, RM vs gold, normalisation
+    assert len(out["png"]) >= 5  # RM curves, accuracy by K, RM vs gold, best-of-n, normalisation
     assert "| K | comparisons | train pairs |" in "\n".join(out["markdown"])
+    # best-of-n: n = 1 keeps a random sample, exactly 1/2 against the model's own samples
+    assert re.search(r"^\| gold judge \| 0\.500 \|", "\n".join(out["markdown"]), re.M)
     # Re-encoding the comparisons as the RM stage does must reproduce its validation accuracy.
     match = re.search(
         r"recomputed here: ([0-9.]+); the RM stage's: ([0-9.]+)", "".join(out["text"])
