@@ -153,3 +153,27 @@ def test_unknown_prompt_text_fails_loudly(case):
     args = (b["prompt_tokens"], b["prompt_mask"], b["response_tokens"], b["response_mask"])
     with pytest.raises(Exception, match="no prompt record for"):
         np.asarray(jax.jit(fn)(None, *args))
+
+
+@pytest.mark.slow
+def test_gold_reward_with_two_processes_is_a_config_error():
+    """The gold scorer is a host callback that needs every episode in one process: with 2
+    processes joined by jax.distributed it refuses, in one line naming the config key."""
+    import ast
+
+    from tests.conftest import run_multiprocess
+
+    code = """
+    from instructrl.errors import ConfigError
+    from instructrl.stages.ppo import gold_score_fn
+    try:
+        gold_score_fn(None, None, "ppo_gold")
+    except ConfigError as e:
+        print("ERROR:", repr(str(e)))
+    """
+    for out in run_multiprocess(code, num_processes=2):
+        line = next(x for x in out.splitlines() if x.startswith("ERROR:"))
+        message = ast.literal_eval(line[len("ERROR: ") :])  # the repr of one str
+        assert "\n" not in message
+        assert message.startswith("config key 'ppo_gold.gold_reward'")
+        assert "this run has 2 processes" in message
