@@ -445,25 +445,28 @@ def test_sigterm_exits_143_and_rerun_completes(env, ref, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, message, kept",
+    "overrides, message, kept, logged",
     [
         # Adam steps of 1e29 blow the params up in the first minibatch; the second's loss is nan.
-        ("--config.ppo.optimizer.lr=1e30", "step 1: loss is nan", []),
+        (["--config.ppo.optimizer.lr=1e30"], "step 1: loss is nan", [], []),
         # beta 1e38 x a nonzero log-ratio (iteration 2 on) overflows the returns; the
         # checkpoint of iteration 1, still being written when the error comes, must commit.
-        ("--config.ppo.kl_coef=1e38", "step 2: loss is inf", [1]),
+        (["--config.ppo.kl_coef=1e38"], "step 2: loss is inf", [1], [1]),
+        # Not a logging step: the checkpoint of iteration 1 is checked before it is saved.
+        (["--config.ppo.optimizer.lr=1e30", "--config.ppo.log_every=100"], "step 1: loss", [], []),
+        (["--config.ppo.kl_coef=1e38", "--config.ppo.log_every=100"], "step 2: loss", [1], []),
     ],
-    ids=["lr-nan", "beta-inf"],
+    ids=["lr-nan", "beta-inf", "lr-nan-unlogged", "beta-inf-unlogged"],
 )
-def test_non_finite_metric_stops_the_run(env, ref, tmp_path, override, message, kept):
+def test_non_finite_metric_stops_the_run(env, ref, tmp_path, overrides, message, kept, logged):
     del ref  # only for its compiled programs in the shared cache
     workdir = env.copy_base(str(tmp_path / "run"))
-    proc = env.run(workdir, "ppo", override, expect=None)
+    proc = env.run(workdir, "ppo", *overrides, expect=None)
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr[-3000:]
     assert committed_steps(workdir, "ppo") == kept  # nothing non-finite was saved
     for name in ("DONE", "export"):
         assert not os.path.exists(os.path.join(workdir, "ppo", name))
-    logged = read_metrics(workdir, "ppo")
-    assert [m["step"] for m in logged] == kept  # the bad iteration is not logged either
+    # the bad iteration is not logged either
+    assert [m["step"] for m in read_metrics(workdir, "ppo")] == logged

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -624,6 +625,26 @@ def test_malformed_data_exits_2_and_damages_nothing(env, tmp_path):
     assert after == before
     assert not os.path.exists(os.path.join(workdir, "rm", "DONE"))
     assert not os.path.exists(os.path.join(workdir, "rm", "export"))
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_before_saving_between_logging_steps(env, tmp_path):
+    """A checkpoint on a step that does not log still checks the step's metrics first. An RM
+    at lr 1e30 has param_norm inf after its first Adam step (1e30 per weight overflows the
+    squared norm), so with a checkpoint every step but logging every 100 it must stop at step
+    1 with exit 3 and no checkpoint at all."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(env.base, workdir)
+    proc = env.run(workdir, "--config.stages=rm", "--config.rm.optimizer.lr=1e30",
+                   "--config.rm.checkpoint_every=1", "--config.rm.log_every=100",
+                   "--config.rm.num_steps=8", expect=3)  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: step 1: \w+ is (nan|inf)", last), proc.stderr[-3000:]
+    ckpts = os.path.join(workdir, "rm", "checkpoints")
+    assert not os.path.isdir(ckpts) or not [n for n in os.listdir(ckpts) if n.isdigit()]
+    for name in ("DONE", "export", "metrics.jsonl"):
+        path = os.path.join(workdir, "rm", name)
+        assert not os.path.exists(path) or os.path.getsize(path) == 0, name
 
 
 @pytest.mark.slow

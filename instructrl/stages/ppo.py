@@ -190,6 +190,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             end = time.perf_counter()
             step += 1
             progress.update(step)
+            stop = term.should_stop(step)
+            save = checkpointer.should_save(step) or step == c.num_iterations or stop
             if step % c.log_every == 0 or step == c.num_iterations:
                 host = {k: float(v) for k, v in jax.device_get({**rollout.metrics, **metrics}).items()}  # fmt: skip
                 common.check_finite(host, step)
@@ -206,8 +208,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
                 if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
                     host.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
                 w.write(step, host)
-            stop = term.should_stop(step)
-            if checkpointer.should_save(step) or step == c.num_iterations or stop:
+            elif save:  # a checkpoint between logging steps: never save a non-finite state
+                common.check_finite(jax.device_get({**rollout.metrics, **metrics}), step)
+            if save:
                 checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
             if stop:
                 raise Preempted(f"stage {name}: stopped by signal at iteration {step}")
