@@ -289,6 +289,17 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def best_of_n_lines(bon: Mapping[str, Any] | None) -> list[str]:
+    """One printed line per best-of-n selector: its win rate at each n (none when not run)."""
+    if not bon:
+        return []
+    return [
+        f"best-of-n from {bon['policy']} by {c['selector']}, win rate vs {bon['reference']}: "
+        + ", ".join(f"n={n} {w:.3f}" for n, w in zip(bon["n"], c["win_rate"], strict=True))
+        for c in bon["curves"]
+    ]
+
+
 def best_of_n_markdown(bon: Mapping[str, Any] | None) -> list[str]:
     """The best-of-n section of results.md (no lines when it was not run)."""
     if not bon:

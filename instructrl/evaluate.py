@@ -592,6 +592,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     )
     _write_text(os.path.join(out_dir, "results.md"), eval_plots.results_markdown(summary))
     print(eval_plots.main_table(summary), flush=True)
+    for line in eval_plots.best_of_n_lines(summary.get("best_of_n")):
+        print(line, flush=True)
 
 
 def _read_json(workdir: str, stage: str, filename: str) -> dict:

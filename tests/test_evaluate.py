@@ -506,6 +506,7 @@ def test_eval_stage_end_to_end(workdir, capsys):
     assert "| model |" in printed and "| GPT (prompted) |" in printed
     assert eval_plots.main_table(results) in md and eval_plots.main_table(results) in printed
     assert "## Best-of-n" in md and "| RM rm |" in md
+    assert "best-of-n from sft by RM rm, win rate vs sft: n=1 " in printed
     with open(os.path.join(out_dir, "samples.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     assert len(lines) == 18 * 5 and all(len(x["responses"]) == 2 for x in lines)
