@@ -168,6 +168,30 @@ def start_run(
     return Run(init(params), data_iter, dict(meta or {}), None), shardings
 
 
+def compile_steps(
+    setup: ModelSetup,
+    c: ml_collections.ConfigDict,
+    optimizer: Any,
+    total_steps: int,
+    state_shardings: Any,
+    loss_fn: Callable,
+    eval_fn: Callable,
+) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) of a stage, compiled on its mesh: train_step from
+    `loss_fn(params, batch, rng) -> (loss, metrics)` with the stage's optimizer, LR schedule
+    (`c.optimizer`) and gradient accumulation (`c.accum_steps`); eval_step is
+    `eval_fn(params, batch)` with params and batch sharded like training."""
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    schedule = train_lib.make_schedule(c.optimizer, total_steps)
+    with sharding.mesh_context(setup.mesh, setup.rules):
+        step_fn = train_lib.make_train_step(
+            loss_fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
+        )
+        train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
+        eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
+    return train_step, eval_step
+
+
 def train_loop(
     run: Run,
     train_step: Callable,

@@ -168,14 +168,9 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         total, count = losses.lm_loss_sum(logits, batch["targets"], batch["loss_mask"])
         return {"val_loss": total / jnp.maximum(count, 1.0), "weight": count}
 
-    batch_sh = sharding.batch_sharding(mesh)
-    schedule = train_lib.make_schedule(c.optimizer, total_steps)
-    with sharding.mesh_context(mesh, rules):
-        step_fn = train_lib.make_train_step(
-            loss_fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
-        )
-        train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
-        eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
+    train_step, eval_step = driver.compile_steps(
+        setup, c, optimizer, total_steps, state_shardings, loss_fn, eval_fn
+    )
 
     # ---- evaluation and selection
     best_dir = os.path.join(stage_dir, "best")

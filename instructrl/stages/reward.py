@@ -134,14 +134,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         correct, pairs = losses.reward_accuracy(r, batch["pair_mask"])
         return jnp.stack([total, count, correct, pairs])
 
-    batch_sh = sharding.batch_sharding(mesh)
-    schedule = train_lib.make_schedule(c.optimizer, total_steps)
-    with sharding.mesh_context(mesh, rules):
-        step_fn = train_lib.make_train_step(
-            loss_fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
-        )
-        train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
-        eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
+    train_step, eval_step = driver.compile_steps(
+        setup, c, optimizer, total_steps, state_shardings, loss_fn, eval_fn
+    )
 
     def evaluate(state, step: int) -> dict[str, float]:
         del step
