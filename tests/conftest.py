@@ -8,11 +8,14 @@ must never leak into the main pytest process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -123,3 +126,32 @@ def tree_digest(folder: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def wait_for_logged_step(
+    proc: subprocess.Popen,
+    workdir: str,
+    stage: str,
+    step: int,
+    *,
+    timeout: float = 240,
+    also: Callable[[], bool] = lambda: True,
+) -> bool:
+    """Polls DIR/<stage>/metrics.jsonl until it logs `step` (and `also()` holds); False if
+    the run ended first or `timeout` seconds passed."""
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if os.path.exists(path) and also():
+            with open(path) as f:
+                lines = [x for x in f.read().split("\n") if x.strip()]
+            try:
+                last = json.loads(lines[-1])["step"] if lines else 0
+            except json.JSONDecodeError:  # a line being written
+                last = 0
+            if last >= step:
+                return True
+        time.sleep(0.002)
+    return False

@@ -42,12 +42,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, wait_for_logged_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ppo_stage")]
 
@@ -250,34 +249,16 @@ def assert_compiled_once(log: str, stage: str, what: str) -> None:
     assert counts.get("rollout") == 1 and counts.get("inner") == 1, f"{what}: {counts}"
 
 
-def wait_for(proc, workdir, stage: str, step: int, timeout: float = 240) -> bool:
-    """Polls until `stage` has logged `step` and committed a checkpoint; False if the run
-    ended first."""
-    path = os.path.join(workdir, stage, "metrics.jsonl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if os.path.exists(path) and committed_steps(workdir, stage):
-            with open(path) as f:
-                lines = [x for x in f.read().split("\n") if x.strip()]
-            try:
-                last = json.loads(lines[-1])["step"] if lines else 0
-            except json.JSONDecodeError:  # a line being written
-                last = 0
-            if last >= step:
-                return True
-        time.sleep(0.002)
-    return False
-
-
 def interrupt(env, workdir, stage: str, sig, at_step: int) -> tuple[int, str]:
     """Starts `stage` in `workdir`; sends `sig` once iteration `at_step` is logged and a
     checkpoint is committed. Returns (exit code, log)."""
     log_path = workdir + ".log"
     proc = env.start(workdir, stage, log_path)
     try:
-        reached = wait_for(proc, workdir, stage, at_step)
+        # logged `at_step` and committed a checkpoint
+        reached = wait_for_logged_step(
+            proc, workdir, stage, at_step, also=lambda: bool(committed_steps(workdir, stage))
+        )
         if reached:
             proc.send_signal(sig)
         code = proc.wait(timeout=300)

@@ -43,7 +43,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, subprocess_env, tree_digest
+from tests.conftest import REPO, free_port, subprocess_env, tree_digest, wait_for_logged_step
 
 CONFIG = '''
 """Tiny config for tests/test_stages.py. `mode=learn` (default): world, tokenizer, SFT that
@@ -243,26 +243,6 @@ def assert_params_equal(a, b, what: str) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype == np.float32, k
         assert np.array_equal(a[k], b[k]), f"{what}: {k} differs"
-
-
-def _wait_for_step(proc, workdir, stage: str, step: int, timeout: float = 240) -> bool:
-    """Polls DIR/<stage>/metrics.jsonl until it logs `step`; False if the run ended first."""
-    path = os.path.join(workdir, stage, "metrics.jsonl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if os.path.exists(path):
-            with open(path) as f:
-                lines = [x for x in f.read().split("\n") if x.strip()]
-            try:
-                last = json.loads(lines[-1])["step"] if lines else 0
-            except json.JSONDecodeError:  # a line being written
-                last = 0
-            if last >= step:
-                return True
-        time.sleep(0.002)
-    return False
 
 
 # ------------------------------------------------------------------ fixtures
@@ -520,7 +500,7 @@ def _interrupt(env, workdir, sig, at_step: int) -> int:
     code."""
     proc = env.start(workdir, *KILL_ARGS, mode="traj")
     try:
-        reached = _wait_for_step(proc, workdir, "sft", at_step)
+        reached = wait_for_logged_step(proc, workdir, "sft", at_step)
         if reached:
             proc.send_signal(sig)
         code = _finish(proc)
