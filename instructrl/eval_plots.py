@@ -488,7 +488,7 @@ def plot_best_of_n(
                 label=_name(m, heads),
             )
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel(f"KL to {bon['policy']}, nats per response")
+    ax.set_xlabel(f"KL, nats per response (best-of-n: to {bon['policy']}; PPO: to its init)")
     ax.set_ylabel(f"win rate vs {bon['reference']} (gold judge)")
     ax.set_title(f"best-of-n from {bon['policy']} and PPO")
     ax.legend(fontsize=7)
