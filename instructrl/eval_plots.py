@@ -430,18 +430,7 @@ def plot_overoptimization(
         axes[0].plot(*_by_step(ks, kl, ss, score), marker=".", label=stage)
         if has_gold and len(gs):
             axes[1].plot(*_by_step(ks, kl, gs, gold), marker=".", label=stage)
-    heads = dict(sizes(summary))
-    for m in summary["models"]:
-        if m["stage"] in pairs and not m["fewshot"]:
-            final_kl = float(trailing_mean(pairs[m["stage"]][0][1])[-1])
-            axes[-1].errorbar(
-                [final_kl],
-                [m["win_rate"]],
-                yerr=[m["stderr"] or 0.0],
-                marker="o",
-                capsize=4,
-                label=_name(m, heads),
-            )
+    _plot_final_win_rates(axes[-1], summary, runs, marker="o")
     axes[-1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
     titles = [
         "RM score (proxy) vs KL",
@@ -474,6 +463,18 @@ def plot_best_of_n(
             linestyle="--" if c["selector"] == "gold judge" else "-",
             label=f"best-of-n by {c['selector']}",
         )
+    _plot_final_win_rates(ax, summary, runs, marker="s")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel(f"KL, nats per response (best-of-n: to {bon['policy']}; PPO: to its init)")
+    ax.set_ylabel(f"win rate vs {bon['reference']} (gold judge)")
+    ax.set_title(f"best-of-n from {bon['policy']} and PPO")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_final_win_rates(ax, summary, runs, marker: str) -> None:
+    """Each PPO model's final eval win rate (with stderr) at its final (smoothed) KL."""
     heads = dict(sizes(summary))
     for m in summary["models"]:
         kl = series(runs[m["stage"]], "kl")[1] if m["stage"] in runs else ()
@@ -482,18 +483,11 @@ def plot_best_of_n(
                 [float(trailing_mean(kl)[-1])],
                 [m["win_rate"]],
                 yerr=[m["stderr"] or 0.0],
-                marker="s",
+                marker=marker,
                 capsize=4,
                 linestyle="none",
                 label=_name(m, heads),
             )
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel(f"KL, nats per response (best-of-n: to {bon['policy']}; PPO: to its init)")
-    ax.set_ylabel(f"win rate vs {bon['reference']} (gold judge)")
-    ax.set_title(f"best-of-n from {bon['policy']} and PPO")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 def _by_step(kl_steps, kl, y_steps, y) -> tuple[np.ndarray, np.ndarray]:

@@ -268,12 +268,7 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
         budget=c.max_new_tokens or config.data.max_response_len + 1,
         key=f"{name}.prompts",
     )
-    gold = np.array(
-        [
-            [tasks.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
-            for r, ts, ss in zip(data.records, texts, stopped, strict=True)
-        ]
-    )
+    gold = gold_scores(data.records, texts, stopped)
     ns = sorted({2**i for i in range(c.best_of_n.bit_length())} | {c.best_of_n})
     selectors = {"gold judge": gold}
     selectors.update(
@@ -305,15 +300,20 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
     }
 
 
-def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
-    """Win rate against ref_scores [N, M] (overall, per family; left out when None), gold
-    score, constraints and length of one model's samples; and its gold scores [N, k]."""
-    scores = np.array(
+def gold_scores(records, texts, stopped) -> np.ndarray:
+    """Gold scores f64 [N, k] of texts/stopped [N][k] for their prompt records."""
+    return np.array(
         [
             [tasks.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
             for r, ts, ss in zip(records, texts, stopped, strict=True)
         ]
     )
+
+
+def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
+    """Win rate against ref_scores [N, M] (overall, per family; left out when None), gold
+    score, constraints and length of one model's samples; and its gold scores [N, k]."""
+    scores = gold_scores(records, texts, stopped)
     outcomes = None if ref_scores is None else pairwise_outcomes(scores, ref_scores)
     kept = [
         constraints_kept(r, t, s)

@@ -271,14 +271,13 @@ def best_of_n_markdown(runs: Sequence[Run]) -> list[str]:
     """Best-of-n win rate per selector and n, mean ± sd over the runs that have the same n
     (instructrl/evaluate.py best_of_n), and each run's peak over n in run order ("—" without
     it, or with other n than the first run that has it); no lines if no run has it."""
-    have = [r for r in runs if r.summary.get("best_of_n")]
+    bons = [r.summary.get("best_of_n") or {} for r in runs]
+    have = [b for b in bons if b]
     if not have:
         return []
-    ns = have[0].summary["best_of_n"]["n"]
-    kls = have[0].summary["best_of_n"]["kl"]
-    curves = [{c["selector"]: c for c in (r.summary.get("best_of_n") or {}).get("curves", [])}
-              for r in runs]  # fmt: skip
-    same_n = [(r.summary.get("best_of_n") or {}).get("n") == ns for r in runs]
+    ns, kls = have[0]["n"], have[0]["kl"]
+    curves = [{c["selector"]: c for c in b.get("curves", [])} for b in bons]
+    same_n = [b.get("n") == ns for b in bons]
     selectors = list(dict.fromkeys(k for c in curves for k in c))
     rows = []
     for sel in selectors:

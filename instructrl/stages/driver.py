@@ -232,14 +232,14 @@ def train_loop(
             at_eval = evaluate is not None and (step % eval_every == 0 or step == total_steps)
             stop = term.should_stop(step)
             save = checkpointer.should_save(step) or step == total_steps or stop
-            if step % log_every == 0 or at_eval or step == total_steps:
+            log = step % log_every == 0 or at_eval or step == total_steps
+            if log or save:  # never log or checkpoint a non-finite state
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 common.check_finite(host, step)
+            if log:
                 if at_eval:
                     host.update(evaluate(state, step))
                 writer.write(step, host)
-            elif save:  # a checkpoint between logging steps: never save a non-finite state
-                common.check_finite(jax.device_get(metrics), step)
             if save:
                 checkpointer.save(
                     step, state, data_state=run.data_iter.get_state(), meta=run.meta, force=True

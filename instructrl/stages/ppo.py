@@ -192,9 +192,11 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             progress.update(step)
             stop = term.should_stop(step)
             save = checkpointer.should_save(step) or step == c.num_iterations or stop
-            if step % c.log_every == 0 or step == c.num_iterations:
+            log = step % c.log_every == 0 or step == c.num_iterations
+            if log or save:  # never log or checkpoint a non-finite state
                 host = {k: float(v) for k, v in jax.device_get({**rollout.metrics, **metrics}).items()}  # fmt: skip
                 common.check_finite(host, step)
+            if log:
                 generated = float(jax.device_get(rollout.response_mask.sum()))
                 host.update(
                     rollout_seconds=mid - start,
@@ -208,8 +210,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
                 if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
                     host.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
                 w.write(step, host)
-            elif save:  # a checkpoint between logging steps: never save a non-finite state
-                common.check_finite(jax.device_get({**rollout.metrics, **metrics}), step)
             if save:
                 checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
             if stop:
