@@ -215,20 +215,26 @@ def sample_responses(
     )
 
 
-def rm_gold_accuracy(name, workdir, rm_stage, tokenizer, prompts, ref) -> dict:
-    """The RM's ranking accuracy against the gold judge on the reference's held-out samples
-    (pairs of one prompt with different gold scores): what PPO will optimise, measured where
-    the labelers' noise plays no part."""
-    raw = rm_scores(workdir, rm_stage, tokenizer, prompts, ref["texts"], ref["stopped"])
-    accuracy, pairs = ranking_accuracy(raw, ref["scores"])
-    logging.info("%s: RM %s orders %s of %d gold pairs", name, rm_stage, accuracy, pairs)
-    return {"gold_accuracy": accuracy, "gold_pairs": pairs}
+def reward_model_results(name, workdir, rm_stage, tokenizer, prompts, ref, bon) -> tuple:
+    """(gold accuracy dict, best-of-n raw scores [N, S] or None) of RM stage `rm_stage`,
+    loaded once.
 
-
-def rm_scores(workdir, rm_stage, tokenizer, prompts, texts, stopped) -> np.ndarray:
-    """Raw scores f32 [N, k] of RM stage `rm_stage` for texts/stopped [N][k]."""
+    Gold accuracy: the RM's ranking accuracy against the gold judge on the reference's
+    held-out samples `ref` (pairs of one prompt with different gold scores): what PPO will
+    optimise, measured where the labelers' noise plays no part. `bon`: best-of-n samples
+    (best_of_n_samples) or None.
+    """
     export = os.path.join(inputs.stage_dir(workdir, rm_stage), inputs.EXPORT_DIR)
     rm = RewardModel.load(export, tokenizer)
+    raw = rm_scores(rm, prompts, ref["texts"], ref["stopped"])
+    accuracy, pairs = ranking_accuracy(raw, ref["scores"])
+    logging.info("%s: RM %s orders %s of %d gold pairs", name, rm_stage, accuracy, pairs)
+    bon_scores = None if bon is None else rm_scores(rm, prompts, bon["texts"], bon["stopped"])
+    return {"gold_accuracy": accuracy, "gold_pairs": pairs}, bon_scores
+
+
+def rm_scores(rm: RewardModel, prompts, texts, stopped) -> np.ndarray:
+    """Raw scores f32 [N, k] of `rm` for texts/stopped [N][k]."""
     k = len(texts[0])
     flat_prompts = [p for p in prompts for _ in range(k)]
     flat_texts = [t for ts in texts for t in ts]
@@ -237,45 +243,51 @@ def rm_scores(workdir, rm_stage, tokenizer, prompts, texts, stopped) -> np.ndarr
     return np.asarray(raw).reshape(len(prompts), k)
 
 
-def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> dict | None:
-    """Best-of-n sampling from the reference model against each RM of `rm_from`, and against
-    the gold judge itself: RL-free over-optimisation (Gao et al. 2022).
-
-    `best_of_n` fresh samples per prompt of stage `best_of_n_from` (default: the reference);
-    for n = 1, 2, 4, ... the exact expected
-    win rate (against the reference's eval samples, gold judge) of keeping the one of n that
-    the selector scores highest, at KL(best-of-n || reference) = log n - (n-1)/n nats. An RM
-    whose curve falls as n grows is being over-optimised; Gao et al. find RL less KL-efficient
-    than best-of-n, so PPO against that RM is not expected to beat its curve. None when off
-    or without an RM.
-    """
+def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) -> dict | None:
+    """`best_of_n` fresh samples per prompt of stage `best_of_n_from` (default: the
+    reference): {"policy", "texts", "stopped", "gold"}; None when off or without an RM.
+    loaded: (stage, model, params) already in memory, used when it is that stage."""
     c = config[name]
-    rms = stage_list(c.rm_from)
-    if c.best_of_n <= 0 or not rms:
+    if c.best_of_n <= 0 or not stage_list(c.rm_from):
         return None
     sample_cfg = ml_collections.ConfigDict(c.to_dict())
     sample_cfg.update(num_samples=c.best_of_n, greedy=False)
-    prompts = [r["prompt"] for r in data.records]
     policy = c.best_of_n_from or c.reference
-    model, params = load_stage_model(workdir, policy)
+    stage, model, params = loaded
+    if stage != policy:
+        model, params = load_stage_model(workdir, policy)
     texts, stopped, _ = sample_responses(
         model,
         params,
         tokenizer,
-        prompts,
+        [r["prompt"] for r in data.records],
         sample_cfg,
         seed=sample_seed(config.seed, "best_of_n", policy),
         budget=c.max_new_tokens or config.data.max_response_len + 1,
         key=f"{name}.prompts",
     )
     gold = gold_scores(data.records, texts, stopped)
+    return {"policy": policy, "texts": texts, "stopped": stopped, "gold": gold}
+
+
+def best_of_n(config, name, bon: dict | None, rm_selectors: dict, ref_scores) -> dict | None:
+    """Best-of-n from the samples `bon` against each RM (rm_selectors: label -> raw scores
+    [N, S] of those samples) and against the gold judge itself: RL-free over-optimisation
+    (Gao et al. 2022).
+
+    For n = 1, 2, 4, ... up to `best_of_n` the exact expected win rate (against the
+    reference's eval samples, gold judge) of keeping the one of n that the selector scores
+    highest, at KL(best-of-n || sampled model) = log n - (n-1)/n nats. An RM whose curve falls
+    as n grows is being over-optimised; Gao et al. find RL less KL-efficient than best-of-n,
+    so PPO against that RM is not expected to beat its curve. None when `bon` is None.
+    """
+    if bon is None:
+        return None
+    c = config[name]
+    gold = bon["gold"]
     ns = sorted({2**i for i in range(c.best_of_n.bit_length())} | {c.best_of_n})
-    selectors = {"gold judge": gold}
-    selectors.update(
-        {f"RM {s}": rm_scores(workdir, s, tokenizer, prompts, texts, stopped) for s in rms}
-    )
     curves = []
-    for label, scores in selectors.items():
+    for label, scores in {"gold judge": gold, **rm_selectors}.items():
         points = [win_rate(best_of_n_outcomes(scores, gold, ref_scores, n)) for n in ns]
         curves.append(
             {
@@ -291,7 +303,7 @@ def best_of_n(config, name, workdir, tokenizer, data: EvalData, ref_scores) -> d
             dict(zip(ns, curves[-1]["win_rate"], strict=True)),
         )
     return {
-        "policy": policy,
+        "policy": bon["policy"],
         "reference": c.reference,
         "samples": c.best_of_n,
         "n": ns,
@@ -412,10 +424,15 @@ def evaluate_stage(
     data: EvalData,
     tokenizer,
     ref_scores: np.ndarray,
+    loaded: tuple | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """The results and samples of the specs that use `stage`'s model (alignment tax once)."""
+    """The results and samples of the specs that use `stage`'s model (alignment tax once).
+    loaded: (stage, model, params) already in memory, used when it is `stage`."""
     c = config[name]
-    model, params = load_stage_model(workdir, stage)
+    if loaded is not None and loaded[0] == stage:
+        model, params = loaded[1:]
+    else:
+        model, params = load_stage_model(workdir, stage)
     tax = alignment_tax(model, params, tokenizer, data, c)
     results, samples = [], []
     for s in specs:
@@ -534,26 +551,31 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             "scores": ref_scores,
         }
     ]
+    reference = (c.reference, model, params)
+    del model, params
+    bon = best_of_n_samples(config, name, workdir, tokenizer, data, reference)
 
-    # ---- each model: samples, gold comparisons, alignment tax (once per stage)
-    results = []
-    for stage in dict.fromkeys(s.stage for s in specs):
+    # ---- each model: samples, gold comparisons, alignment tax (once per stage); the
+    # reference's stage first, while it is loaded, then results in the order of `models`
+    stages = list(dict.fromkeys(s.stage for s in specs))
+    by_stage = {}
+    for stage in sorted(stages, key=lambda st: st != c.reference):
         stage_specs = [s for s in specs if s.stage == stage]
-        out, stage_samples = evaluate_stage(
-            config, name, workdir, stage, stage_specs, data, tokenizer, ref_scores
+        by_stage[stage] = evaluate_stage(
+            config, name, workdir, stage, stage_specs, data, tokenizer, ref_scores, reference
         )
-        results += out
-        samples += stage_samples
+        reference = None  # one model in memory at a time
+    results = [r for stage in stages for r in by_stage[stage][0]]
+    samples += [x for stage in stages for x in by_stage[stage][1]]
 
     # ---- RM accuracy vs labeler agreement, PPO curves
-    reward_models = [
-        {
-            "stage": s,
-            **_read_json(workdir, s, "results.json"),
-            **rm_gold_accuracy(name, workdir, s, tokenizer, prompts, samples[0]),
-        }
-        for s in stage_list(c.rm_from)
-    ]
+    reward_models, rm_selectors = [], {}
+    for s in stage_list(c.rm_from):
+        accuracy, bon_scores = reward_model_results(
+            name, workdir, s, tokenizer, prompts, samples[0], bon
+        )
+        reward_models.append({"stage": s, **_read_json(workdir, s, "results.json"), **accuracy})
+        rm_selectors[f"RM {s}"] = bon_scores
     labeler_stats = [
         {"stage": s, **_read_json(workdir, s, "labelers.json")} for s in stage_list(c.collect_from)
     ]
@@ -579,7 +601,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "labelers": labeler_stats,
         "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": labelers.PAPER_AGREEMENT},
         "ppo": eval_plots.ppo_summaries(ppo_runs),
-        "best_of_n": best_of_n(config, name, workdir, tokenizer, data, ref_scores),
+        "best_of_n": best_of_n(config, name, bon, rm_selectors, ref_scores),
     }
     if jax.process_index() != 0:
         return

@@ -209,12 +209,15 @@ def collect_comparisons(
     pool: LabelerPool,
     rng: np.random.Generator,
 ) -> list[dict]:
-    """Comparison records {"prompt", "responses", "ranking", "labeler", <prompt extras>}.
+    """Comparison records {"prompt", "responses", "ranking", "labeler", ["stopped"],
+    <prompt extras>}.
 
     Each prompt goes to a labeler drawn from rng. Ties are dropped as in the paper: only
     the first response (lowest index) of each tie group is kept, so duplicates collapse to
     one; prompts left with fewer than 2 responses produce no record. "ranking" indexes the
-    kept "responses" (in their original order), best first.
+    kept "responses" (in their original order), best first. "stopped" (when given): whether
+    each kept response ended with the stop token, so that the record alone gives its gold
+    scores (`tasks.score(record, response, stopped)`).
     """
     if len(prompts) != len(responses_per_prompt):
         raise ValueError(f"{len(prompts)} prompts but {len(responses_per_prompt)} response lists")
@@ -229,6 +232,8 @@ def collect_comparisons(
         kept = sorted(kept_in_rank_order)
         position = {i: j for j, i in enumerate(kept)}
         extras = {k: v for k, v in record.items() if k != "prompt"}
+        if st is not None:
+            extras["stopped"] = [bool(st[i]) for i in kept]
         records.append(
             {
                 "prompt": record["prompt"],

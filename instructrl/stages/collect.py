@@ -7,6 +7,11 @@ them (instructrl/labelers.py). With `calibrate`, the pool's noise is first fitte
 two labelers agree on `target_agreement` of the pairs of these very samples (the paper's
 72.6%), and the agreement reached is measured on held-out prompts and saved.
 
+`labelers`: "pool" (the simulated labelers above) or "gold", an ablation that is not the
+paper's: noise-free labelers without length preferences, who rank by the gold score itself
+(ties dropped as for the pool; needs `calibrate=False`). An RM trained on those rankings
+shows how much of its error is label noise and how much is its own generalisation.
+
 Writes `DIR/<name>/comparisons.jsonl` (standard format, ties dropped) and `labelers.json`.
 Only the synthetic world has gold scorers, so this stage needs its prompt records
 (`family`, `params` fields).
@@ -30,6 +35,8 @@ from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
 from instructrl.tokenizer import Tokenizer
 
+LABELERS = ("pool", "gold")
+
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -42,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
             k_max=9,
             temperature=1.0,
             num_labelers=8,
+            labelers="pool",  # "pool" | "gold" (noise-free; an ablation)
             calibrate=True,
             target_agreement=labelers.PAPER_AGREEMENT,
             seed=0,
@@ -53,6 +61,15 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
     if not 2 <= c.k_min <= c.k_max:
         raise ConfigError(f"config keys '{name}.k_min/k_max' need 2 <= k_min <= k_max")
+    if c.labelers not in LABELERS:
+        raise ConfigError(
+            f"config key '{name}.labelers' must be one of {LABELERS}, got {c.labelers!r}"
+        )
+    if c.labelers == "gold" and c.calibrate:
+        raise ConfigError(
+            f"config key '{name}.calibrate' must be False with {name}.labelers='gold' "
+            "(noise-free labelers have no noise to fit)"
+        )
     out_dir = inputs.stage_dir(workdir, name)
     policies = [p.strip() for p in c.policies.split(",") if p.strip()]
     inputs.wait_for_done_markers(f"{name}.policies")
@@ -90,6 +107,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- labelers: calibrate on half the prompts, measure agreement on the other half
     pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
+    if c.labelers == "gold":
+        pool = dataclasses.replace(pool, noise=0.0, length_bias=0.0)
     half = len(records) // 2
     ceiling = None
     if c.calibrate:
@@ -122,6 +141,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         for r, resp, st in zip(records, responses, stopped, strict=True)
     ]
     summary = {
+        "labelers": c.labelers,
         "prompts": len(records),
         "comparisons": len(comparisons),
         "mean_k": float(np.mean([len(x["responses"]) for x in comparisons])),

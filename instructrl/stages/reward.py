@@ -234,19 +234,10 @@ def policy_sample_scores(config, policy_dir, setup, params, tokenizer, data_cfg,
     score_fn = jax.jit(
         lambda p, t, m: setup.model.apply({"params": p}, t, positions_from_mask(m), m)
     )
-    scores, rng = [], jax.random.key(config.seed)
-    for i, batch in enumerate(driver.take(it, 0)):
-        keep = batch["prompt_mask"].any(axis=1)
-        out = sample_jit(lm, policy_params, jnp.asarray(batch["prompt_tokens"]),
-                         jnp.asarray(batch["prompt_mask"]), jax.random.fold_in(rng, i),
-                         max_new_tokens=new_tokens, stop_token=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id)  # fmt: skip
-        tokens = np.concatenate([batch["prompt_tokens"], np.asarray(out.tokens)], axis=1)
-        mask = np.concatenate([batch["prompt_mask"], np.asarray(out.mask)], axis=1)
-        scores.append(np.asarray(score_fn(params, tokens, mask))[keep])
-        if sum(len(s) for s in scores) >= n:
-            break
-    return np.concatenate(scores)[:n]
+    return sampled_scores(
+        lm, policy_params, lambda t, m: score_fn(params, t, m), it, tokenizer, n=n,
+        new_tokens=new_tokens, rng=jax.random.key(config.seed), greedy=False,
+    )  # fmt: skip
 
 
 def mean_greedy_score(config, name, workdir, setup, params) -> float:
@@ -267,16 +258,28 @@ def mean_greedy_score(config, name, workdir, setup, params) -> float:
                       split=split, num_epochs=1, shuffle=False, drop_remainder=False,
                       process_index=0, process_count=1)  # fmt: skip
     new_tokens = data_cfg.seq_len - data_cfg.max_prompt_len
+    scores = sampled_scores(
+        setup.model, params, lambda t, m: rm.normalization.apply(rm.raw_tokens(t, m)), it,
+        tokenizer, n=c.select_num_prompts, new_tokens=new_tokens, rng=jax.random.key(0),
+        greedy=True,
+    )  # fmt: skip
+    return float(scores.mean())
+
+
+def sampled_scores(lm, lm_params, score, batches, tokenizer, *, n, new_tokens, rng, greedy):
+    """score(tokens, mask) [B] of one sample per prompt by `lm`, for the first n real prompts
+    of `batches` (ppo_pipeline batches: left-padded prompt_tokens/prompt_mask; all-pad rows
+    dropped). Batch i samples with fold_in(rng, i); greedy ignores rng."""
     scores = []
-    for batch in it:
+    for i, batch in enumerate(batches):
         keep = batch["prompt_mask"].any(axis=1)
-        out = sample_jit(setup.model, params, jnp.asarray(batch["prompt_tokens"]),
-                         jnp.asarray(batch["prompt_mask"]), jax.random.key(0),
-                         max_new_tokens=new_tokens, greedy=True, stop_token=tokenizer.eos_id,
+        out = sample_jit(lm, lm_params, jnp.asarray(batch["prompt_tokens"]),
+                         jnp.asarray(batch["prompt_mask"]), jax.random.fold_in(rng, i),
+                         max_new_tokens=new_tokens, greedy=greedy, stop_token=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id)  # fmt: skip
         tokens = np.concatenate([batch["prompt_tokens"], np.asarray(out.tokens)], axis=1)
         mask = np.concatenate([batch["prompt_mask"], np.asarray(out.mask)], axis=1)
-        scores.append(rm.normalization.apply(rm.raw_tokens(tokens, mask))[keep])
-        if sum(len(s) for s in scores) >= c.select_num_prompts:
+        scores.append(np.asarray(score(tokens, mask))[keep])
+        if sum(len(x) for x in scores) >= n:
             break
-    return float(np.concatenate(scores)[: c.select_num_prompts].mean())
+    return np.concatenate(scores)[:n] if scores else np.zeros((0,), np.float32)
