@@ -212,9 +212,11 @@ def collect_comparisons(
     """Comparison records {"prompt", "responses", "ranking", "labeler", ["stopped"],
     <prompt extras>}.
 
-    Each prompt goes to a labeler drawn from rng. Ties are dropped as in the paper: only
-    the first response (lowest index) of each tie group is kept, so duplicates collapse to
-    one; prompts left with fewer than 2 responses produce no record. "ranking" indexes the
+    Each prompt goes to a labeler drawn from rng. Identical responses (same text and stop)
+    collapse to their first copy; distinct responses the labeler cannot separate (equal
+    perceived scores: only with noise 0, e.g. the noise-free labelers) form a tie group,
+    written as "ties" (the RM drops tied pairs, as the paper, and keeps their other pairs).
+    Prompts left without two separable responses produce no record. "ranking" indexes the
     kept "responses" (in their original order), best first. "stopped" (when given): whether
     each kept response ended with the stop token, so that the record alone gives its gold
     scores (`tasks.score(record, response, stopped)`).
@@ -226,19 +228,24 @@ def collect_comparisons(
     for record, responses, st in zip(prompts, responses_per_prompt, stopped, strict=True):
         labeler = int(rng.integers(pool.num_labelers))
         _, groups = pool.rank(record, responses, st, rng, labeler=labeler)
-        kept_in_rank_order = [g[0] for g in groups]
-        if len(kept_in_rank_order) < 2:
+        keys = list(zip(responses, _stopped(responses, st), strict=True))
+        firsts = {keys.index(key) for key in keys}  # identical responses: the first copy
+        groups = [[i for i in g if i in firsts] for g in groups]
+        if len(groups) < 2:  # one distinct response, or all tied: no pair to learn from
             continue
-        kept = sorted(kept_in_rank_order)
+        kept = sorted(firsts)
         position = {i: j for j, i in enumerate(kept)}
         extras = {k: v for k, v in record.items() if k != "prompt"}
+        ties = [[position[i] for i in g] for g in groups if len(g) > 1]
+        if ties:
+            extras["ties"] = ties
         if st is not None:
             extras["stopped"] = [bool(st[i]) for i in kept]
         records.append(
             {
                 "prompt": record["prompt"],
                 "responses": [responses[i] for i in kept],
-                "ranking": [position[i] for i in kept_in_rank_order],
+                "ranking": [position[i] for g in groups for i in g],
                 "labeler": labeler,
                 **extras,
             }

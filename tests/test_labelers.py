@@ -158,10 +158,25 @@ def test_collect_comparisons_format_and_ties_dropped():
         assert k >= 2 and sorted(rec["ranking"]) == list(range(k))
         assert isinstance(rec["prompt"], str) and rec["family"] and "params" in rec
         assert 0 <= rec["labeler"] < pool.num_labelers
+    assert not any("ties" in rec for rec in out)  # noisy labelers separate distinct texts
     gold_pool = LabelerPool(noise=0.0, length_bias=0.0)
+    tied = 0
     for rec in collect_comparisons(prompts, responses, None, gold_pool, np.random.default_rng(0)):
-        gold = [score(rec, rec["responses"][i]) for i in rec["ranking"]]
-        assert all(a > b for a, b in itertools.pairwise(gold))  # ties were dropped
+        assert len(set(rec["responses"])) == len(rec["responses"])  # duplicates collapsed
+        assert_ranked_by_gold(rec)
+        tied += len(rec.get("ties", []))
+    assert tied > 0  # distinct responses with equal gold scores are kept as ties
+
+
+def assert_ranked_by_gold(rec: dict) -> None:
+    """The record's ranking puts strictly better gold scores first; responses with equal
+    gold scores are exactly its tie groups."""
+    stopped = rec.get("stopped", [True] * len(rec["responses"]))
+    gold = {i: score(rec, rec["responses"][i], stopped[i]) for i in rec["ranking"]}
+    group = {i: n for n, g in enumerate(rec.get("ties", [])) for i in g}
+    for a, b in itertools.pairwise(rec["ranking"]):
+        same = a in group and group.get(b) == group[a]
+        assert gold[a] == gold[b] if same else gold[a] > gold[b], (rec["prompt"], gold)
 
 
 def test_gold_compare_and_ties():
