@@ -491,7 +491,7 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     (`normalize=policy`: mean 0, std 1 on the policy's own samples) run end to end."""
     import numpy as np
 
-    from instructrl import checkpoint
+    from tests.test_stages import assert_params_equal, exported_params
 
     select = env.copy_base(str(tmp_path / "select"))
     shutil.rmtree(os.path.join(select, "sft"))
@@ -508,10 +508,11 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     logged = {m["step"]: m["select_rm_score"] for m in read_metrics(select, "sft")
               if "select_rm_score" in m}  # fmt: skip
     assert logged == {h["step"]: pytest.approx(h["value"]) for h in history}
-    best, _ = checkpoint.load_exported(os.path.join(select, "sft", "best"))
-    exported, _ = checkpoint.load_exported(os.path.join(select, "sft", "export"))
-    for a, b in zip(jax_leaves(best), jax_leaves(exported), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_params_equal(
+        exported_params(os.path.join(select, "sft", "best")),
+        exported_params(os.path.join(select, "sft", "export")),
+        "export vs best",
+    )
 
     policy = env.copy_base(str(tmp_path / "policy"))
     shutil.rmtree(os.path.join(policy, "rm"))
@@ -524,9 +525,3 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     assert norm["raw_std"] > 0 and norm["gain"] == pytest.approx(1 / norm["raw_std"])
     assert norm["bias"] == pytest.approx(-norm["raw_mean"] / norm["raw_std"])
     assert norm["raw_mean"] != demo["raw_mean"]  # fitted on other texts than demonstrations
-
-
-def jax_leaves(tree) -> list:
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)

@@ -9,10 +9,11 @@ two labelers agree on `target_agreement` of the pairs of these very samples (the
 
 `labelers`: "pool" (the simulated labelers above) or "gold", an ablation that is not the
 paper's: noise-free labelers without length preferences, who rank by the gold score itself
-(ties dropped as for the pool; needs `calibrate=False`). An RM trained on those rankings
+(responses with equal gold scores are written as tie groups; needs `calibrate=False`). An RM trained on those rankings
 shows how much of its error is label noise and how much is its own generalisation.
 
-Writes `DIR/<name>/comparisons.jsonl` (standard format, ties dropped) and `labelers.json`.
+Writes `DIR/<name>/comparisons.jsonl` (standard format: identical responses collapsed, ties
+as "ties" groups, each response's "stopped" flag) and `labelers.json`.
 Only the synthetic world has gold scorers, so this stage needs its prompt records
 (`family`, `params` fields).
 """

@@ -282,4 +282,6 @@ def sampled_scores(lm, lm_params, score, batches, tokenizer, *, n, new_tokens, r
         scores.append(np.asarray(score(tokens, mask))[keep])
         if sum(len(x) for x in scores) >= n:
             break
-    return np.concatenate(scores)[:n] if scores else np.zeros((0,), np.float32)
+    if not scores:
+        raise ValueError("sampled_scores: no prompt batches to sample from")
+    return np.concatenate(scores)[:n]
