@@ -107,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # like the gold judge 0.70 of the time at 6,000 prompts x 2 epochs, 0.62 at 1,500 x 3.
     config.world.num_rm = 6000
     # demo_error_rate stays at the world's 0.1 (the issue's "small labeler error rate"). Measured
-    # over 3 seeds, 0.5 raises PPO against its own SFT from 0.510 to 0.566 (README, "Where PPO
+    # over 3 seeds, 0.5 raises PPO against its own SFT from 0.510 to 0.567 (README, "Where PPO
     # pays"): the more the demonstrations fall short of the rankings, the more PPO adds.
     if s:
         config.world.update(
