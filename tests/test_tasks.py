@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,11 +25,13 @@ from instructrl.tasks import (
     public_task_accuracy,
     score,
     synthetic_responses,
+    vocab,
     write_world,
 )
 from instructrl.tasks.families import slip
 from instructrl.tasks.vocab import fact, perturb_answer
 from instructrl.tasks.world import SPLIT_FRACTIONS, pretrain_prompt_sampler
+from tests.conftest import REPO, subprocess_env
 
 SMALL = dict(
     num_pretrain=300,
@@ -252,3 +256,57 @@ def test_write_world_rejects_bad_arguments(tmp_path):
         write_world(str(tmp_path), seed=0, demo_error_rate=1.5, **SMALL)
     with pytest.raises(ValueError, match="ran out of unique 'word_limit' prompts"):
         write_world(str(tmp_path), seed=0, **{**SMALL, "num_eval": 9 * 200})
+
+
+def test_filler_slips_are_gold_answers_with_fillers_appended(tmp_path):
+    """demo_slips="filler": about demo_error_rate of the demonstrations are a gold answer
+    with filler words appended until it scores below 1, the rest score 1; every file but
+    demonstrations.jsonl is the same as with "random" slips."""
+    kw = {**SMALL, "demo_error_rate": 0.5}
+    rand = write_world(str(tmp_path / "r"), seed=2, **kw)
+    fill = write_world(str(tmp_path / "f"), seed=2, demo_slips="filler", **kw)
+    demos = {}
+    for name, paths in (("random", rand), ("filler", fill)):
+        with open(paths["demonstrations"]) as f:
+            demos[name] = [json.loads(line) for line in f]
+    assert [d["prompt"] for d in demos["random"]] == [d["prompt"] for d in demos["filler"]]
+    slipped = {k: [score(d, d["completion"]) < 1.0 for d in v] for k, v in demos.items()}
+    for flags in slipped.values():
+        assert 0.35 < np.mean(flags) < 0.65
+    for d, bad in zip(demos["filler"], slipped["filler"], strict=True):
+        words = d["completion"].split()
+        if not bad:
+            assert words[-1] not in vocab.FILLERS
+            continue
+        assert words[-1] in vocab.FILLERS
+        while words[-1] in vocab.FILLERS:
+            words.pop()
+        assert score(d, " " + " ".join(words)) == 1.0  # a gold answer with fillers appended
+    random_fillers = [d["completion"].split()[-1] in vocab.FILLERS for d in demos["random"]]
+    assert np.mean(random_fillers) < 0.5 * np.mean(slipped["random"])  # other slips there
+    for name in rand:
+        if name not in ("demonstrations", "world"):
+            with open(rand[name]) as a, open(fill[name]) as b:
+                assert a.read() == b.read(), name
+    with open(fill["world"]) as f:
+        assert json.load(f)["demo_slips"] == "filler"
+
+
+def test_bad_slip_kind_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="demo_slips='typo'"):
+        write_world(str(tmp_path / "w"), seed=0, demo_slips="typo", **SMALL)
+    with pytest.raises(ValueError, match="slip kind 'typo'"):
+        perturb_answer("a b", np.random.default_rng(0), "typo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "instructrl.main", "--config=experiments/tiny_instructgpt.py:smoke",
+         f"--workdir={tmp_path / 'run'}", "--config.stages=world",
+         "--config.world.demo_slips=typo"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: config key 'world.demo_slips' ('typo') must be one of")
+    )
+    assert not os.path.exists(tmp_path / "run" / "world")

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 
 from instructrl import tasks
+from instructrl.errors import ConfigError
+from instructrl.tasks.vocab import SLIP_KINDS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,7 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
             num_ppo=3000,
             num_eval=450,
             num_public=200,
-            demo_error_rate=0.1,
+            demo_error_rate=0.1,  # share of demonstrations with a labeler's slip
+            demo_slips="random",  # its kind: "random" word-level mistakes or "filler" (visible)
             fewshot_k=1,
             fewshot_max_chars=200,
         )
@@ -37,6 +40,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
+    if not 0.0 <= c.demo_error_rate <= 1.0:
+        raise ConfigError(
+            f"config key '{name}.demo_error_rate' ({c.demo_error_rate}) is not in [0, 1]"
+        )
+    if c.demo_slips not in SLIP_KINDS:
+        raise ConfigError(
+            f"config key '{name}.demo_slips' ({c.demo_slips!r}) must be one of {SLIP_KINDS}"
+        )
     out_dir = os.path.join(workdir, name)
     if jax.process_index() == 0:
         kwargs = {k: v for k, v in c.items() if k not in ("kind", "seed")}

@@ -185,12 +185,14 @@ def public_task_accuracy(records: Sequence[dict], predictions: Sequence[str]) ->
 
 
 # ---------------------------------------------------------------- demonstrations, few-shot
-def make_demonstration(record: dict, rng: np.random.Generator, error_rate: float) -> dict:
+def make_demonstration(
+    record: dict, rng: np.random.Generator, error_rate: float, slip_kind: str = "random"
+) -> dict:
     """{"prompt", "completion", "family", "params"}: a gold answer; with probability
-    error_rate a wrong one instead (families.slip: the gold score is below 1)."""
+    error_rate a wrong one instead (families.slip of `slip_kind`: the gold score is below 1)."""
     answer = gold_answer(record, rng)
     if rng.random() < error_rate:
-        answer = slip(record, answer, rng)
+        answer = slip(record, answer, rng, slip_kind)
     return {"prompt": record["prompt"], "completion": format_completion(answer), **_extra(record)}
 
 

@@ -351,12 +351,12 @@ def score(record: dict, response: str, stopped: bool = True) -> float:
     return grade * (EXTRA_TEXT_FACTOR if extra else 1.0) * (1.0 if stopped else NO_STOP_FACTOR)
 
 
-def slip(record: dict, answer: str, rng: np.random.Generator) -> str:
-    """A labeler's mistake on `answer`: word-level slips (vocab.perturb_answer), compounded
-    until the gold scorer marks the result below 1 (a dropped word is harmless in
+def slip(record: dict, answer: str, rng: np.random.Generator, kind: str = "random") -> str:
+    """A labeler's mistake on `answer`: word-level slips (vocab.perturb_answer of `kind`),
+    compounded until the gold scorer marks the result below 1 (a dropped word is harmless in
     "describe in at most 5 words", so one slip is not always an error)."""
     for _ in range(100):
-        answer = perturb_answer(answer, rng)
+        answer = perturb_answer(answer, rng, kind)
         if score(record, answer) < 1.0:
             return answer
     raise RuntimeError(f"no slip found for {record['prompt']!r}")

@@ -156,13 +156,24 @@ def answer_words(response: str) -> tuple[list[str], bool]:
     return [w for w in words if w], bool(rest.strip())
 
 
-def perturb_answer(answer: str, rng: np.random.Generator) -> str:
-    """One labeler slip on a word-level answer: swap, drop, duplicate, replace, off-by-one,
-    case flip or a filler word. Always returns a string different from `answer`."""
+SLIP_KINDS: tuple[str, ...] = ("random", "filler")
+
+
+def perturb_answer(answer: str, rng: np.random.Generator, kind: str = "random") -> str:
+    """One labeler slip on a word-level answer. Always returns a string different from `answer`.
+
+    kind "random": swap, drop, duplicate, replace, off-by-one, case flip or a filler word.
+    kind "filler": always a filler word appended, a flaw a reward model sees easily (it draws
+    as "random" does, then takes the filler branch).
+    """
+    if kind not in SLIP_KINDS:
+        raise ValueError(f"slip kind {kind!r}: expected one of {SLIP_KINDS}")
     words = answer.split()
     for _ in range(8):
         w = list(words)
         op = rng.integers(7)
+        if kind == "filler":
+            op = 6
         i = int(rng.integers(len(w))) if w else 0
         if op == 0 and len(w) >= 2:
             j = (i + 1) % len(w)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from instructrl.tasks import corpus, families
+from instructrl.tasks import corpus, families, vocab
 
 SPLIT_FRACTIONS: dict[str, float] = {"demonstrations": 0.35, "rm": 0.20, "ppo": 0.35, "eval": 0.10}
 _MAX_MISSES = 5_000  # draws without a new prompt of the split before giving up
@@ -106,6 +106,7 @@ def write_world(
     num_eval: int = 450,
     num_public: int = 200,
     demo_error_rate: float = 0.1,
+    demo_slips: str = "random",
     fewshot_k: int = 1,
     fewshot_max_chars: int | None = 200,
 ) -> dict[str, str]:
@@ -118,9 +119,15 @@ def write_world(
     at most ~90 tokens with a 384-piece sentencepiece model -- plus "fewshot_k");
     public_task ({"prompt", "answer", "choices", "kind"}); world (world.json: the
     arguments, for the record).
+
+    demo_error_rate is the share of demonstrations with a labeler's slip; demo_slips is its
+    kind (vocab.SLIP_KINDS): "random" word-level mistakes, or "filler" (a word appended), a
+    flaw the reward model can see. Only demonstrations.jsonl depends on the kind.
     """
     if not 0.0 <= demo_error_rate <= 1.0:
         raise ValueError(f"demo_error_rate={demo_error_rate} is not in [0, 1]")
+    if demo_slips not in vocab.SLIP_KINDS:
+        raise ValueError(f"demo_slips={demo_slips!r} is not one of {vocab.SLIP_KINDS}")
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
 
@@ -135,9 +142,8 @@ def write_world(
 
     rng = _stream(seed, "demonstrations")
     demo_prompts = split_prompts(rng, "demonstrations", num_demonstrations, seed)
-    put(
-        "demonstrations", [corpus.make_demonstration(r, rng, demo_error_rate) for r in demo_prompts]
-    )
+    demos = [corpus.make_demonstration(r, rng, demo_error_rate, demo_slips) for r in demo_prompts]
+    put("demonstrations", demos)
     for split, n in (("rm", num_rm), ("ppo", num_ppo)):
         put(f"prompts_{split}", split_prompts(_stream(seed, split), split, n, seed))
     eval_prompts = split_prompts(_stream(seed, "eval"), "eval", num_eval, seed, unique=True)
@@ -166,6 +172,7 @@ def write_world(
         num_eval=num_eval,
         num_public=num_public,
         demo_error_rate=demo_error_rate,
+        demo_slips=demo_slips,
         fewshot_k=fewshot_k,
         fewshot_max_chars=fewshot_max_chars,
         families=list(families.FAMILY_NAMES),
