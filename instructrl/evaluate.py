@@ -243,6 +243,14 @@ def rm_scores(rm: RewardModel, prompts, texts, stopped) -> np.ndarray:
     return np.asarray(raw).reshape(len(prompts), k)
 
 
+def stage_model(workdir: str, stage: str, loaded: tuple | None) -> tuple:
+    """(model, params) of `stage`: those of `loaded` = (stage, model, params) when it is that
+    stage, else loaded from its export."""
+    if loaded is not None and loaded[0] == stage:
+        return loaded[1], loaded[2]
+    return load_stage_model(workdir, stage)
+
+
 def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) -> dict | None:
     """`best_of_n` fresh samples per prompt of stage `best_of_n_from` (default: the
     reference): {"policy", "texts", "stopped", "gold"}; None when off or without an RM.
@@ -253,9 +261,7 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     sample_cfg = ml_collections.ConfigDict(c.to_dict())
     sample_cfg.update(num_samples=c.best_of_n, greedy=False)
     policy = c.best_of_n_from or c.reference
-    stage, model, params = loaded
-    if stage != policy:
-        model, params = load_stage_model(workdir, policy)
+    model, params = stage_model(workdir, policy, loaded)
     texts, stopped, _ = sample_responses(
         model,
         params,
@@ -429,10 +435,7 @@ def evaluate_stage(
     """The results and samples of the specs that use `stage`'s model (alignment tax once).
     loaded: (stage, model, params) already in memory, used when it is `stage`."""
     c = config[name]
-    if loaded is not None and loaded[0] == stage:
-        model, params = loaded[1:]
-    else:
-        model, params = load_stage_model(workdir, stage)
+    model, params = stage_model(workdir, stage, loaded)
     tax = alignment_tax(model, params, tokenizer, data, c)
     results, samples = [], []
     for s in specs:

@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
+    # write_world checks these too, but only process 0 calls it: every process fails here.
     if not 0.0 <= c.demo_error_rate <= 1.0:
         raise ConfigError(
             f"config key '{name}.demo_error_rate' ({c.demo_error_rate}) is not in [0, 1]"
