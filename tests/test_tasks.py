@@ -297,16 +297,16 @@ def test_bad_slip_kind_is_an_error(tmp_path):
         write_world(str(tmp_path / "w"), seed=0, demo_slips="typo", **SMALL)
     with pytest.raises(ValueError, match="slip kind 'typo'"):
         perturb_answer("a b", np.random.default_rng(0), "typo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "instructrl.main", "--config=experiments/tiny_instructgpt.py:smoke",
-         f"--workdir={tmp_path / 'run'}", "--config.stages=world",
-         "--config.world.demo_slips=typo"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith("error: config key 'world.demo_slips' ('typo') must be one of")
-    )
-    assert not os.path.exists(tmp_path / "run" / "world")
+    for override, message in (
+        ("demo_slips=typo", "error: config key 'world.demo_slips' ('typo') must be one of"),
+        ("demo_error_rate=1.5", "error: config key 'world.demo_error_rate' (1.5) is not in [0, 1]"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "instructrl.main",
+             "--config=experiments/tiny_instructgpt.py:smoke", f"--workdir={tmp_path / 'run'}",
+             "--config.stages=world", f"--config.world.{override}"],
+            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(message)
+        assert not os.path.exists(tmp_path / "run" / "world")
