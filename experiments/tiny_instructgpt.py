@@ -5,7 +5,9 @@ r"""The built-in tiny InstructGPT experiment: the whole pipeline on a CPU in min
 Arguments (big_vision style, after ':'): `smoke` shrinks everything to seconds (tests,
 notebooks); `full` adds a second model size (~9x the parameters) and compares all methods
 at both sizes against the large SFT model; `rounds=2` adds a second comparison round on a
-first PPO policy's samples (default 1, the paper's pipeline); `seed=N`. Example:
+first PPO policy's samples (default 1, the paper's pipeline); `flawed_demos` makes half the
+demonstrations visibly flawed (see `add_flawed_demonstrations`: the world where PPO pays);
+`seed=N`. Example:
 `--config=experiments/tiny_instructgpt.py:smoke,seed=1`.
 
 Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
@@ -76,7 +78,9 @@ def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.Con
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, smoke=False, full=False, size="small", seed=0, rounds=1)
+    arg = config_lib.parse_arg(
+        arg, smoke=False, full=False, size="small", seed=0, rounds=1, flawed_demos=False
+    )
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
@@ -213,6 +217,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.reference = "sft"
 
     config.smoke = smoke.default_config()
+    if arg.flawed_demos:  # before the copies below, so ppo_1 and the large stages inherit it
+        add_flawed_demonstrations(config)
     if arg.rounds == 2:  # measured on seed 0: no gain over one round (PPO 0.49 vs 0.51)
         add_second_round(config, s)
     elif arg.rounds != 1:
@@ -220,6 +226,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.full:
         add_large_size(config, model_config("small" if s else "large", vocab_size, max_len))
     return config
+
+
+def add_flawed_demonstrations(config: ml_collections.ConfigDict) -> None:
+    """`flawed_demos`: half the demonstrations carry a visible labeler slip, and PPO's beta
+    follows the adaptive KL controller. Not the issue's "small labeler error rate": the
+    default world keeps 0.1.
+
+    The paper's premise is that labelers judge better than they write. At a 0.1 error rate
+    this world's demonstrations are nearly as good as its rankings, and PPO against the RM
+    wins only 0.51 +- 0.02 against SFT (3 seeds; README). With half the demonstrations ending
+    in filler words ("ok", "thanks": world.demo_slips="filler", a flaw the RM can see), SFT
+    learns the flaw and the labelers' rankings do not. Measured over 3 seeds at beta 0.1
+    fixed: PPO-ptx 0.612 +- 0.018 against SFT, PPO 0.643 / 0.623 / 0.466 (seed 2 over-optimised
+    the RM, KL 7.3 nats). The adaptive controller (Ziegler et al.; target 1.5 nats, about
+    where seeds 0 and 1 ended, horizon 500 episodes) held seed 2 at KL 2.3: PPO 0.633 /
+    0.620 / 0.583 (README, "Where PPO pays").
+    """
+    config.world.demo_error_rate = 0.5
+    config.world.demo_slips = "filler"
+    for name in ("ppo", "ppo_ptx"):
+        config[name].update(adaptive_kl=True, kl_target=1.5, kl_horizon=500.0)
 
 
 def add_second_round(config: ml_collections.ConfigDict, smoke_run: bool) -> None:

@@ -15,6 +15,11 @@ What each test shows:
     sizes against sft_large (smoke and non-smoke)
   the large model has >= 8x the small one's parameters       test_full_large_model_is_8x_small
     (built with jax.eval_shape; smoke: large > small)
+  `flawed_demos` changes exactly the world's demonstration     test_flawed_demos_changes_only_
+    error rate (0.5) and slip kind (filler) and PPO's KL       demonstrations_and_kl_control
+    controller (adaptive) in ppo and ppo_ptx, and their large
+    and first-round copies under `full` / `rounds=2`; the
+    oracle keeps the paper's fixed beta
   `smoke,full` runs end to end through the CLI: DONE in      test_smoke_full_end_to_end_and_reuse
     every stage, results.json with reference sft_large,
     10 models in 2 size groups (large > small params),
@@ -130,6 +135,37 @@ def test_full_config_stages_and_chain(smoke):
                 "PPO-ptx": "ppo_ptx", "PPO (gold reward)": "ppo_gold"}[s.label]  # fmt: skip
         assert s.stage == want + ("_large" if s.size == "large" else ""), s
         assert s.fewshot == (s.label == "GPT (prompted)")
+
+
+def _diff(a, b, prefix=""):
+    """Dotted keys whose values differ between two nested dicts (a key in one only counts)."""
+    out = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out |= _diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.add(prefix + key)
+    return out
+
+
+@pytest.mark.parametrize("extra", ["", "smoke", "full", "rounds=2"])
+def test_flawed_demos_changes_only_demonstrations_and_kl_control(extra):
+    base = _config(extra)
+    flawed = _config(f"{extra},flawed_demos" if extra else "flawed_demos")
+    ppo_stages = ["ppo", "ppo_ptx"]
+    ppo_stages += {"full": ["ppo_large", "ppo_ptx_large"], "rounds=2": ["ppo_1"]}.get(extra, [])
+    kl_keys = ("adaptive_kl", "kl_target", "kl_horizon")
+    want = {"world.demo_error_rate", "world.demo_slips"}
+    want |= {f"{stage}.{key}" for stage in ppo_stages for key in kl_keys}
+    assert _diff(flawed.to_dict(), base.to_dict()) == want
+    assert (flawed.world.demo_error_rate, flawed.world.demo_slips) == (0.5, "filler")
+    for stage in ppo_stages:
+        assert flawed[stage].adaptive_kl and flawed[stage].kl_target == 1.5, stage
+        assert flawed[stage].kl_coef == base[stage].kl_coef  # the controller's starting beta
+        assert not base[stage].adaptive_kl, stage
+    if "ppo_gold" in flawed:  # the oracle stays at the paper's fixed beta
+        assert not flawed.ppo_gold.adaptive_kl
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["default", "smoke"])

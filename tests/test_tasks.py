@@ -310,3 +310,21 @@ def test_bad_slip_kind_is_an_error(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(message)
         assert not os.path.exists(tmp_path / "run" / "world")
+
+
+def test_flawed_demos_argument_writes_a_filler_world(tmp_path):
+    """`:flawed_demos` reaches the world stage: half the demonstrations end in fillers."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "instructrl.main",
+         "--config=experiments/tiny_instructgpt.py:smoke,flawed_demos",
+         f"--workdir={tmp_path}", "--config.stages=world"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "world" / "world.json") as f:
+        meta = json.load(f)
+    assert (meta["demo_error_rate"], meta["demo_slips"]) == (0.5, "filler")
+    with open(tmp_path / "world" / "demonstrations.jsonl") as f:
+        demos = [json.loads(line) for line in f]
+    ends = [d["completion"].split()[-1] in vocab.FILLERS for d in demos]
+    assert 0.35 < np.mean(ends) < 0.65, np.mean(ends)
