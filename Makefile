@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
+DEMO_ARG ?=  # e.g. make demo DEMO_ARG=flawed_demos,seed=1 (experiments/tiny_instructgpt.py)
 
 .PHONY: demo test lint format bench clean
 
@@ -19,7 +20,8 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m instructrl.main --config=experiments/tiny_instructgpt.py --workdir=$(DEMO_DIR)
+	$(BIN)/python -m instructrl.main --config=experiments/tiny_instructgpt.py$(if $(DEMO_ARG),:$(DEMO_ARG)) \
+	  --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
