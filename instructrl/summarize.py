@@ -1,7 +1,7 @@
 """Summarises the `eval` results of several runs (seeds) of one experiment, as Markdown.
 
     python -m instructrl.summarize RUN_DIR [RUN_DIR ...] [--eval_stage=eval] \
-        [--out=FILE.md] [--plot=FILE.png]
+        [--shared_models] [--out=FILE.md] [--plot=FILE.png]
 
 Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/results.json`
 (instructrl/evaluate.py) is read; its seed is the eval's `settings.seed` (older results:
@@ -22,6 +22,9 @@ The spread over seeds is the number to quote across runs: each run's own stderr 
 prompt sampling only, not the seed's effect on training. Runs must share the reference
 stage, the models (size, label, stage, few-shot, parameter count) and the eval settings;
 otherwise one error line names the two runs and the difference (exit status 2).
+`--shared_models` instead keeps the models that every run has (same size, label, stage,
+few-shot and parameter count), e.g. seeds run with and without an extra model, and names
+the models it leaves out on stderr.
 """
 
 from __future__ import annotations
@@ -141,6 +144,28 @@ def check_consistent(runs: Sequence[Run]) -> None:
             )
 
 
+def keep_shared_models(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """(runs holding only the models every run has, in each run's order; descriptions of the
+    models left out). InputError if the runs share no model."""
+    described = [{_describe(m) for m in run.summary["models"]} for run in runs]
+    shared = set.intersection(*described)
+    if not shared:
+        names = ", ".join(run.run_dir for run in runs)
+        raise InputError(f"{names}: no model is in every run (--shared_models)")
+    dropped = sorted(set.union(*described) - shared)
+    kept = [
+        dataclasses.replace(
+            run,
+            summary={
+                **run.summary,
+                "models": [m for m in run.summary["models"] if _describe(m) in shared],
+            },
+        )
+        for run in runs
+    ]
+    return kept, dropped
+
+
 # ---------------------------------------------------------------- statistics
 def stat(values: Sequence[float | None]) -> Stat:
     """Mean and sample sd (n - 1) over the values that are not None."""
@@ -201,9 +226,11 @@ def seed_name(run: Run) -> str:
     return f"seed {'?' if run.seed is None else run.seed}"
 
 
-def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = "") -> str:
+def summary_markdown(
+    runs: Sequence[Run], eval_stage: str = "eval", plot: str = "", left_out: Sequence[str] = ()
+) -> str:
     """The whole summary (the module doc); `plot` is a PNG path to link, relative to where
-    the Markdown is written."""
+    the Markdown is written; `left_out` names models not in every run (--shared_models)."""
     first = runs[0].summary
     cols = eval_plots.sizes(first)
     heads = dict(cols)
@@ -217,6 +244,7 @@ def summary_markdown(runs: Sequence[Run], eval_stage: str = "eval", plot: str = 
         f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
         f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2.",
         "",
+        *([f"Left out, not in every run: {'; '.join(left_out)}.", ""] if left_out else []),
         f"## Win rate against {first['reference']['stage']}",
         "",
         "mean ± sample sd over runs; per seed in the order of the runs above.",
@@ -350,11 +378,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="workdir of one run")
     parser.add_argument("--eval_stage", default="eval", help="name of the eval stage")
+    parser.add_argument(
+        "--shared_models",
+        action="store_true",
+        help="summarise only the models every run has (the others are named on stderr)",
+    )
     parser.add_argument("--out", default="", help="also write the Markdown to this file")
     parser.add_argument("--plot", default="", help="write a PNG bar chart of mean win rates")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d, args.eval_stage) for d in args.run_dirs]
+        dropped = []
+        if args.shared_models:
+            runs, dropped = keep_shared_models(runs)
         check_consistent(runs)
         link = ""
         if args.plot:
@@ -362,13 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The Markdown links the plot relative to where it is written.
             base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
             link = os.path.relpath(os.path.abspath(args.plot), base)
-        text = summary_markdown(runs, args.eval_stage, plot=link)
+        text = summary_markdown(runs, args.eval_stage, plot=link, left_out=dropped)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(text)
     except (InputError, OSError) as e:  # OSError: unreadable input, unwritable --out/--plot
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if dropped:
+        print(f"note: left out, not in every run: {'; '.join(dropped)}", file=sys.stderr)
     seeds = [r.seed for r in runs if r.seed is not None]
     if len(set(seeds)) < len(seeds):
         print(f"warning: repeated seeds among the runs ({seeds})", file=sys.stderr)

@@ -7,6 +7,7 @@ the one-line errors (exit 2) through a real subprocess, and the PNG.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -298,6 +299,35 @@ def test_cli_different_reference_or_models(tmp_path):
     bigger["models"][0]["params"] += 1  # same label and stage, another architecture
     d = _write_run(tmp_path, "d", bigger, seed=4)
     assert "different models" in _one_line_error(_cli(a, d))
+
+
+def test_shared_models_keeps_what_every_run_has(tmp_path):
+    full = [_results(seed) for seed in (1, 2, 3)]
+    runs = [copy.deepcopy(r) for r in full]
+    runs[1]["models"] = [m for m in runs[1]["models"] if m["label"] != "PPO-ptx"]
+    runs[2]["models"][0]["params"] += 1  # small GPT: another architecture in this run
+    dirs = [_write_run(tmp_path, f"r{i}", r, seed=i) for i, r in enumerate(runs)]
+    assert "different models" in _one_line_error(_cli(*dirs))  # strict without the flag
+
+    proc = _cli(*dirs, "--shared_models")
+    assert proc.returncode == 0, proc.stderr
+    left_out = (
+        "large: PPO-ptx=ppo_ptx_large (24000 params); small: GPT=pretrain (1500 params); "
+        "small: GPT=pretrain (1501 params); small: PPO-ptx=ppo_ptx (1500 params)"
+    )
+    assert proc.stderr.strip() == f"note: left out, not in every run: {left_out}"
+    assert f"Left out, not in every run: {left_out}." in proc.stdout
+    rows = _rows(proc.stdout, "| model | small")
+    assert "PPO-ptx" not in rows
+    assert rows["GPT"][0] == "—"  # small GPT left out, large GPT kept
+    for label, size, j in (("SFT", "small", 0), ("GPT", "large", 1)):
+        x = np.array([_value(r, size, label, "win_rate") for r in full], np.float64)
+        assert rows[label][j] == f"{x.mean():.3f} ± {x.std(ddof=1):.3f} (3 runs)"
+
+    other = _results(4, sizes={"tiny": 10})
+    e = _write_run(tmp_path, "e", other, seed=4)
+    line = _one_line_error(_cli(dirs[0], e, "--shared_models"))
+    assert line == f"error: {dirs[0]}, {e}: no model is in every run (--shared_models)"
 
 
 def test_same_run_twice_and_bad_json_are_errors(tmp_path):
