@@ -292,6 +292,16 @@ def test_filler_slips_are_gold_answers_with_fillers_appended(tmp_path):
         assert json.load(f)["demo_slips"] == "filler"
 
 
+def _world_stage(workdir, arg: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m instructrl.main` running only the tiny experiment's `world` stage."""
+    return subprocess.run(
+        [sys.executable, "-m", "instructrl.main",
+         f"--config=experiments/tiny_instructgpt.py:{arg}", f"--workdir={workdir}",
+         "--config.stages=world", *overrides],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_bad_slip_kind_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="demo_slips='typo'"):
         write_world(str(tmp_path / "w"), seed=0, demo_slips="typo", **SMALL)
@@ -301,12 +311,7 @@ def test_bad_slip_kind_is_an_error(tmp_path):
         ("demo_slips=typo", "error: config key 'world.demo_slips' ('typo') must be one of"),
         ("demo_error_rate=1.5", "error: config key 'world.demo_error_rate' (1.5) is not in [0, 1]"),
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "instructrl.main",
-             "--config=experiments/tiny_instructgpt.py:smoke", f"--workdir={tmp_path / 'run'}",
-             "--config.stages=world", f"--config.world.{override}"],
-            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = _world_stage(tmp_path / "run", "smoke", f"--config.world.{override}")
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(message)
         assert not os.path.exists(tmp_path / "run" / "world")
@@ -314,12 +319,7 @@ def test_bad_slip_kind_is_an_error(tmp_path):
 
 def test_flawed_demos_argument_writes_a_filler_world(tmp_path):
     """`:flawed_demos` reaches the world stage: half the demonstrations end in fillers."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "instructrl.main",
-         "--config=experiments/tiny_instructgpt.py:smoke,flawed_demos",
-         f"--workdir={tmp_path}", "--config.stages=world"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _world_stage(tmp_path, "smoke,flawed_demos")
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "world" / "world.json") as f:
         meta = json.load(f)
