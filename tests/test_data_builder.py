@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -156,3 +157,17 @@ def test_length_policy_counts_are_stored(tmp_path, tok):
     assert built.stats.dropped_long_prompts == 1
     assert built.stats.truncated_responses == 1
     assert [r["prompt"] for r in _records(built.sources["train"])] == ["short", "short two"]
+
+
+def test_build_leaves_nothing_in_the_temp_dir(tmp_path, tok, monkeypatch):
+    # tfds's DatasetInfo.initialize_from_bucket makes an empty mkdtemp("tfds") folder for every
+    # builder of an unprepared dataset and never removes it: two per build, thousands per week.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    recs = synthetic.synthetic_records("prompts", 12, prompt_words=(2, 6))
+    synthetic.write_jsonl(str(tmp_path / "data" / "prompts.jsonl"), recs)
+    built = build_dataset("prompts", _config(tmp_path), tok)
+    assert sum(built.stats.splits.values()) == 12
+    assert build_dataset("prompts", _config(tmp_path), tok).path == built.path  # reused
+    assert sorted(os.listdir(temp)) == []

@@ -50,6 +50,19 @@ DATASET_NAME = "instructrl_records"
 _SPLITS = ("train", "validation")
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of records that live only on local disk.
+
+    tfds calls `initialize_from_bucket` for every builder of a dataset not prepared yet; in
+    tfds 4.9.10 it makes an empty `tempfile.mkdtemp("tfds")` folder, looks for pre-computed
+    info on its public GCS bucket, and never removes the folder (two per build). These records
+    are never on that bucket, so there is nothing to look up and no folder to leave behind.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
     """Array_record dataset of one record kind; configs are created per input hash."""
 
@@ -81,7 +94,8 @@ class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
         if self._stats is not None:
             metadata["stats"] = self._stats.to_dict()
             metadata["inputs"] = self._inputs  # what the config name's hash covers
-        return self.dataset_info_from_configs(
+        return _LocalDatasetInfo(
+            builder=self,
             description="instructrl records (normalised JSON, see instructrl/data/records.py)",
             features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
             metadata=metadata,
