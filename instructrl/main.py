@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -99,24 +100,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             logging.info("stage %s: finished earlier, skipped", name)
             continue
         logging.info("stage %s (%s): starting", name, config[name].kind)
+        new_dir = not os.path.exists(stage_dir)
+        if jax.process_index() == 0:  # the config this stage ran with (design.md)
+            os.makedirs(stage_dir, exist_ok=True)
+            _write_config(config, stage_dir)
         start = time.time()
-        runners[name](config, name, workdir)
+        try:
+            runners[name](config, name, workdir)
+        except BaseException:
+            # A stage that fails before writing anything (e.g. an input stage has not run)
+            # leaves no folder behind: the next run starts it afresh either way.
+            if jax.process_index() == 0 and new_dir and os.listdir(stage_dir) == ["config.json"]:
+                shutil.rmtree(stage_dir)
+            raise
         if jax.process_index() == 0:
             with open(os.path.join(stage_dir, DONE_MARKER), "w") as f:
                 f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
         logging.info("stage %s: done in %.1f s", name, time.time() - start)
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
+def _write_config(config: ml_collections.ConfigDict, directory: str) -> None:
+    """Writes `directory/config.json`, keeping a different earlier one beside it."""
+    path = os.path.join(directory, "config.json")
     text = config_lib.to_json(config) + "\n"
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
         if old != text:
-            # Keep the earlier config next to the new one: finished stages ran with it.
+            # Keep the earlier config next to the new one: what ran before ran with it.
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+            os.replace(path, os.path.join(directory, f"config.{stamp}.json"))
             logging.warning("config differs from the one in %s; the old one was kept", path)
         else:
             return

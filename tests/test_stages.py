@@ -640,3 +640,32 @@ def test_rerun_of_finished_experiment_skips_stages(env, tmp_path):
     assert "starting" not in proc.stderr
     assert tree_digest(workdir) == before  # nothing rewritten, not even config.json
     assert elapsed < 30, elapsed  # imports only (the first run took ~25 s of training)
+
+
+@pytest.mark.slow
+def test_each_stage_keeps_the_config_it_ran_with(env, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(env.base, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        ran = f.read()
+    for stage in ("world", "tokenizer", "sft"):
+        with open(os.path.join(workdir, stage, "config.json")) as f:
+            assert f.read() == ran, stage
+    # A new stage under a changed config: it records that config; the finished stages keep
+    # theirs; the workdir's config.json is the new one, the old one kept beside it.
+    env.run(workdir, "--config.stages=world,tokenizer,sft,rm", "--config.rm.num_steps=2")
+    with open(os.path.join(workdir, "rm", "config.json")) as f:
+        now = json.load(f)
+    assert now["rm"]["num_steps"] == 2 and json.loads(ran)["rm"]["num_steps"] == 30
+    changed = {k for k in now if now[k] != json.loads(ran)[k]}
+    assert changed == {"rm", "stages"}, changed
+    with open(os.path.join(workdir, "sft", "config.json")) as f:
+        assert f.read() == ran
+    assert sorted(os.listdir(os.path.join(workdir, "sft"))) == sorted(os.listdir(
+        os.path.join(env.base, "sft")))  # fmt: skip
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f) == now
+    kept = [n for n in os.listdir(workdir) if n.startswith("config.") and n != "config.json"]
+    assert len(kept) == 1
+    with open(os.path.join(workdir, kept[0])) as f:
+        assert f.read() == ran
