@@ -1,7 +1,7 @@
 """Summarises the `eval` results of several runs (seeds) of one experiment, as Markdown.
 
     python -m instructrl.summarize RUN_DIR [RUN_DIR ...] [--eval_stage=eval] \
-        [--shared_models] [--out=FILE.md] [--plot=FILE.png]
+        [--shared_models] [--by=KEY] [--out=FILE.md] [--plot=FILE.png]
 
 Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/results.json`
 (instructrl/evaluate.py) is read; its seed is the eval's `settings.seed` (older results:
@@ -25,6 +25,13 @@ otherwise one error line names the two runs and the difference (exit status 2).
 `--shared_models` instead keeps the models that every run has (same size, label, stage,
 few-shot and parameter count), e.g. seeds run with and without an extra model, and names
 the models it leaves out on stderr.
+
+`--by=KEY` summarises a sweep instead (e.g. `--by=world.demo_error_rate`, or
+`--by=ppo_ptx.ptx_coef` for the paper's pretraining-mix ablation): runs are grouped by the
+value of the dotted config key KEY, and the tables give each model's win rate and held-out
+NLL per value, mean ± sd over the runs with that value. A run's value comes from the
+`config.json` of the stage KEY's first part names (what that stage ran with), else of its
+eval stage, else of the workdir. `--plot` then draws win rate against KEY, a line per model.
 """
 
 from __future__ import annotations
@@ -98,6 +105,37 @@ def load_run(run_dir: str, eval_stage: str = "eval") -> Run:
     if seed is None and os.path.isfile(config_path):
         seed = _read_json(config_path).get("seed")
     return Run(run_dir, seed, summary)
+
+
+def config_value(run_dir: str, key: str, eval_stage: str = "eval") -> Any:
+    """The value of dotted config `key` in a run: from the config.json of the stage that the
+    key's first part names, else of the eval stage, else of the workdir (the first found).
+    InputError if there is none, it lacks the key, or the value is not a single number,
+    string or bool."""
+    folders = dict.fromkeys([key.split(".")[0], eval_stage, ""])
+    paths = [os.path.join(run_dir, f, "config.json") for f in folders]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise InputError(f"{os.path.join(run_dir, 'config.json')}: not found (to read '{key}')")
+    value = _read_json(path)
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise InputError(f"{path}: no config key '{key}'")
+        value = value[part]
+    if not isinstance(value, int | float | str | bool) or value is None:
+        raise InputError(f"{path}: config key '{key}' is not a single value ({value!r})")
+    return value
+
+
+def group_by_value(runs: Sequence[Run], values: Sequence[Any]) -> list[tuple[Any, list[Run]]]:
+    """[(value, the runs with it in the order given)]: numbers in ascending order, any other
+    values in order of first appearance."""
+    groups: dict[Any, list[Run]] = {}
+    for run, value in zip(runs, values, strict=True):
+        groups.setdefault(value, []).append(run)
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in groups)
+    order = sorted(groups) if numeric else list(groups)
+    return [(v, groups[v]) for v in order]
 
 
 def _model_key(m: Mapping[str, Any]) -> tuple[str, str]:
@@ -216,10 +254,12 @@ def per_seed_cell(s: Stat) -> str:
     return " / ".join(_num(v) for v in s.values)
 
 
-def _mean_cell(s: Stat, runs: int) -> str:
+def _mean_cell(s: Stat, runs: int, with_sd: bool = False) -> str:
+    """ "mean", or "mean ± sd", then "(k/n)" where only k of the n runs have the value."""
     if s.n == 0:
         return ""
-    return f"{s.mean:.3f}" + (f" ({s.n}/{runs})" if s.n < runs else "")
+    sd = f" ± {_num(s.sd)}" if with_sd else ""
+    return f"{s.mean:.3f}{sd}" + (f" ({s.n}/{runs})" if s.n < runs else "")
 
 
 def seed_name(run: Run) -> str:
@@ -293,6 +333,98 @@ def summary_markdown(
     if plot:
         out += ["", f"![mean win rate]({plot})"]
     return "\n".join(out) + "\n"
+
+
+def _model_names(summary: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+    """{(size, label): column name} in the run's model order; the size only when several."""
+    heads = dict(eval_plots.sizes(summary))
+    return {
+        _model_key(m): m["label"] if len(heads) == 1 else f"{m['label']} [{heads[m['size']]}]"
+        for m in summary["models"]
+    }
+
+
+def by_markdown(
+    groups: Sequence[tuple[Any, Sequence[Run]]], key: str, eval_stage: str = "eval", plot: str = ""
+) -> str:
+    """The sweep summary of `--by=KEY` (the module doc)."""
+    runs = [r for _, group in groups for r in group]
+    first = runs[0].summary
+    ref = first["reference"]["stage"]
+    names = _model_names(first)
+    s = first["settings"]
+    out = [
+        f"# {len(runs)} runs by {key}, reference stage {ref}",
+        "",
+        f"Runs (stage {eval_stage}): "
+        + "; ".join(
+            f"{key}={value}: {', '.join(f'{r.run_dir} ({seed_name(r)})' for r in group)}"
+            for value, group in groups
+        )
+        + f". {s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
+        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2.",
+        "",
+    ]
+    for field, title, with_sd in (
+        ("win_rate", f"Win rate against {ref}", True),
+        ("heldout_nll", "Held-out pretraining NLL (alignment tax; lower is better)", False),
+    ):
+        stats = [model_stats(group, field) for _, group in groups]
+        if not any(st.n for by_model in stats for st in by_model.values()):
+            continue
+        rows = []
+        for (value, group), by_model in zip(groups, stats, strict=True):
+            cells = [_mean_cell(by_model[k], len(group), with_sd) for k in names]
+            rows.append([str(value), str(len(group)), *cells])
+        what = "mean ± sample sd" if with_sd else "mean"
+        out += [
+            f"## {title} by {key}",
+            "",
+            f'{what} over the runs with each value ("(k/n)": only k of its n runs have it).',
+            "",
+            eval_plots.markdown_table([key, "runs", *names.values()], rows),
+            "",
+        ]
+    if plot:
+        out += [f"![win rate by {key}]({plot})", ""]
+    return "\n".join(out)
+
+
+def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) -> None:
+    """Win rate against the reference by the value of `key`: a line per model (mean over the
+    runs with each value, sd error bars), dots for the runs' own values, dashed 1/2."""
+    first = groups[0][1][0].summary
+    values = [v for v, _ in groups]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    xs = [float(v) for v in values] if numeric else list(range(len(values)))
+    fig, (ax,) = eval_plots.figure(6.5, 4.5)
+    for k, name in _model_names(first).items():
+        stats = [model_stats(group, "win_rate")[k] for _, group in groups]
+        line = [(x, st) for x, st in zip(xs, stats, strict=True) if st.n]
+        if not line:
+            continue
+        (drawn,) = ax.plot([x for x, _ in line], [st.mean for _, st in line], "o-", label=name)
+        ax.errorbar(
+            [x for x, _ in line],
+            [st.mean for _, st in line],
+            yerr=[st.sd or 0.0 for _, st in line],
+            fmt="none",
+            ecolor=drawn.get_color(),
+            capsize=3,
+        )
+        for x, st in line:
+            dots = [v for v in st.values if v is not None]
+            ax.plot([x] * len(dots), dots, ".", color=drawn.get_color(), markersize=3)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    if not numeric:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate against {first['reference']['stage']}")
+    ax.set_title(f"Win rate by {key} (error bars: sd over runs)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def best_of_n_markdown(runs: Sequence[Run]) -> list[str]:
@@ -383,8 +515,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="summarise only the models every run has (the others are named on stderr)",
     )
+    parser.add_argument(
+        "--by",
+        default="",
+        metavar="KEY",
+        help="summarise a sweep: group the runs by the value of this dotted config key",
+    )
     parser.add_argument("--out", default="", help="also write the Markdown to this file")
-    parser.add_argument("--plot", default="", help="write a PNG bar chart of mean win rates")
+    parser.add_argument(
+        "--plot", default="", help="write a PNG of mean win rates (with --by: against KEY)"
+    )
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d, args.eval_stage) for d in args.run_dirs]
@@ -392,13 +532,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.shared_models:
             runs, dropped = keep_shared_models(runs)
         check_consistent(runs)
+        groups = []
+        if args.by:
+            values = [config_value(r.run_dir, args.by, args.eval_stage) for r in runs]
+            groups = group_by_value(runs, values)
         link = ""
         if args.plot:
-            plot_mean_win_rates(runs, args.plot)
+            if groups:
+                plot_by(groups, args.by, args.plot)
+            else:
+                plot_mean_win_rates(runs, args.plot)
             # The Markdown links the plot relative to where it is written.
             base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
             link = os.path.relpath(os.path.abspath(args.plot), base)
-        text = summary_markdown(runs, args.eval_stage, plot=link, left_out=dropped)
+        if groups:
+            text = by_markdown(groups, args.by, args.eval_stage, plot=link)
+        else:
+            text = summary_markdown(runs, args.eval_stage, plot=link, left_out=dropped)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -407,9 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if dropped:
         print(f"note: left out, not in every run: {'; '.join(dropped)}", file=sys.stderr)
-    seeds = [r.seed for r in runs if r.seed is not None]
-    if len(set(seeds)) < len(seeds):
-        print(f"warning: repeated seeds among the runs ({seeds})", file=sys.stderr)
+    for _, group in groups or [(None, runs)]:
+        seeds = [r.seed for r in group if r.seed is not None]
+        if len(set(seeds)) < len(seeds):
+            print(f"warning: repeated seeds among the runs ({seeds})", file=sys.stderr)
     print(text, end="")
     return 0
 

@@ -384,3 +384,79 @@ def test_best_of_n_table_and_gold_accuracy(tmp_path, capsys):
     gold = np.array([r["reward_models"][0]["gold_accuracy"] for r in results[:2]])
     line = next(x for x in out.splitlines() if x.startswith("RM validation accuracy"))
     assert f"gold judge (rm): {gold.mean():.3f} ± {gold.std(ddof=1):.3f} (2 runs)" in line
+
+
+# ------------------------------------------------------------------ sweeps (--by)
+def _stage_config(run_dir: str, stage: str, config: dict) -> None:
+    os.makedirs(os.path.join(run_dir, stage), exist_ok=True)
+    with open(os.path.join(run_dir, stage, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def test_by_groups_runs_by_a_config_value(tmp_path, capsys):
+    """Five runs at three error rates, given out of order: rows in ascending value, each cell
+    the numpy mean ± sd over that value's runs; values read from the stage the key names
+    (over the workdir's config), the eval stage's, or the workdir's; a line plot."""
+    rates = (0.3, 0.1, 0.3, 0.5, 0.1)
+    results = [_results(seed) for seed in range(5)]
+    dirs = [_write_run(tmp_path, f"r{i}", r, seed=i) for i, r in enumerate(results)]
+    for i, (d, rate) in enumerate(zip(dirs, rates, strict=True)):
+        world = {"world": {"demo_error_rate": rate}, "seed": i}
+        if i == 0:  # the world stage ran with 0.3; the workdir's config was changed later
+            _stage_config(d, "world", world)
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump({"world": {"demo_error_rate": 0.9}, "seed": i}, f)
+        elif i == 1:
+            _stage_config(d, "eval", world)
+        else:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(world, f)
+    png, md = tmp_path / "by.png", tmp_path / "by.md"
+    out = _main(capsys, *dirs, "--by=world.demo_error_rate", f"--plot={png}", f"--out={md}")
+    assert md.read_text() == out
+    assert out.startswith("# 5 runs by world.demo_error_rate, reference stage sft_large")
+    wins = _rows(out, "| world.demo_error_rate |")
+    nll = _rows(out.split("## Held-out")[1], "| world.demo_error_rate |")
+    assert list(wins)[2:] == ["0.1", "0.3", "0.5"]
+    names = wins["world.demo_error_rate"][1:]
+    assert names[:2] == ["GPT [small (1.5K)]", "GPT (prompted) [small (1.5K)]"]
+    for value, members in (("0.1", (1, 4)), ("0.3", (0, 2)), ("0.5", (3,))):
+        assert wins[value][0] == nll[value][0] == str(len(members))
+        for j, name in enumerate(names):
+            label, size = name.split(" [")[0], "large" if "large" in name else "small"
+            x = np.array([_value(results[i], size, label, "win_rate") for i in members])
+            sd = f"{x.std(ddof=1):.3f}" if len(members) > 1 else "—"
+            assert wins[value][1 + j] == f"{x.mean():.3f} ± {sd}", (value, name)
+            y = [_value(results[i], size, label, "heldout_nll") for i in members]
+            want = "" if y[0] is None else f"{np.mean(np.array(y, np.float64)):.3f}"
+            assert nll[value][1 + j] == want, (value, name)
+    assert out.rstrip().endswith("![win rate by world.demo_error_rate](by.png)")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+    # Text values keep the order they first appear in; a bool is not a number.
+    for d, kind in zip(dirs[:3], ("random", "filler", "random"), strict=True):
+        _stage_config(d, "world", {"world": {"demo_slips": kind}})
+    out = _main(capsys, *dirs[:3], "--by=world.demo_slips")
+    assert list(_rows(out, "| world.demo_slips |"))[2:] == ["random", "filler"]
+    assert summarize.group_by_value([1, 2, 3], [True, False, True])[0] == (True, [1, 3])
+
+
+def test_by_errors_name_the_file_and_key(tmp_path):
+    a = _write_run(tmp_path, "a", _results(1), seed=1)
+    b = _write_run(tmp_path, "b", _results(2), seed=2)
+    line = _one_line_error(_cli(a, b, "--by=world.demo_error_rate"))
+    assert line == f"error: {a}/config.json: no config key 'world.demo_error_rate'"
+    line = _one_line_error(_cli(a, b, "--by=stages.x"))
+    assert line == f"error: {a}/config.json: no config key 'stages.x'"
+    _stage_config(b, "world", {"world": {"families": ["sort", "count"]}})
+    with open(os.path.join(a, "config.json"), "w") as f:
+        json.dump({"world": {"families": "sort"}}, f)
+    line = _one_line_error(_cli(a, b, "--by=world.families"))
+    assert line == (
+        f"error: {b}/world/config.json: config key 'world.families' is not a single value "
+        "(['sort', 'count'])"
+    )
+    os.remove(os.path.join(a, "config.json"))
+    line = _one_line_error(_cli(a, b, "--by=world.families"))
+    assert line == f"error: {a}/config.json: not found (to read 'world.families')"
