@@ -255,10 +255,11 @@ def per_seed_cell(s: Stat) -> str:
 
 
 def _mean_cell(s: Stat, runs: int, with_sd: bool = False) -> str:
-    """ "mean", or "mean ± sd", then "(k/n)" where only k of the n runs have the value."""
+    """The mean, "± sd" after it (with_sd, from 2 values), then "(k/n)" where only k of the
+    n runs have the value."""
     if s.n == 0:
         return ""
-    sd = f" ± {_num(s.sd)}" if with_sd else ""
+    sd = f" ± {s.sd:.3f}" if with_sd and s.sd is not None else ""
     return f"{s.mean:.3f}{sd}" + (f" ({s.n}/{runs})" if s.n < runs else "")
 
 
@@ -376,7 +377,7 @@ def by_markdown(
         for (value, group), by_model in zip(groups, stats, strict=True):
             cells = [_mean_cell(by_model[k], len(group), with_sd) for k in names]
             rows.append([str(value), str(len(group)), *cells])
-        what = "mean ± sample sd" if with_sd else "mean"
+        what = "mean ± sample sd (from 2 runs)" if with_sd else "mean"
         out += [
             f"## {title} by {key}",
             "",

@@ -425,8 +425,8 @@ def test_by_groups_runs_by_a_config_value(tmp_path, capsys):
         for j, name in enumerate(names):
             label, size = name.split(" [")[0], "large" if "large" in name else "small"
             x = np.array([_value(results[i], size, label, "win_rate") for i in members])
-            sd = f"{x.std(ddof=1):.3f}" if len(members) > 1 else "—"
-            assert wins[value][1 + j] == f"{x.mean():.3f} ± {sd}", (value, name)
+            sd = f" ± {x.std(ddof=1):.3f}" if len(members) > 1 else ""
+            assert wins[value][1 + j] == f"{x.mean():.3f}{sd}", (value, name)
             y = [_value(results[i], size, label, "heldout_nll") for i in members]
             want = "" if y[0] is None else f"{np.mean(np.array(y, np.float64)):.3f}"
             assert nll[value][1 + j] == want, (value, name)
