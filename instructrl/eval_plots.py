@@ -160,6 +160,19 @@ def main_table(summary: Mapping[str, Any]) -> str:
     return title + "\n\n" + markdown_table(["model", *(h for _, h in cols)], rows)
 
 
+def fillers_dropped_line(ref: Mapping[str, Any]) -> str:
+    """One sentence on the reference's samples with their trailing filler words dropped
+    (evaluate.fillers_dropped); "" when none of its samples ends in one (or older results)."""
+    d = ref.get("fillers_dropped")
+    if not d or not d["rate"]:
+        return ""
+    return (
+        f"{ref['stage']} with its trailing filler words dropped ({d['rate']:.1%} of its samples "
+        f"end in one) wins {d['win_rate']:.3f} ± {_fmt(d['stderr'])} against {ref['stage']}: "
+        "what removing that one flaw alone is worth."
+    )
+
+
 def results_markdown(summary: Mapping[str, Any]) -> str:
     heads = dict(sizes(summary))
     models = summary["models"]
@@ -170,6 +183,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         f"{ref['perfect_rate']:.3f}, stopped {ref['stopped_rate']:.3f}.",
         "",
     ]
+    if fillers_dropped_line(ref):
+        out += [fillers_dropped_line(ref), ""]
     fams = summary["settings"]["families"]
     out += ["## Win rate by family", ""]
     out.append(

@@ -10,8 +10,10 @@ sizes) on held-out prompts:
   alignment tax  per-token NLL on held-out pretraining text and accuracy on the public cloze
                  task (greedy first word; and picking the likeliest of its 4 choices)
 
-plus the RM's validation accuracy next to the simulated inter-labeler agreement, and each
-PPO stage's reward/KL curves. Writes `DIR/<name>/results.json`, `results.md`, `samples.jsonl`
+plus the RM's validation accuracy next to the simulated inter-labeler agreement, each
+PPO stage's reward/KL curves, and the win rate of the reference's own samples with their
+trailing filler words dropped (the visible slip of `world.demo_slips=filler`): what removing
+that one flaw alone is worth, to read PPO's gain against. Writes `DIR/<name>/results.json`, `results.md`, `samples.jsonl`
 and PNG plots (instructrl/eval_plots.py), and prints the main table.
 
 `models` syntax: size groups separated by ";", each `SIZE: LABEL=STAGE[:fewshot], ...`
@@ -328,6 +330,19 @@ def gold_scores(records, texts, stopped) -> np.ndarray:
     )
 
 
+def fillers_dropped(records, texts, stopped, ref_scores) -> dict:
+    """What removing one visible flaw alone is worth: the reference's samples `texts` [N][M]
+    with their trailing filler words dropped (tasks.drop_trailing_fillers; the slip of
+    world.demo_slips="filler"), judged against the samples as they are (ref_scores [N, M]).
+    {"rate": share of samples that end in a filler, "win_rate", "stderr", "n"}."""
+    dropped = [[tasks.drop_trailing_fillers(t) for t in ts] for ts in texts]
+    changed = [
+        d != t for ds, ts in zip(dropped, texts, strict=True) for d, t in zip(ds, ts, strict=True)
+    ]
+    outcomes = pairwise_outcomes(gold_scores(records, dropped, stopped), ref_scores)
+    return {"rate": float(np.mean(changed)), **win_rate(outcomes)}
+
+
 def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
     """Win rate against ref_scores [N, M] (overall, per family; left out when None), gold
     score, constraints and length of one model's samples; and its gold scores [N, k]."""
@@ -544,6 +559,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     ref_metrics, ref_scores = response_metrics(
         data.records, ref_texts, ref_stopped, None, tokenizer
     )
+    ref_metrics["fillers_dropped"] = fillers_dropped(
+        data.records, ref_texts, ref_stopped, ref_scores
+    )
     samples = [
         {
             "size": "",
@@ -618,6 +636,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     _write_text(os.path.join(out_dir, "results.md"), eval_plots.results_markdown(summary))
     print(eval_plots.main_table(summary), flush=True)
     for line in eval_plots.best_of_n_lines(summary.get("best_of_n")):
+        print(line, flush=True)
+    line = eval_plots.fillers_dropped_line(summary["reference"])
+    if line:
         print(line, flush=True)
 
 

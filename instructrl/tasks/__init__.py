@@ -26,15 +26,23 @@ from instructrl.tasks.families import (
     score,
     slip,
 )
-from instructrl.tasks.vocab import PROMPT_SUFFIX, format_completion, format_prompt
+from instructrl.tasks.vocab import (
+    FILLERS,
+    PROMPT_SUFFIX,
+    drop_trailing_fillers,
+    format_completion,
+    format_prompt,
+)
 from instructrl.tasks.world import prompt_split, split_prompts, write_world
 
 __all__ = [
     "EXTRA_TEXT_FACTOR",
     "FAMILIES",
     "FAMILY_NAMES",
+    "FILLERS",
     "NO_STOP_FACTOR",
     "PROMPT_SUFFIX",
+    "drop_trailing_fillers",
     "few_shot_examples",
     "few_shot_prompt",
     "format_completion",

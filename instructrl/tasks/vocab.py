@@ -159,6 +159,17 @@ def answer_words(response: str) -> tuple[list[str], bool]:
 SLIP_KINDS: tuple[str, ...] = ("random", "filler")
 
 
+def drop_trailing_fillers(response: str) -> str:
+    """`response` without the filler words (FILLERS) at its end, the slip that
+    demo_slips="filler" plants in demonstrations; the first word is always kept. A response
+    whose last space-separated word is not a bare filler (e.g. text follows on a new line) is
+    returned unchanged."""
+    words = response.split(" ")
+    while words[-1] in FILLERS and sum(1 for w in words if w) > 1:
+        words.pop()
+    return " ".join(words)
+
+
 def perturb_answer(answer: str, rng: np.random.Generator, kind: str = "random") -> str:
     """One labeler slip on a word-level answer. Always returns a string different from `answer`.
 
