@@ -16,7 +16,9 @@ Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/r
   - RM validation accuracy, RM accuracy against the gold judge and inter-labeler
     agreement, mean ± sd over runs;
   - best-of-n from the reference against each RM and the gold judge (when the evals have
-    it): win rate per n, mean ± sd over runs, and each run's peak.
+    it): win rate per n, mean ± sd over runs, and each run's peak;
+  - when the reference's samples end in filler words (world.demo_slips=filler), what
+    dropping them alone wins against the reference, mean ± sd over runs.
 
 The spread over seeds is the number to quote across runs: each run's own stderr covers
 prompt sampling only, not the seed's effect on training. Runs must share the reference
@@ -239,6 +241,21 @@ def list_stats(runs: Sequence[Run], section: str, field: str) -> dict[str, Stat]
     return out
 
 
+def fillers_dropped_stats(runs: Sequence[Run]) -> tuple[Stat, Stat] | None:
+    """(win rate, filler rate) over runs of the reference's samples with their trailing
+    filler words dropped (evaluate.fillers_dropped; missing in older results); None unless
+    some run's reference has samples that end in one."""
+    found = [run.summary["reference"].get("fillers_dropped") or {} for run in runs]
+    if not any(d.get("rate") for d in found):
+        return None
+    return stat([d.get("win_rate") for d in found]), stat([d.get("rate") for d in found])
+
+
+def _fillers_dropped_win(runs: Sequence[Run]) -> Stat:
+    return stat([(run.summary["reference"].get("fillers_dropped") or {}).get("win_rate")
+                 for run in runs])  # fmt: skip
+
+
 # ---------------------------------------------------------------- Markdown
 def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
@@ -304,6 +321,16 @@ def summary_markdown(
             ]
         )
     out += [eval_plots.markdown_table(["model", *heads.values(), *seed_heads], rows), ""]
+    dropped = fillers_dropped_stats(runs)
+    if dropped:
+        wins_dropped, rate = dropped
+        out += [
+            f"{first['reference']['stage']} with its trailing filler words dropped "
+            f"({rate.mean:.1%} of its samples end in one, mean over runs) wins "
+            f"{mean_sd_cell(wins_dropped)} against it, per seed {per_seed_cell(wins_dropped)}: "
+            "what removing that one flaw alone is worth.",
+            "",
+        ]
 
     out += ["## Quality, constraints, alignment tax (mean over runs)", ""]
     means = {key: model_stats(runs, key) for key, _ in METRICS}
@@ -373,17 +400,27 @@ def by_markdown(
         stats = [model_stats(group, field) for _, group in groups]
         if not any(st.n for by_model in stats for st in by_model.values()):
             continue
+        # The win-rate table ends with the flaw-removal reference column when there is one.
+        extra = with_sd and fillers_dropped_stats(runs) is not None
         rows = []
         for (value, group), by_model in zip(groups, stats, strict=True):
             cells = [_mean_cell(by_model[k], len(group), with_sd) for k in names]
+            if extra:
+                cells.append(_mean_cell(_fillers_dropped_win(group), len(group), True))
             rows.append([str(value), str(len(group)), *cells])
+        heads = [*names.values(), *([f"{ref}, fillers dropped"] if extra else [])]
         what = "mean ± sample sd (from 2 runs)" if with_sd else "mean"
+        if extra:
+            what = (
+                f"Last column: {ref}'s own samples with their trailing filler words dropped "
+                f"(what removing that one flaw alone is worth). {what[0].upper()}{what[1:]}"
+            )
         out += [
             f"## {title} by {key}",
             "",
             f'{what} over the runs with each value ("(k/n)": only k of its n runs have it).',
             "",
-            eval_plots.markdown_table([key, "runs", *names.values()], rows),
+            eval_plots.markdown_table([key, "runs", *heads], rows),
             "",
         ]
     if plot:

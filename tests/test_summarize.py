@@ -399,6 +399,14 @@ def test_by_groups_runs_by_a_config_value(tmp_path, capsys):
     (over the workdir's config), the eval stage's, or the workdir's; a line plot."""
     rates = (0.3, 0.1, 0.3, 0.5, 0.1)
     results = [_results(seed) for seed in range(5)]
+    fillers = {0: (0.29, 0.58), 2: (0.31, 0.6), 3: (0.48, 0.65), 4: (0.0, 0.5)}  # run 1: none
+    for i, (rate, win) in fillers.items():
+        results[i]["reference"]["fillers_dropped"] = {
+            "rate": rate,
+            "win_rate": win,
+            "stderr": 0.01,
+            "n": 40,
+        }
     dirs = [_write_run(tmp_path, f"r{i}", r, seed=i) for i, r in enumerate(results)]
     for i, (d, rate) in enumerate(zip(dirs, rates, strict=True)):
         world = {"world": {"demo_error_rate": rate}, "seed": i}
@@ -418,7 +426,7 @@ def test_by_groups_runs_by_a_config_value(tmp_path, capsys):
     wins = _rows(out, "| world.demo_error_rate |")
     nll = _rows(out.split("## Held-out")[1], "| world.demo_error_rate |")
     assert list(wins)[2:] == ["0.1", "0.3", "0.5"]
-    names = wins["world.demo_error_rate"][1:]
+    names = wins["world.demo_error_rate"][1:-1]  # the last: the reference, fillers dropped
     assert names[:2] == ["GPT [small (1.5K)]", "GPT (prompted) [small (1.5K)]"]
     for value, members in (("0.1", (1, 4)), ("0.3", (0, 2)), ("0.5", (3,))):
         assert wins[value][0] == nll[value][0] == str(len(members))
@@ -430,6 +438,21 @@ def test_by_groups_runs_by_a_config_value(tmp_path, capsys):
             y = [_value(results[i], size, label, "heldout_nll") for i in members]
             want = "" if y[0] is None else f"{np.mean(np.array(y, np.float64)):.3f}"
             assert nll[value][1 + j] == want, (value, name)
+    assert "fillers dropped" not in _main(capsys, dirs[1], "--by=world.demo_error_rate")
+    assert nll["world.demo_error_rate"][1:] == names
+    # Without --by: one line under the win-rate table, mean ± sd and per seed.
+    pooled = _main(capsys, dirs[0], dirs[2], dirs[4])
+    assert (
+        "sft_large with its trailing filler words dropped (20.0% of its samples end in one, "
+        f"mean over runs) wins {np.mean([0.58, 0.6, 0.5]):.3f} ± "
+        f"{np.std([0.58, 0.6, 0.5], ddof=1):.3f} (3 runs) against it, per seed "
+        "0.580 / 0.600 / 0.500: what removing that one flaw alone is worth."
+    ) in pooled
+    assert "trailing filler" not in _main(capsys, dirs[1], dirs[4])  # no run has any
+    # The reference without its trailing fillers: a last column in the win-rate table only.
+    assert wins["world.demo_error_rate"][-1] == "sft_large, fillers dropped"
+    assert [wins[v][-1] for v in ("0.1", "0.3", "0.5")] == ["0.500 (1/2)", "0.590 ± 0.014", "0.650"]
+    assert nll["world.demo_error_rate"][-1] != "sft_large, fillers dropped"
     assert out.rstrip().endswith("![win rate by world.demo_error_rate](by.png)")
     with Image.open(png) as image:
         assert image.format == "PNG" and min(image.size) > 100
