@@ -430,7 +430,8 @@ def by_markdown(
 
 def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) -> None:
     """Win rate against the reference by the value of `key`: a line per model (mean over the
-    runs with each value, sd error bars), dots for the runs' own values, dashed 1/2."""
+    runs with each value, sd error bars), dots for the runs' own values, dashed 1/2, and
+    dotted the reference with its trailing fillers dropped (when its samples have any)."""
     first = groups[0][1][0].summary
     values = [v for v, _ in groups]
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
@@ -453,6 +454,11 @@ def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) ->
         for x, st in line:
             dots = [v for v in st.values if v is not None]
             ax.plot([x] * len(dots), dots, ".", color=drawn.get_color(), markersize=3)
+    if fillers_dropped_stats([r for _, group in groups for r in group]) is not None:
+        line = [(x, _fillers_dropped_win(g)) for x, (_, g) in zip(xs, groups, strict=True)]
+        line = [(x, st) for x, st in line if st.n]
+        ax.plot([x for x, _ in line], [st.mean for _, st in line], "k:", marker="x",
+                label=f"{first['reference']['stage']}, fillers dropped")  # fmt: skip
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     if not numeric:
         ax.set_xticks(xs, [str(v) for v in values])
