@@ -183,8 +183,9 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         f"{ref['perfect_rate']:.3f}, stopped {ref['stopped_rate']:.3f}.",
         "",
     ]
-    if fillers_dropped_line(ref):
-        out += [fillers_dropped_line(ref), ""]
+    dropped = fillers_dropped_line(ref)
+    if dropped:
+        out += [dropped, ""]
     fams = summary["settings"]["families"]
     out += ["## Win rate by family", ""]
     out.append(

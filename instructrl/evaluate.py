@@ -13,8 +13,9 @@ sizes) on held-out prompts:
 plus the RM's validation accuracy next to the simulated inter-labeler agreement, each
 PPO stage's reward/KL curves, and the win rate of the reference's own samples with their
 trailing filler words dropped (the visible slip of `world.demo_slips=filler`): what removing
-that one flaw alone is worth, to read PPO's gain against. Writes `DIR/<name>/results.json`, `results.md`, `samples.jsonl`
-and PNG plots (instructrl/eval_plots.py), and prints the main table.
+that one flaw alone is worth, to read PPO's gain against. Writes `DIR/<name>/results.json`,
+`results.md`, `samples.jsonl` and PNG plots (instructrl/eval_plots.py), and prints the main
+table.
 
 `models` syntax: size groups separated by ";", each `SIZE: LABEL=STAGE[:fewshot], ...`
 (`SIZE:` may be left out in a one-size run; the column is then named by the parameter count):

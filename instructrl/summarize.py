@@ -124,9 +124,14 @@ def config_value(run_dir: str, key: str, eval_stage: str = "eval") -> Any:
         if not isinstance(value, dict) or part not in value:
             raise InputError(f"{path}: no config key '{key}'")
         value = value[part]
-    if not isinstance(value, int | float | str | bool) or value is None:
+    if not isinstance(value, int | float | str | bool):
         raise InputError(f"{path}: config key '{key}' is not a single value ({value!r})")
     return value
+
+
+def _numeric(values: Sequence[Any]) -> bool:
+    """Whether every value is a number (a bool is not)."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
 def group_by_value(runs: Sequence[Run], values: Sequence[Any]) -> list[tuple[Any, list[Run]]]:
@@ -135,8 +140,7 @@ def group_by_value(runs: Sequence[Run], values: Sequence[Any]) -> list[tuple[Any
     groups: dict[Any, list[Run]] = {}
     for run, value in zip(runs, values, strict=True):
         groups.setdefault(value, []).append(run)
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in groups)
-    order = sorted(groups) if numeric else list(groups)
+    order = sorted(groups) if _numeric(list(groups)) else list(groups)
     return [(v, groups[v]) for v in order]
 
 
@@ -241,19 +245,21 @@ def list_stats(runs: Sequence[Run], section: str, field: str) -> dict[str, Stat]
     return out
 
 
+def _fillers_dropped(runs: Sequence[Run], field: str) -> Stat:
+    """Stat over runs of `field` of the reference's samples with their trailing filler words
+    dropped (evaluate.fillers_dropped; missing in older results)."""
+    return stat(
+        [(run.summary["reference"].get("fillers_dropped") or {}).get(field) for run in runs]
+    )
+
+
 def fillers_dropped_stats(runs: Sequence[Run]) -> tuple[Stat, Stat] | None:
     """(win rate, filler rate) over runs of the reference's samples with their trailing
-    filler words dropped (evaluate.fillers_dropped; missing in older results); None unless
-    some run's reference has samples that end in one."""
-    found = [run.summary["reference"].get("fillers_dropped") or {} for run in runs]
-    if not any(d.get("rate") for d in found):
+    filler words dropped; None unless some run's reference has samples that end in one."""
+    rate = _fillers_dropped(runs, "rate")
+    if not any(rate.values):
         return None
-    return stat([d.get("win_rate") for d in found]), stat([d.get("rate") for d in found])
-
-
-def _fillers_dropped_win(runs: Sequence[Run]) -> Stat:
-    return stat([(run.summary["reference"].get("fillers_dropped") or {}).get("win_rate")
-                 for run in runs])  # fmt: skip
+    return _fillers_dropped(runs, "win_rate"), rate
 
 
 # ---------------------------------------------------------------- Markdown
@@ -280,6 +286,14 @@ def _mean_cell(s: Stat, runs: int, with_sd: bool = False) -> str:
     return f"{s.mean:.3f}{sd}" + (f" ({s.n}/{runs})" if s.n < runs else "")
 
 
+def settings_text(s: Mapping[str, Any]) -> str:
+    """How the win rates were measured, from an eval's `settings`."""
+    return (
+        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
+        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2."
+    )
+
+
 def seed_name(run: Run) -> str:
     return f"seed {'?' if run.seed is None else run.seed}"
 
@@ -298,9 +312,7 @@ def summary_markdown(
         f"# {n} run{'s' if n != 1 else ''} ({', '.join(map(seed_name, runs))}), "
         f"reference stage {first['reference']['stage']}",
         "",
-        f"Runs: {', '.join(r.run_dir for r in runs)} (stage {eval_stage}); "
-        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
-        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2.",
+        f"Runs: {', '.join(r.run_dir for r in runs)} (stage {eval_stage}); {settings_text(s)}",
         "",
         *([f"Left out, not in every run: {'; '.join(left_out)}.", ""] if left_out else []),
         f"## Win rate against {first['reference']['stage']}",
@@ -389,8 +401,7 @@ def by_markdown(
             f"{key}={value}: {', '.join(f'{r.run_dir} ({seed_name(r)})' for r in group)}"
             for value, group in groups
         )
-        + f". {s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
-        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2.",
+        + f". {settings_text(s)}",
         "",
     ]
     for field, title, with_sd in (
@@ -406,7 +417,7 @@ def by_markdown(
         for (value, group), by_model in zip(groups, stats, strict=True):
             cells = [_mean_cell(by_model[k], len(group), with_sd) for k in names]
             if extra:
-                cells.append(_mean_cell(_fillers_dropped_win(group), len(group), True))
+                cells.append(_mean_cell(_fillers_dropped(group, "win_rate"), len(group), True))
             rows.append([str(value), str(len(group)), *cells])
         heads = [*names.values(), *([f"{ref}, fillers dropped"] if extra else [])]
         what = "mean ± sample sd (from 2 runs)" if with_sd else "mean"
@@ -434,11 +445,12 @@ def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) ->
     dotted the reference with its trailing fillers dropped (when its samples have any)."""
     first = groups[0][1][0].summary
     values = [v for v, _ in groups]
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    numeric = _numeric(values)
     xs = [float(v) for v in values] if numeric else list(range(len(values)))
     fig, (ax,) = eval_plots.figure(6.5, 4.5)
+    wins = [model_stats(group, "win_rate") for _, group in groups]
     for k, name in _model_names(first).items():
-        stats = [model_stats(group, "win_rate")[k] for _, group in groups]
+        stats = [by_model[k] for by_model in wins]
         line = [(x, st) for x, st in zip(xs, stats, strict=True) if st.n]
         if not line:
             continue
@@ -455,7 +467,7 @@ def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) ->
             dots = [v for v in st.values if v is not None]
             ax.plot([x] * len(dots), dots, ".", color=drawn.get_color(), markersize=3)
     if fillers_dropped_stats([r for _, group in groups for r in group]) is not None:
-        line = [(x, _fillers_dropped_win(g)) for x, (_, g) in zip(xs, groups, strict=True)]
+        line = [(x, _fillers_dropped(g, "win_rate")) for x, (_, g) in zip(xs, groups, strict=True)]
         line = [(x, st) for x, st in line if st.n]
         ax.plot([x for x, _ in line], [st.mean for _, st in line], "k:", marker="x",
                 label=f"{first['reference']['stage']}, fillers dropped")  # fmt: skip
