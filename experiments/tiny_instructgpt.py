@@ -11,7 +11,7 @@ demonstrations visibly flawed (see `add_flawed_demonstrations`: the world where 
 `--config=experiments/tiny_instructgpt.py:smoke,seed=1`.
 
 Stages run in the order of `config.stages`; each writes `DIR/<stage>/`:
-  world      the synthetic instruction world as standard JSONL files (instructrl/tasks)
+  world      the synthetic instruction world as standard JSONL files (instructrl/world)
   tokenizer  a SentencePiece model trained on its pretraining text and demonstrations
   pretrain   the base model: next-token loss on the pretraining corpus
   sft        supervised fine-tuning on demonstrations
@@ -46,9 +46,8 @@ demonstrations, comparisons, prompts) and `--config.tokenizer.input` at your fil
 import ml_collections
 
 from instructrl import config as config_lib
-from instructrl import evaluate
 from instructrl.data import default_data_config
-from instructrl.stages import collect, ppo, pretrain, reward, sft, smoke, tokenizer, world
+from instructrl.stages import collect, evaluate, ppo, pretrain, reward, sft, smoke, tokenizer, world
 
 
 def model_config(size: str, vocab_size: int, max_len: int) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.errors import InstructrlError, Preempted
+from instructrl.stages import DONE_MARKER
 
 # Stage kind -> module holding `run(config, name, workdir)`. Imported lazily so that a
 # config that uses only some stages does not pay for the others' imports.
@@ -36,10 +37,8 @@ STAGE_MODULES = {
     "collect": "instructrl.stages.collect",
     "rm": "instructrl.stages.reward",
     "ppo": "instructrl.stages.ppo",
-    "eval": "instructrl.evaluate",
+    "eval": "instructrl.stages.evaluate",
 }
-
-DONE_MARKER = "DONE"  # written in DIR/<stage>/ when the stage has finished
 
 
 class UsageError(ValueError):

@@ -5,7 +5,7 @@ r"""Ahead-of-time plan: per-device memory, FLOPs and step time of a config's sta
         [--mfu=0.4] [--analytic | --compile] [--json] [--config.KEY=VALUE ...]
 
 Builds each stage's compiled programs as its driver does (SFT/RM: the train_lib step via
-jit_train_step; PPO: the rollout and the update of instructrl/ppo.py with policy, reference,
+jit_train_step; PPO: the rollout and the update of instructrl/rl/ppo.py with policy, reference,
 value and reward model) on abstract arrays (jax.ShapeDtypeStruct with shardings; nothing is
 allocated) and prints, per device: params, optimizer state, EMA and frozen models, batches,
 activations/temporaries and the KV cache; FLOPs per step; step time at a stated MFU on a
@@ -51,9 +51,10 @@ import ml_collections
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from instructrl import config as config_lib
-from instructrl import losses, ppo, sharding, train_lib
+from instructrl import losses, sharding, train_lib
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer
+from instructrl.rl import ppo
 
 GIB = 2**30
 COMPILE_MAX_DEVICES = 16
@@ -319,7 +320,7 @@ def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
 
 
 def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
-    """PPO / PPO-ptx: the rollout and the update programs of instructrl/ppo.py."""
+    """PPO / PPO-ptx: the rollout and the update programs of instructrl/rl/ppo.py."""
     from instructrl.stages.ppo import DRIVER_KEYS
 
     c = config[name]

@@ -4,7 +4,7 @@
         [--shared_models] [--by=KEY] [--out=FILE.md] [--plot=FILE.png]
 
 Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/results.json`
-(instructrl/evaluate.py) is read; its seed is the eval's `settings.seed` (older results:
+(instructrl/stages/evaluate.py) is read; its seed is the eval's `settings.seed` (older results:
 `RUN_DIR/config.json`'s). Prints:
 
   - the runs, their seeds and the reference stage;
@@ -47,8 +47,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from instructrl import eval_plots
 from instructrl.errors import InputError
+from instructrl.eval import plots as eval_plots
 
 # (results.json key, column heading) of the per-model means table.
 METRICS = (
@@ -485,7 +485,7 @@ def plot_by(groups: Sequence[tuple[Any, Sequence[Run]]], key: str, path: str) ->
 
 def best_of_n_markdown(runs: Sequence[Run]) -> list[str]:
     """Best-of-n win rate per selector and n, mean ± sd over the runs that have the same n
-    (instructrl/evaluate.py best_of_n), and each run's peak over n in run order ("—" without
+    (instructrl/stages/evaluate.py best_of_n), and each run's peak over n in run order ("—" without
     it, or with other n than the first run that has it); no lines if no run has it."""
     bons = [r.summary.get("best_of_n") or {} for r in runs]
     have = [b for b in bons if b]

@@ -78,21 +78,21 @@ def ranked_comparisons(prompt_records: list[dict], seed: int) -> list[dict]:
     """Comparisons in the standard format for the world's prompt records: the gold answer,
     one and two labeler slips and another prompt's answer, ranked by the gold scorer (best
     first; equal scores are `ties`). Every 10th record is pairwise (gold vs. a slip)."""
-    from instructrl import tasks
+    from instructrl import world
 
     rng = np.random.default_rng(seed)
     rows = []
     for i, record in enumerate(prompt_records):
-        gold = tasks.gold_answer(record, rng)
-        slipped = tasks.slip(record, gold, rng)
+        gold = world.gold_answer(record, rng)
+        slipped = world.slip(record, gold, rng)
         if i % 10 == 0:
-            rows.append({"prompt": record["prompt"], "chosen": tasks.format_completion(gold),
-                         "rejected": tasks.format_completion(slipped)})  # fmt: skip
+            rows.append({"prompt": record["prompt"], "chosen": world.format_completion(gold),
+                         "rejected": world.format_completion(slipped)})  # fmt: skip
             continue
-        other = tasks.gold_answer(tasks.make_prompt(rng), rng)
-        candidates = [gold, slipped, tasks.slip(record, slipped, rng), other]
-        responses = list(dict.fromkeys(tasks.format_completion(c) for c in candidates))
-        scores = [round(tasks.score(record, r), 9) for r in responses]
+        other = world.gold_answer(world.make_prompt(rng), rng)
+        candidates = [gold, slipped, world.slip(record, slipped, rng), other]
+        responses = list(dict.fromkeys(world.format_completion(c) for c in candidates))
+        scores = [round(world.score(record, r), 9) for r in responses]
         ranking = sorted(range(len(responses)), key=lambda j: -scores[j])
         ties = [
             group
@@ -161,12 +161,12 @@ def smoke_config():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, smoke_config) -> UserData:
     """The user's own files, made from the world at the experiment's smoke sizes."""
-    from instructrl import tasks
+    from instructrl import world
 
     d = UserData(str(tmp_path_factory.mktemp("byod")))
     scratch = os.path.join(d.root, "scratch")
     w = smoke_config.world
-    world = tasks.write_world(
+    world = world.write_world(
         scratch, seed=w.seed, **{k: v for k, v in w.items() if k not in ("kind", "seed")}
     )
     os.makedirs(d.folder)

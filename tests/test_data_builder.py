@@ -11,11 +11,11 @@ import tempfile
 import pytest
 
 from instructrl.data import builder as builder_lib
-from instructrl.data import synthetic
 from instructrl.data.builder import build_dataset, in_validation, resolve_files
 from instructrl.data.config import default_data_config
 from instructrl.data.pipeline import sft_pipeline
 from instructrl.errors import ConfigError, InputError
+from instructrl.world import synthetic
 
 
 @pytest.fixture(scope="module")

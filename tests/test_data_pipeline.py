@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 
-from instructrl.data import synthetic
 from instructrl.data.builder import build_dataset, length_limits
 from instructrl.data.config import default_data_config
 from instructrl.data.pipeline import (
@@ -23,6 +22,7 @@ from instructrl.data.pipeline import (
 )
 from instructrl.errors import ConfigError
 from instructrl.tokenizer import Tokenizer
+from instructrl.world import synthetic
 from tests.conftest import run_multiprocess
 
 SHORT = dict(prompt_words=(1, 4), response_words=(1, 6))

@@ -1,4 +1,4 @@
-"""Tests for the `eval` stage (instructrl/evaluate.py) and its tables/plots (eval_plots.py).
+"""Tests for the `eval` stage (instructrl/stages/evaluate.py) and its tables/plots (eval_plots.py).
 
 Fast: win-rate aggregation against hand computations and the gold judge, the constraint
 check, held-out NLL against a naive float64 loop, config parsing and stage errors, tables
@@ -21,10 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instructrl import eval_metrics, eval_plots, evaluate, labelers, tasks
+from instructrl import world
 from instructrl.errors import ConfigError, InputError
+from instructrl.eval import metrics as eval_metrics
+from instructrl.eval import plots as eval_plots
 from instructrl.models import ModelConfig, Transformer, positions_from_mask
-from instructrl.tasks import FAMILY_NAMES, make_prompt, score, synthetic_responses
+from instructrl.stages import evaluate
+from instructrl.world import FAMILY_NAMES, labelers, make_prompt, score, synthetic_responses
 
 
 # ------------------------------------------------------------------ win rates
@@ -445,7 +448,7 @@ def lines_of(out_dir: str) -> list[dict]:
 
 def _check_rm_gold_accuracy(workdir: str, rm_result: dict, samples: list[dict]) -> None:
     """The RM's accuracy vs gold on the reference samples, recomputed one pair at a time."""
-    from instructrl.reward_model import RewardModel
+    from instructrl.models.reward import RewardModel
     from instructrl.tokenizer import Tokenizer
 
     tok = Tokenizer.load(os.path.join(workdir, "tokenizer", "tokenizer.model"))
@@ -533,10 +536,10 @@ def test_fillers_dropped_matches_a_pair_loop():
     """The reference's samples without trailing fillers against the samples as they are:
     every pair of one prompt judged by the gold scorer, ties 1/2, one prompt at a time."""
     rng = np.random.default_rng(3)
-    records = [tasks.make_prompt(rng, family) for family in FAMILY_NAMES for _ in range(3)]
+    records = [world.make_prompt(rng, family) for family in FAMILY_NAMES for _ in range(3)]
     texts, stopped = [], []
     for r in records:
-        answer = " " + tasks.gold_answer(r, rng)
+        answer = " " + world.gold_answer(r, rng)
         row = [answer, answer + " ok", answer + " thanks so", " so", answer + " oops"]
         texts.append([row[i] for i in rng.permutation(5)[:4]])
         stopped.append([bool(x) for x in rng.integers(0, 2, 4)] if r is records[0] else [True] * 4)
@@ -550,10 +553,10 @@ def test_fillers_dropped_matches_a_pair_loop():
             kept = t
             for _ in range(3):
                 words = kept.split(" ")
-                if len([w for w in words if w]) > 1 and words[-1] in tasks.FILLERS:
+                if len([w for w in words if w]) > 1 and words[-1] in world.FILLERS:
                     kept = " ".join(words[:-1])
             changed += kept != t
-            mine = tasks.score(r, kept, s)
+            mine = world.score(r, kept, s)
             outcomes += [1.0 if mine > o else 0.5 if mine == o else 0.0 for o in ref_row]
         per_prompt.append(np.mean(outcomes))
     assert got["rate"] == pytest.approx(changed / (4 * len(records)))
@@ -564,7 +567,7 @@ def test_fillers_dropped_matches_a_pair_loop():
     assert got["n"] == len(records)
 
     # No filler anywhere: nothing changes, exactly 1/2, and no line in the tables.
-    flat = [[" " + tasks.gold_answer(r)] * 2 for r in records]
+    flat = [[" " + world.gold_answer(r)] * 2 for r in records]
     ok = [[True] * 2] * len(records)
     none = evaluate.fillers_dropped(records, flat, ok, evaluate.gold_scores(records, flat, ok))
     assert none["rate"] == 0.0 and none["win_rate"] == 0.5
@@ -592,4 +595,4 @@ def test_drop_trailing_fillers_cases():
         " ": " ",
     }
     for text, want in cases.items():
-        assert tasks.drop_trailing_fillers(text) == want, text
+        assert world.drop_trailing_fillers(text) == want, text

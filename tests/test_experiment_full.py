@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import pytest
 
 from instructrl import config as config_lib
-from instructrl import evaluate, train_lib
+from instructrl import train_lib
 from instructrl.models import ModelConfig, Transformer
+from instructrl.stages import evaluate
 from tests.conftest import REPO, subprocess_env, tree_digest
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")

@@ -1,6 +1,6 @@
 """The gold-reward oracle's score function (instructrl/stages/ppo.py `gold_score_fn`).
 
-Against a naive reference: tasks.score on the original prompt records and response strings,
+Against a naive reference: world.score on the original prompt records and response strings,
 for token batches built the way the PPO data pipeline builds them (left-padded [BOS] prompt,
 right-padded response up to and including EOS, or cut off without one). Under jit on one
 device and on 8 devices (batch sharded), and the one-line error for prompts without gold
@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from instructrl import tasks
+from instructrl import world
 from instructrl.data.builder import BuiltDataset
 from instructrl.errors import ConfigError
 from instructrl.tokenizer import Tokenizer
@@ -35,7 +35,7 @@ def prompt_source(records) -> BuiltDataset:
 def case(tmp_path_factory):
     """World prompts, a tokenizer trained on the world, responses of every kind, the batch."""
     root = tmp_path_factory.mktemp("gold")
-    paths = tasks.write_world(
+    paths = world.write_world(
         str(root / "world"), seed=3, num_pretrain=300, num_pretrain_heldout=10,
         num_demonstrations=200, num_rm=10, num_ppo=N, num_eval=10, num_public=40,
     )  # fmt: skip
@@ -48,9 +48,9 @@ def case(tmp_path_factory):
     responses, stopped = [], []
     for i, r in enumerate(records):
         kind = i % 6
-        answer = tasks.gold_answer(r, rng)
+        answer = world.gold_answer(r, rng)
         if kind == 1:
-            answer = tasks.families.slip(r, answer, rng)
+            answer = world.families.slip(r, answer, rng)
         elif kind == 2:
             answer = ""
         elif kind == 3:
@@ -73,7 +73,7 @@ def case(tmp_path_factory):
         pt[b, p - len(q) :], pm[b, p - len(q) :] = q, 1
         rt[b, : len(a)], rm[b, : len(a)] = a, 1
     expected = np.array(
-        [tasks.score(r, t, s) for r, t, s in zip(records, responses, stopped, strict=True)]
+        [world.score(r, t, s) for r, t, s in zip(records, responses, stopped, strict=True)]
     )
     batch = dict(prompt_tokens=pt, prompt_mask=pm, response_tokens=rt, response_mask=rm)
     np.savez(root / "batch.npz", expected=expected, **batch)

@@ -1,4 +1,4 @@
-"""Tests for the simulated labelers and the gold judge (instructrl/labelers.py)."""
+"""Tests for the simulated labelers and the gold judge (instructrl/world/labelers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from instructrl.labelers import (
+from instructrl.world import gold_answer, make_prompt, score, synthetic_responses
+from instructrl.world.labelers import (
     PAPER_AGREEMENT,
     LabelerPool,
     calibrate_noise,
@@ -17,7 +18,6 @@ from instructrl.labelers import (
     pairwise_agreement,
     win_rate_with_stderr,
 )
-from instructrl.tasks import gold_answer, make_prompt, score, synthetic_responses
 
 
 def _sample(seed: int, n: int) -> tuple[list[dict], list[list[str]], list[list[bool]]]:

@@ -22,9 +22,10 @@ import numpy as np
 import optax
 import pytest
 
-from instructrl import losses, ppo, sharding
+from instructrl import losses, sharding
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer, positions_from_mask
+from instructrl.rl import ppo
 
 V, P, N, EOS, PAD = 32, 8, 8, 1, 0
 MC = ModelConfig(vocab_size=V, max_len=16, num_layers=1, d_model=32, num_heads=4, d_ff=64)

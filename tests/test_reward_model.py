@@ -1,4 +1,4 @@
-"""RM normalisation and text-level scoring (instructrl/reward_model.py)."""
+"""RM normalisation and text-level scoring (instructrl/models/reward.py)."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from instructrl import checkpoint
 from instructrl.models import ModelConfig, Transformer, positions_from_mask
-from instructrl.reward_model import Normalization, RewardModel, encode_pairs
+from instructrl.models.reward import Normalization, RewardModel, encode_pairs
 from instructrl.tokenizer import Tokenizer
 
 

@@ -334,7 +334,7 @@ def test_sft_loss_falls_and_export_loads(env):
 
 @pytest.mark.slow
 def test_rm_learns_ranking_rule(env, tmp_path):
-    from instructrl.reward_model import RewardModel
+    from instructrl.models.reward import RewardModel
     from instructrl.tokenizer import Tokenizer
 
     workdir = str(tmp_path / "run")

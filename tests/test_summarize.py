@@ -1,6 +1,6 @@
 """Tests for `python -m instructrl.summarize` (the eval results of several runs).
 
-Synthetic results.json files in the layout instructrl/evaluate.py writes, with known numbers:
+Synthetic results.json files in the layout instructrl/stages/evaluate.py writes, with known numbers:
 means and sample sds against numpy float64, per-seed values in run order, missing fields,
 the one-line errors (exit 2) through a real subprocess, and the PNG.
 """
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instructrl import eval_plots, summarize
+from instructrl import summarize
 from instructrl.errors import InputError
+from instructrl.eval import plots as eval_plots
 from tests.conftest import REPO, subprocess_env
 
 # size -> params; label -> (stage, fewshot). "large" has no prompted GPT.

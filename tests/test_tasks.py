@@ -1,4 +1,4 @@
-"""Tests for the synthetic instruction world (instructrl/tasks)."""
+"""Tests for the synthetic instruction world (instructrl/world)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from instructrl.tasks import (
+from instructrl.world import (
     EXTRA_TEXT_FACTOR,
     FAMILY_NAMES,
     NO_STOP_FACTOR,
@@ -28,9 +28,9 @@ from instructrl.tasks import (
     vocab,
     write_world,
 )
-from instructrl.tasks.families import slip
-from instructrl.tasks.vocab import fact, perturb_answer
-from instructrl.tasks.world import SPLIT_FRACTIONS, pretrain_prompt_sampler
+from instructrl.world.families import slip
+from instructrl.world.splits import SPLIT_FRACTIONS, pretrain_prompt_sampler
+from instructrl.world.vocab import fact, perturb_answer
 from tests.conftest import REPO, subprocess_env
 
 SMALL = dict(

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from instructrl.data import synthetic
 from instructrl.data.builder import build_dataset
 from instructrl.data.config import KINDS, default_data_config
 from instructrl.data.pipeline import (
@@ -32,6 +31,7 @@ from instructrl.data.pipeline import (
     rm_pipeline,
     sft_pipeline,
 )
+from instructrl.world import synthetic
 
 BATCH, SEQ_LEN = 32, 256
 

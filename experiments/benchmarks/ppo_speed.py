@@ -71,8 +71,9 @@ class PPOBench:
         import jax
 
         from experiments import tiny_instructgpt
-        from instructrl import ppo, sharding
+        from instructrl import sharding
         from instructrl.models import ModelConfig, Transformer
+        from instructrl.rl import ppo
         from instructrl.stages.ppo import DRIVER_KEYS
 
         exp = tiny_instructgpt.get_config(f"size={size}")
@@ -131,7 +132,7 @@ class PPOBench:
         """The stage's rollout call (rollout params, rng fold-in and beta as it passes them)."""
         import jax
 
-        from instructrl import ppo
+        from instructrl.rl import ppo
 
         params = ppo.rollout_params(self.state, self.reference, self.reward, 1.0, 0.0)
         return self.rollout_fn(
@@ -173,7 +174,7 @@ class PPOBench:
         as the stage runs it, counted by direction ({"host-to-device": 2, ...})."""
         import jax
 
-        from instructrl import ppo
+        from instructrl.rl import ppo
 
         parts = {
             "rollout_params": lambda: ppo.rollout_params(
@@ -215,7 +216,8 @@ class PPOBench:
         """Host-crossing ops (callbacks, send/recv, in/outfeed) in the lowered programs."""
         import jax
 
-        from instructrl import ppo, sharding
+        from instructrl import sharding
+        from instructrl.rl import ppo
 
         params = ppo.rollout_params(self.state, self.reference, self.reward, 1.0, 0.0)
         key = jax.random.fold_in(self.state.rng, self.step)

@@ -3,7 +3,7 @@
 For each prompt of `prompts`, K responses (K uniform in [k_min, k_max]; empty answers included) are sampled at
 temperature 1 from the models exported by the stages in `policies` (e.g. "sft,pretrain":
 the SFT and base models, alternating), and a simulated labeler from `LabelerPool` ranks
-them (instructrl/labelers.py). With `calibrate`, the pool's noise is first fitted so that
+them (instructrl/world/labelers.py). With `calibrate`, the pool's noise is first fitted so that
 two labelers agree on `target_agreement` of the pairs of these very samples (the paper's
 72.6%), and the agreement reached is measured on held-out prompts and saved.
 
@@ -29,12 +29,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from instructrl import labelers, tasks
+from instructrl import world
 from instructrl.data import read_prompts
 from instructrl.errors import ConfigError, InputError
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
 from instructrl.tokenizer import Tokenizer
+from instructrl.world import labelers
 
 LABELERS = ("pool", "gold")
 
@@ -138,7 +139,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     )
     comparisons = labelers.collect_comparisons(records, responses, stopped, pool, rng)
     gold = [
-        np.mean([tasks.score(r, t, s) for t, s in zip(resp, st, strict=True)])
+        np.mean([world.score(r, t, s) for t, s in zip(resp, st, strict=True)])
         for r, resp, st in zip(records, responses, stopped, strict=True)
     ]
     summary = {

@@ -14,7 +14,7 @@ import ml_collections
 
 from instructrl.data import BuiltDataset, build_dataset
 from instructrl.errors import InputError
-from instructrl.main import DONE_MARKER
+from instructrl.stages import DONE_MARKER
 
 EXPORT_DIR = "export"
 TOKENIZER_FILE = "tokenizer.model"

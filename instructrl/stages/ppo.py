@@ -3,7 +3,7 @@
 Policy and frozen reference both start from the export of `init_from` (the PPO-init SFT
 model); the reward model is the normalised RM of `reward_from`; the value function is a
 separate network initialised from the RM (or, with `value_head_on_policy`, a zero head on
-the policy trunk). Each iteration is two compiled programs (instructrl/ppo.py): a rollout
+the policy trunk). Each iteration is two compiled programs (instructrl/rl/ppo.py): a rollout
 (sampling with the KV cache, log-probs of policy and reference at the sampling
 temperature, values, RM score, per-token KL rewards) and an update (GAE, whitening, all
 epochs and minibatches, and γ_ptx × the LM loss on pretraining text when `ptx_coef` > 0).
@@ -34,11 +34,12 @@ import numpy as np
 from absl import logging
 
 from instructrl import checkpoint as ckpt_lib
-from instructrl import ppo, sharding, tasks
+from instructrl import sharding, world
 from instructrl.data import ppo_pipeline, prompt_record
 from instructrl.errors import ConfigError, Preempted
 from instructrl.models import ModelConfig, Transformer
-from instructrl.reward_model import RewardModel
+from instructrl.models.reward import RewardModel
+from instructrl.rl import ppo
 from instructrl.sample import decode_response
 from instructrl.stages import common, driver, inputs
 from instructrl.tokenizer import Tokenizer
@@ -233,14 +234,14 @@ def gold_metrics(rollout, index, prompts, tokenizer) -> dict[str, float]:
 
 
 def gold_scores(records, response_tokens, response_mask, tokenizer) -> np.ndarray:
-    """float64 [B]: tasks.score of each decoded response (sample.decode_response) for its
+    """float64 [B]: world.score of each decoded response (sample.decode_response) for its
     prompt record."""
     rows = zip(records, response_tokens, response_mask, strict=True)
-    return np.array([tasks.score(r, *decode_response(t, m, tokenizer)) for r, t, m in rows])
+    return np.array([world.score(r, *decode_response(t, m, tokenizer)) for r, t, m in rows])
 
 
 def gold_score_fn(prompts, tokenizer: Tokenizer, name: str) -> ppo.ScoreFn:
-    """A rollout `score_fn` (instructrl/ppo_rollout.py) that scores episodes with the synthetic
+    """A rollout `score_fn` (instructrl/rl/rollout.py) that scores episodes with the synthetic
     world's gold scorer: a host callback decodes each left-padded prompt, finds its record
     (family and params) by text among `prompts`, and decodes the response."""
     if jax.process_count() > 1:

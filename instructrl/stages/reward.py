@@ -24,8 +24,8 @@ from instructrl import losses, sharding, train_lib
 from instructrl.data import rm_pipeline
 from instructrl.errors import ConfigError
 from instructrl.models import positions_from_mask
+from instructrl.models.reward import NORMALIZATION_FILE, NORMALIZE_MODES, Normalization
 from instructrl.models.sampling import sample_jit
-from instructrl.reward_model import NORMALIZATION_FILE, NORMALIZE_MODES, Normalization
 from instructrl.stages import driver, inputs
 from instructrl.tokenizer import Tokenizer
 
@@ -244,7 +244,7 @@ def mean_greedy_score(config, name, workdir, setup, params) -> float:
     """Mean normalised score, by the RM named in `<name>.select_reward_from`, of greedy
     samples of an LM on validation prompts (SFT checkpoint selection, method.md §1)."""
     from instructrl.data import ppo_pipeline
-    from instructrl.reward_model import RewardModel
+    from instructrl.models.reward import RewardModel
 
     c = config[name]
     rm_dir = inputs.export_dir(config, name, "select_reward_from", workdir)

@@ -1,7 +1,7 @@
 """Stage `world`: writes the built-in synthetic instruction world as standard JSONL files.
 
 `DIR/<name>/` receives pretrain.jsonl, demonstrations.jsonl, prompts_*.jsonl, ... (see
-`instructrl.tasks.write_world`). Data configs refer to them as `@<name>/<file>`. With your
+`instructrl.world.write_world`). Data configs refer to them as `@<name>/<file>`. With your
 own data, leave this stage out and point `config.data.*` at your files.
 """
 
@@ -13,9 +13,9 @@ import os
 import jax
 import ml_collections
 
-from instructrl import tasks
+from instructrl import world
 from instructrl.errors import ConfigError
-from instructrl.tasks.vocab import SLIP_KINDS
+from instructrl.world.vocab import SLIP_KINDS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,7 +52,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     out_dir = os.path.join(workdir, name)
     if jax.process_index() == 0:
         kwargs = {k: v for k, v in c.items() if k not in ("kind", "seed")}
-        paths = tasks.write_world(out_dir, seed=c.seed, **kwargs)
+        paths = world.write_world(out_dir, seed=c.seed, **kwargs)
         for kind, path in sorted(paths.items()):
             logging.info("world: %s -> %s", kind, path)
     if jax.process_count() > 1:

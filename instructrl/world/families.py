@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from instructrl.tasks import vocab
-from instructrl.tasks.vocab import answer_words, fact, format_prompt, perturb_answer, pick
+from instructrl.world import vocab
+from instructrl.world.vocab import answer_words, fact, format_prompt, perturb_answer, pick
 
 EXTRA_TEXT_FACTOR = 0.7  # answered, then kept talking (e.g. wrote the next instruction)
 NO_STOP_FACTOR = 0.5  # never emitted the stop token within the sampling budget

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from instructrl.tasks import corpus, families, vocab
+from instructrl.world import corpus, families, vocab
 
 SPLIT_FRACTIONS: dict[str, float] = {"demonstrations": 0.35, "rm": 0.20, "ppo": 0.35, "eval": 0.10}
 _MAX_MISSES = 5_000  # draws without a new prompt of the split before giving up

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from instructrl.tasks import vocab
-from instructrl.tasks.families import gold_answer, make_prompt, slip
-from instructrl.tasks.vocab import ANIMALS, fact, format_completion, perturb_answer, pick
+from instructrl.world import vocab
+from instructrl.world.families import gold_answer, make_prompt, slip
+from instructrl.world.vocab import ANIMALS, fact, format_completion, perturb_answer, pick
 
 # Document kinds and their share of the corpus.
 DOC_WEIGHTS: dict[str, float] = {

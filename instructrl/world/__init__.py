@@ -7,7 +7,7 @@ the text the model writes after "Answer:" (demonstrations: " sun dog cat" + EOS)
     score(record, response, stopped=True) -> [0, 1]     # gold scorer, partial credit
 """
 
-from instructrl.tasks.corpus import (
+from instructrl.world.corpus import (
     few_shot_examples,
     few_shot_prompt,
     make_demonstration,
@@ -16,7 +16,7 @@ from instructrl.tasks.corpus import (
     public_task_accuracy,
     synthetic_responses,
 )
-from instructrl.tasks.families import (
+from instructrl.world.families import (
     EXTRA_TEXT_FACTOR,
     FAMILIES,
     FAMILY_NAMES,
@@ -26,14 +26,14 @@ from instructrl.tasks.families import (
     score,
     slip,
 )
-from instructrl.tasks.vocab import (
+from instructrl.world.splits import prompt_split, split_prompts, write_world
+from instructrl.world.vocab import (
     FILLERS,
     PROMPT_SUFFIX,
     drop_trailing_fillers,
     format_completion,
     format_prompt,
 )
-from instructrl.tasks.world import prompt_split, split_prompts, write_world
 
 __all__ = [
     "EXTRA_TEXT_FACTOR",

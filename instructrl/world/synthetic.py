@@ -1,5 +1,5 @@
 """Synthetic records of every kind, for tests and the data-speed benchmark (not for training:
-the built-in instruction world lives in instructrl/tasks/)."""
+the built-in instruction world lives in instructrl/world/)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ plus the RM's validation accuracy next to the simulated inter-labeler agreement,
 PPO stage's reward/KL curves, and the win rate of the reference's own samples with their
 trailing filler words dropped (the visible slip of `world.demo_slips=filler`): what removing
 that one flaw alone is worth, to read PPO's gain against. Writes `DIR/<name>/results.json`,
-`results.md`, `samples.jsonl` and PNG plots (instructrl/eval_plots.py), and prints the main
+`results.md`, `samples.jsonl` and PNG plots (instructrl/eval/plots.py), and prints the main
 table.
 
 `models` syntax: size groups separated by ";", each `SIZE: LABEL=STAGE[:fewshot], ...`
@@ -49,11 +49,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from instructrl import labelers, tasks
+from instructrl import world
 from instructrl.config import stage_names
 from instructrl.data import read_pretrain, read_prompts
 from instructrl.errors import ConfigError, InputError
-from instructrl.eval_metrics import (
+from instructrl.eval.metrics import (
     batched_nll,
     best_of_n_kl,
     best_of_n_outcomes,
@@ -63,11 +63,12 @@ from instructrl.eval_metrics import (
     text_windows,
     win_rate,
 )
-from instructrl.reward_model import RewardModel
+from instructrl.models.reward import RewardModel
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
 from instructrl.tokenizer import Tokenizer
 from instructrl.train_lib import count_params
+from instructrl.world import labelers
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -325,7 +326,7 @@ def gold_scores(records, texts, stopped) -> np.ndarray:
     """Gold scores f64 [N, k] of texts/stopped [N][k] for their prompt records."""
     return np.array(
         [
-            [tasks.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
+            [world.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
             for r, ts, ss in zip(records, texts, stopped, strict=True)
         ]
     )
@@ -333,10 +334,10 @@ def gold_scores(records, texts, stopped) -> np.ndarray:
 
 def fillers_dropped(records, texts, stopped, ref_scores) -> dict:
     """What removing one visible flaw alone is worth: the reference's samples `texts` [N][M]
-    with their trailing filler words dropped (tasks.drop_trailing_fillers; the slip of
+    with their trailing filler words dropped (world.drop_trailing_fillers; the slip of
     world.demo_slips="filler"), judged against the samples as they are (ref_scores [N, M]).
     {"rate": share of samples that end in a filler, "win_rate", "stderr", "n"}."""
-    dropped = [[tasks.drop_trailing_fillers(t) for t in ts] for ts in texts]
+    dropped = [[world.drop_trailing_fillers(t) for t in ts] for ts in texts]
     changed = [
         d != t for ds, ts in zip(dropped, texts, strict=True) for d, t in zip(ds, ts, strict=True)
     ]
@@ -357,7 +358,7 @@ def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[di
     kept = [x for x in kept if x is not None]
     flat = [t for ts in texts for t in ts]
     families = {}
-    for fam in tasks.FAMILY_NAMES:
+    for fam in world.FAMILY_NAMES:
         idx = [i for i, r in enumerate(records) if r["family"] == fam]
         if idx:
             wins = {} if outcomes is None else win_rate(outcomes[idx])
@@ -406,7 +407,7 @@ def alignment_tax(model, params, tokenizer, data: EvalData, c) -> dict[str, floa
     return {
         "heldout_nll": float(sums.sum() / max(counts.sum(), 1)),
         "heldout_tokens": int(counts.sum()),
-        "public_task_accuracy": tasks.public_task_accuracy(data.public, texts),
+        "public_task_accuracy": world.public_task_accuracy(data.public, texts),
         "public_choice_accuracy": public_choice_accuracy(model, params, tokenizer, data.public, c),
     }
 
@@ -497,7 +498,7 @@ def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) ->
     recs = read_prompts(path)[0]
     recs = recs[: c.num_prompts] if c.num_prompts > 0 else recs
     for rec in recs:
-        if rec.data.get("family") not in tasks.FAMILIES or "params" not in rec.data:
+        if rec.data.get("family") not in world.FAMILIES or "params" not in rec.data:
             raise InputError(f"{rec.where}: eval prompts need the world's 'family' and 'params'")
     fewshot = None
     if need_fewshot:
@@ -524,7 +525,7 @@ def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) ->
 
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
-    from instructrl import eval_plots
+    from instructrl.eval import plots as eval_plots
 
     c = config[name]
     out_dir = inputs.stage_dir(workdir, name)
@@ -615,7 +616,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             "greedy": c.greedy,
             "seed": config.seed,
             "judge": "gold scores, ties 1/2",
-            "families": list(tasks.FAMILY_NAMES),
+            "families": list(world.FAMILY_NAMES),
         },
         "sizes": eval_plots.size_params(results),
         "models": results,

@@ -1,4 +1,4 @@
-"""Pure measurements of the `eval` stage (instructrl/evaluate.py): win rates against a
+"""Pure measurements of the `eval` stage (instructrl/stages/evaluate.py): win rates against a
 reference with standard errors, the explicit-constraint check, and held-out LM loss.
 
 No files, no config: arrays and records in, numbers out.
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructrl import labelers
 from instructrl.models import Transformer, positions_from_mask, sequence_logprobs
-from instructrl.tasks.vocab import answer_words
+from instructrl.world import labelers
+from instructrl.world.vocab import answer_words
 
 
 # ---------------------------------------------------------------- win rates

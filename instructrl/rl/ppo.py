@@ -59,7 +59,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructrl import losses, sharding, train_lib
 from instructrl.errors import ConfigError
-from instructrl.ppo_rollout import (
+from instructrl.rl.rollout import (
     PPOConfig,
     PPOModels,
     Rollout,

@@ -1,6 +1,6 @@
 """Tables (Markdown) and plots (PNG) of the `eval` stage's results, and PPO metrics reading.
 
-Everything here works on the JSON-able summary that `instructrl.evaluate.run` builds (the
+Everything here works on the JSON-able summary that `instructrl.stages.evaluate.run` builds (the
 content of results.json) and on PPO stages' metrics.jsonl rows; nothing touches a model.
 Plots use matplotlib's object API on an Agg canvas (no pyplot, no global backend switch).
 

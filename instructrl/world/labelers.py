@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from instructrl.tasks import families
+from instructrl.world import families
 
 PAPER_AGREEMENT = 0.726
 # Fitted with calibrate_noise on 3,000 prompts x 4..9 tasks.synthetic_responses (data seed 1);

@@ -1,0 +1,6 @@
+"""Reinforcement learning against a reward: the compiled programs of each RL algorithm.
+
+`rollout.py` samples episodes and scores them (policy, reference, value and reward in one
+program); `ppo.py` is PPO's update (GAE, clipped losses, epochs and minibatches as scans,
+the ptx term). The stage driver that runs them is `instructrl/stages/ppo.py`.
+"""
