@@ -52,120 +52,23 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from instructrl import config as config_lib
 from instructrl import losses, sharding, train_lib
+from instructrl.costs import (
+    CHIPS,
+    GIB,
+    activation_bytes,
+    block_matmul_params,
+    combine_passes,
+    forward_flops,
+    kv_cache_bytes,
+    param_count,
+    weight_bytes,
+)
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer
 from instructrl.rl import ppo
 
-GIB = 2**30
 COMPILE_MAX_DEVICES = 16
 _CHILD_ENV = "INSTRUCTRL_PLAN_DEVICES"  # marks the re-executed process
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    hbm_gib: float
-    hbm_bytes_per_s: float
-
-
-CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32, 1.23e12),
-    "v5e": Chip("TPU v5e", 197e12, 16, 0.82e12),
-    "v5p": Chip("TPU v5p", 459e12, 95, 2.77e12),
-    "h100": Chip("H100 SXM", 989e12, 80, 3.35e12),
-}
-
-
-# ---- counts and estimates from shapes ------------------------------------------------------
-
-
-def param_count(mc: ModelConfig, head: str = "lm") -> int:
-    """Parameters of Transformer(mc, head), from the formula (tests check it against the model)."""
-    d, f = mc.d_model, mc.d_ff
-    hd, kd = mc.num_heads * mc.dim_head, mc.kv_heads * mc.dim_head
-    norm = d * (1 if mc.norm == "rmsnorm" else 2)
-    n_mlp, bias = (3 if mc.mlp == "swiglu" else 2), int(mc.use_bias)
-    layer = d * (2 * hd + 2 * kd) + n_mlp * d * f + 2 * norm
-    layer += bias * (hd + 2 * kd + d + (n_mlp - 1) * f + d)  # q, k, v, o, up (+ gate), down
-    total = mc.vocab_size * d + (mc.max_len * d if mc.position == "learned" else 0)
-    total += mc.num_layers * layer + norm
-    if head == "scalar":
-        return total + d + 1
-    return total + (0 if mc.tie_embeddings else d * mc.vocab_size)
-
-
-def _block_matmul_params(mc: ModelConfig) -> int:
-    hd, kd = mc.num_heads * mc.dim_head, mc.kv_heads * mc.dim_head
-    return mc.d_model * (2 * hd + 2 * kd) + (3 if mc.mlp == "swiglu" else 2) * mc.d_model * mc.d_ff
-
-
-def forward_flops(mc: ModelConfig, tokens: int, kv_len: int, head: str = "lm") -> float:
-    """Model FLOPs of a forward over `tokens` tokens that each attend `kv_len` keys: 2 per
-    multiply-add of every weight matmul (the unembedding for head="lm"), plus QK^T and PV."""
-    matmul = mc.num_layers * _block_matmul_params(mc)
-    matmul += mc.d_model * (mc.vocab_size if head == "lm" else 1)
-    attention = 4 * mc.num_layers * kv_len * mc.num_heads * mc.dim_head
-    return float(tokens) * (2 * matmul + attention)
-
-
-def _split(n: int, parts: int) -> int:
-    """Per-device extent of a dim split over `parts` devices (whole when it does not divide)."""
-    return n // parts if n % parts == 0 else n
-
-
-def activation_bytes(
-    mc: ModelConfig,
-    rows: int,
-    seq: int,
-    mesh: dict[str, int],
-    *,
-    train: bool,
-    logits: bool,
-    kv_len: int = 0,
-) -> dict[str, int]:
-    """Estimated per-device activations of a forward (train: and backward) over [rows, seq]
-    tokens, rows split over data x fsdp, heads/mlp/vocab over tensor.
-
-    saved: kept for the backward (a rematerialised block keeps only its input); working: one
-    block's intermediates (twice while its backward runs); logits: f32 logits and their
-    softmax (and gradient). An estimate: XLA fuses some of these, keeps others longer.
-    """
-    tp, s, f32 = mesh["tensor"], jnp.dtype(mc.dtype).itemsize, 4
-    b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
-    t, h, k = b * seq, _split(mc.num_heads, tp), _split(mc.kv_heads, tp)
-    block = (
-        t * mc.dim_head * (2 * h + 2 * k) * s  # q, k, v, attention output
-        + b * h * seq * (kv_len or seq) * (2 * f32 + s)  # f32 scores and probs, probs in dtype
-        + t * _split(mc.d_ff, tp) * s * (3 if mc.mlp == "swiglu" else 2)  # MLP hidden (+ gate)
-        + t * mc.d_model * (2 * f32 + 3 * s)  # f32 norm statistics, residual stream
-    )
-    saved = mc.num_layers * (t * mc.d_model * s if mc.remat else block) if train else 0
-    logit = t * _split(mc.vocab_size, tp) * f32 * (3 if train else 2) if logits else 0
-    return {"saved": saved, "working": block * (2 if train else 1), "logits": logit}
-
-
-def weight_bytes(mc: ModelConfig, mesh: dict[str, int]) -> int:
-    """Block weights a forward materialises per device: the stacked copy of every block's
-    params that the layer scan makes (transformer.py `_scan_blocks`), plus one block gathered
-    over fsdp in the compute dtype, double-buffered."""
-    n = _block_matmul_params(mc)
-    stacked = mc.num_layers * n * jnp.dtype(mc.param_dtype).itemsize
-    stacked //= mesh["fsdp"] * mesh["tensor"]
-    return stacked + 2 * n * jnp.dtype(mc.dtype).itemsize // mesh["tensor"]
-
-
-def kv_cache_bytes(mc: ModelConfig, rows: int, length: int, mesh: dict[str, int]) -> int:
-    """Per-device KV cache of the sampler: k and v [B, K, S, Dh] per layer in the compute dtype."""
-    b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
-    per_layer = 2 * b * _split(mc.kv_heads, mesh["tensor"]) * length * mc.dim_head
-    return mc.num_layers * per_layer * jnp.dtype(mc.dtype).itemsize
-
-
-def _combine(*passes: dict[str, int]) -> int:
-    """Passes of one program whose saved activations and logits all live until the backward;
-    one working set at a time."""
-    return sum(p["saved"] + p["logits"] for p in passes) + max(p["working"] for p in passes)
 
 
 # ---- abstract arrays -----------------------------------------------------------------------
@@ -302,7 +205,7 @@ def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
         args,
         inputs=device_bytes(batch),
         outputs=0,
-        temp=_combine(act) + weight_bytes(mc, mshape) + grads,
+        temp=combine_passes(act) + weight_bytes(mc, mshape) + grads,
         flops=3 * forward_flops(mc, tokens, seq, head),
         flops_nd=6.0 * param_count(mc, head) * tokens,
     )
@@ -362,7 +265,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     prefill = activation_bytes(pol_mc, b, p, mshape, train=False, logits=False, kv_len=length)
     scoring = activation_bytes(pol_mc, b, length, mshape, train=False, logits=True)
     scoring_weights = max(weight_bytes(pol_mc, mshape), weight_bytes(rm_mc, mshape))
-    rollout_temp = max(kv + _combine(prefill), _combine(scoring) + scoring_weights)
+    rollout_temp = max(kv + combine_passes(prefill), combine_passes(scoring) + scoring_weights)
     # Update, per minibatch: policy, value and ptx passes, all saved until one backward.
     mb = cfg.minibatch_size
     passes = [activation_bytes(pol_mc, mb, length, mshape, train=True, logits=True)]
@@ -373,7 +276,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     if ptx is not None:
         rows = cfg.ptx_batch_size // cfg.num_minibatches
         passes.append(activation_bytes(pol_mc, rows, t, mshape, train=True, logits=True))
-    update_temp = _combine(*passes) + weights + device_bytes(state.params)  # + gradients
+    update_temp = combine_passes(*passes) + weights + device_bytes(state.params)  # + gradients
 
     n_pol, n_rm, tokens = param_count(pol_mc), param_count(rm_mc, "scalar"), b * (p + n)
     n_val = n_rm if separate_value else pol_mc.d_model + 1
@@ -385,7 +288,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     upd += forward_flops(pol_mc, cfg.ptx_batch_size * t, t) if ptx else 0
     ptx_tokens = cfg.ptx_batch_size * t if ptx else 0
     # Each generated token reads every policy weight (all-gathered) and the device's cache.
-    weights_read = _block_matmul_params(pol_mc) * pol_mc.num_layers // mshape["tensor"]
+    weights_read = block_matmul_params(pol_mc) * pol_mc.num_layers // mshape["tensor"]
     read = (n - 1) * (weights_read * jnp.dtype(pol_mc.param_dtype).itemsize + kv)
     opt = state.opt_state
     resident = {

@@ -23,6 +23,7 @@ from PIL import Image
 
 from instructrl import world
 from instructrl.errors import ConfigError, InputError
+from instructrl.eval import judge
 from instructrl.eval import metrics as eval_metrics
 from instructrl.eval import plots as eval_plots
 from instructrl.models import ModelConfig, Transformer, positions_from_mask
@@ -543,8 +544,8 @@ def test_fillers_dropped_matches_a_pair_loop():
         row = [answer, answer + " ok", answer + " thanks so", " so", answer + " oops"]
         texts.append([row[i] for i in rng.permutation(5)[:4]])
         stopped.append([bool(x) for x in rng.integers(0, 2, 4)] if r is records[0] else [True] * 4)
-    ref = evaluate.gold_scores(records, texts, stopped)
-    got = evaluate.fillers_dropped(records, texts, stopped, ref)
+    ref = judge.gold_scores(records, texts, stopped)
+    got = judge.fillers_dropped(records, texts, stopped, ref)
 
     per_prompt, changed = [], 0
     for r, ts, ss, ref_row in zip(records, texts, stopped, ref, strict=True):
@@ -569,7 +570,7 @@ def test_fillers_dropped_matches_a_pair_loop():
     # No filler anywhere: nothing changes, exactly 1/2, and no line in the tables.
     flat = [[" " + world.gold_answer(r)] * 2 for r in records]
     ok = [[True] * 2] * len(records)
-    none = evaluate.fillers_dropped(records, flat, ok, evaluate.gold_scores(records, flat, ok))
+    none = judge.fillers_dropped(records, flat, ok, judge.gold_scores(records, flat, ok))
     assert none["rate"] == 0.0 and none["win_rate"] == 0.5
     assert eval_plots.fillers_dropped_line({"stage": "sft", "fillers_dropped": none}) == ""
     assert eval_plots.fillers_dropped_line({"stage": "sft"}) == ""  # results before this

@@ -20,6 +20,7 @@ from PIL import Image
 from instructrl import summarize
 from instructrl.errors import InputError
 from instructrl.eval import plots as eval_plots
+from instructrl.eval import seeds
 from tests.conftest import REPO, subprocess_env
 
 # size -> params; label -> (stage, fewshot). "large" has no prompted GPT.
@@ -165,14 +166,14 @@ def test_stat_against_numpy_and_missing_values():
     rng = np.random.default_rng(0)
     for n in (2, 3, 7):
         x = rng.normal(size=n)
-        s = summarize.stat([*x, None])
+        s = seeds.stat([*x, None])
         assert s.n == n and s.values[-1] is None
         assert s.mean == pytest.approx(np.mean(x), abs=1e-12)
         assert s.sd == pytest.approx(np.std(x, ddof=1), abs=1e-12)
-    one = summarize.stat([None, 0.25])
+    one = seeds.stat([None, 0.25])
     assert (one.mean, one.sd, one.n) == (0.25, None, 1)
-    assert summarize.mean_sd_cell(one) == "0.250 ± — (1 run)"
-    none = summarize.stat([None, None])
+    assert seeds.mean_sd_cell(one) == "0.250 ± — (1 run)"
+    none = seeds.stat([None, None])
     assert (none.mean, none.sd, none.n) == (None, None, 0)
 
 
@@ -206,7 +207,7 @@ def test_win_rate_table_means_sds_and_per_seed_order(three_runs, capsys):
 def test_metrics_table_means_and_missing_fields(three_runs, capsys):
     dirs, results = three_runs
     rows = _rows(_main(capsys, *dirs), "| model | gold score")
-    keys = [k for k, _ in summarize.METRICS]
+    keys = [k for k, _ in seeds.METRICS]
     for size, head in (("small", "small (1.5K)"), ("large", "large (24K)")):
         for label in MODELS:
             if size == "large" and label == "GPT (prompted)":

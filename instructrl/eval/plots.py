@@ -162,7 +162,7 @@ def main_table(summary: Mapping[str, Any]) -> str:
 
 def fillers_dropped_line(ref: Mapping[str, Any]) -> str:
     """One sentence on the reference's samples with their trailing filler words dropped
-    (evaluate.fillers_dropped); "" when none of its samples ends in one (or older results)."""
+    (eval.judge.fillers_dropped); "" when none of its samples ends in one (or older results)."""
     d = ref.get("fillers_dropped")
     if not d or not d["rate"]:
         return ""

@@ -53,15 +53,11 @@ from instructrl import world
 from instructrl.config import stage_names
 from instructrl.data import read_pretrain, read_prompts
 from instructrl.errors import ConfigError, InputError
+from instructrl.eval.alignment_tax import alignment_tax
+from instructrl.eval.judge import best_of_n, fillers_dropped, gold_scores, response_metrics
 from instructrl.eval.metrics import (
-    batched_nll,
-    best_of_n_kl,
-    best_of_n_outcomes,
-    constraints_kept,
-    pairwise_outcomes,
     ranking_accuracy,
     text_windows,
-    win_rate,
 )
 from instructrl.models.reward import RewardModel
 from instructrl.sample import generate, load_stage_model
@@ -280,163 +276,6 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     return {"policy": policy, "texts": texts, "stopped": stopped, "gold": gold}
 
 
-def best_of_n(config, name, bon: dict | None, rm_selectors: dict, ref_scores) -> dict | None:
-    """Best-of-n from the samples `bon` against each RM (rm_selectors: label -> raw scores
-    [N, S] of those samples) and against the gold judge itself: RL-free over-optimisation
-    (Gao et al. 2022).
-
-    For n = 1, 2, 4, ... up to `best_of_n` the exact expected win rate (against the
-    reference's eval samples, gold judge) of keeping the one of n that the selector scores
-    highest, at KL(best-of-n || sampled model) = log n - (n-1)/n nats. An RM whose curve falls
-    as n grows is being over-optimised; Gao et al. find RL less KL-efficient than best-of-n,
-    so PPO against that RM is not expected to beat its curve. None when `bon` is None.
-    """
-    if bon is None:
-        return None
-    c = config[name]
-    gold = bon["gold"]
-    ns = sorted({2**i for i in range(c.best_of_n.bit_length())} | {c.best_of_n})
-    curves = []
-    for label, scores in {"gold judge": gold, **rm_selectors}.items():
-        points = [win_rate(best_of_n_outcomes(scores, gold, ref_scores, n)) for n in ns]
-        curves.append(
-            {
-                "selector": label,
-                "win_rate": [p["win_rate"] for p in points],
-                "stderr": [p["stderr"] for p in points],
-            }
-        )
-        logging.info(
-            "%s: best-of-n by %s: %s",
-            name,
-            label,
-            dict(zip(ns, curves[-1]["win_rate"], strict=True)),
-        )
-    return {
-        "policy": bon["policy"],
-        "reference": c.reference,
-        "samples": c.best_of_n,
-        "n": ns,
-        "kl": [best_of_n_kl(n) for n in ns],
-        "curves": curves,
-    }
-
-
-def gold_scores(records, texts, stopped) -> np.ndarray:
-    """Gold scores f64 [N, k] of texts/stopped [N][k] for their prompt records."""
-    return np.array(
-        [
-            [world.score(r, t, s) for t, s in zip(ts, ss, strict=True)]
-            for r, ts, ss in zip(records, texts, stopped, strict=True)
-        ]
-    )
-
-
-def fillers_dropped(records, texts, stopped, ref_scores) -> dict:
-    """What removing one visible flaw alone is worth: the reference's samples `texts` [N][M]
-    with their trailing filler words dropped (world.drop_trailing_fillers; the slip of
-    world.demo_slips="filler"), judged against the samples as they are (ref_scores [N, M]).
-    {"rate": share of samples that end in a filler, "win_rate", "stderr", "n"}."""
-    dropped = [[world.drop_trailing_fillers(t) for t in ts] for ts in texts]
-    changed = [
-        d != t for ds, ts in zip(dropped, texts, strict=True) for d, t in zip(ds, ts, strict=True)
-    ]
-    outcomes = pairwise_outcomes(gold_scores(records, dropped, stopped), ref_scores)
-    return {"rate": float(np.mean(changed)), **win_rate(outcomes)}
-
-
-def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[dict, np.ndarray]:
-    """Win rate against ref_scores [N, M] (overall, per family; left out when None), gold
-    score, constraints and length of one model's samples; and its gold scores [N, k]."""
-    scores = gold_scores(records, texts, stopped)
-    outcomes = None if ref_scores is None else pairwise_outcomes(scores, ref_scores)
-    kept = [
-        constraints_kept(r, t, s)
-        for r, ts, ss in zip(records, texts, stopped, strict=True)
-        for t, s in zip(ts, ss, strict=True)
-    ]
-    kept = [x for x in kept if x is not None]
-    flat = [t for ts in texts for t in ts]
-    families = {}
-    for fam in world.FAMILY_NAMES:
-        idx = [i for i, r in enumerate(records) if r["family"] == fam]
-        if idx:
-            wins = {} if outcomes is None else win_rate(outcomes[idx])
-            families[fam] = {**wins, "gold_score": float(scores[idx].mean()), "n": len(idx)}
-    metrics = {
-        **({"n": len(records)} if outcomes is None else win_rate(outcomes)),
-        "gold_score": float(scores.mean()),
-        "perfect_rate": float(np.mean(scores >= 1.0)),
-        "constraint_rate": float(np.mean(kept)) if kept else None,
-        "constraint_responses": len(kept),
-        "stopped_rate": float(np.mean([s for ss in stopped for s in ss])),
-        "length_words": float(np.mean([len(t.split()) for t in flat])),
-        "length_tokens": float(np.mean([len(tokenizer.encode(t)) for t in flat])),
-        "families": families,
-    }
-    return metrics, scores
-
-
-def alignment_tax(model, params, tokenizer, data: EvalData, c) -> dict[str, float]:
-    """Held-out pretraining NLL (nats/token) and public-task accuracy (greedy, choice)."""
-    window = max(len(r) for r in data.heldout_rows) - 1
-    if window > model.config.max_len:
-        raise ConfigError(
-            f"config key 'data.seq_len' ({window}) exceeds the model's max_len "
-            f"({model.config.max_len}): held-out windows would not fit"
-        )
-    sums, counts = batched_nll(
-        model,
-        params,
-        data.heldout_rows,
-        [1] * len(data.heldout_rows),
-        pad_id=tokenizer.pad_id,
-        batch_size=c.batch_size,
-    )
-    prompts = [r["prompt"] for r in data.public]
-    texts, _, _ = generate(
-        model,
-        params,
-        tokenizer,
-        prompts,
-        max_new_tokens=c.public_max_new_tokens,
-        max_prompt_len=max(len(tokenizer.encode(p)) + 1 for p in prompts),
-        greedy=True,
-        batch_size=c.batch_size,
-    )
-    return {
-        "heldout_nll": float(sums.sum() / max(counts.sum(), 1)),
-        "heldout_tokens": int(counts.sum()),
-        "public_task_accuracy": world.public_task_accuracy(data.public, texts),
-        "public_choice_accuracy": public_choice_accuracy(model, params, tokenizer, data.public, c),
-    }
-
-
-def public_choice_accuracy(model, params, tokenizer, public: Sequence[dict], c) -> float:
-    """Share of cloze items whose likeliest continuation " <choice>" is the answer (the
-    choice's tokens are those after the prefix it shares with the prompt's encoding)."""
-    rows, first = [], []
-    for r in public:
-        prompt = [tokenizer.bos_id, *tokenizer.encode(r["prompt"])]
-        for choice in r["choices"]:
-            full = [tokenizer.bos_id, *tokenizer.encode(f"{r['prompt']} {choice}")]
-            shared = next(
-                (i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b),
-                len(prompt),
-            )
-            rows.append(full)
-            first.append(max(shared, 1))
-    nll, _ = batched_nll(
-        model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
-    )
-    hits, i = 0, 0
-    for r in public:
-        n = len(r["choices"])
-        hits += r["choices"][int(np.argmin(nll[i : i + n]))] == r["answer"]
-        i += n
-    return hits / len(public)
-
-
 # ---------------------------------------------------------------- the stage
 def evaluate_stage(
     config,
@@ -453,7 +292,7 @@ def evaluate_stage(
     loaded: (stage, model, params) already in memory, used when it is `stage`."""
     c = config[name]
     model, params = stage_model(workdir, stage, loaded)
-    tax = alignment_tax(model, params, tokenizer, data, c)
+    tax = alignment_tax(model, params, tokenizer, data.heldout_rows, data.public, c)
     results, samples = [], []
     for s in specs:
         prompts = [r["prompt"] for r in (data.fewshot if s.fewshot else data.records)]
