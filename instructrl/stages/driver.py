@@ -1,8 +1,9 @@
-"""Pieces every training stage driver shares: model + mesh setup, train state (fresh or
-resumed), and the loop (log, check finite, evaluate, checkpoint, stop on SIGTERM).
+"""Helpers every training stage driver shares: model + mesh setup, train state (fresh or
+resumed), and the one training loop (log, check finite, evaluate, checkpoint, stop on
+SIGTERM) that LM, RM and PPO stages all run with their own step function.
 
-A driver (lm.py, reward.py) builds its data iterator, loss and eval functions and calls
-these in order; see `lm.run_lm_stage` for the shape of a driver.
+A driver (lm.py, reward.py, ppo.py) builds its data iterator, step and eval functions and
+calls these in order; see `lm.run_lm_stage` for the shape of a driver.
 """
 
 from __future__ import annotations
@@ -176,11 +177,12 @@ def compile_steps(
     state_shardings: Any,
     loss_fn: Callable,
     eval_fn: Callable,
-) -> tuple[Callable, Callable]:
-    """(train_step, eval_step) of a stage, compiled on its mesh: train_step from
-    `loss_fn(params, batch, rng) -> (loss, metrics)` with the stage's optimizer, LR schedule
-    (`c.optimizer`) and gradient accumulation (`c.accum_steps`); eval_step is
-    `eval_fn(params, batch)` with params and batch sharded like training."""
+) -> tuple[StepFn, Callable]:
+    """(step_fn, eval_step) of a stage, compiled on its mesh: step_fn, the loop's step (see
+    `train_loop`), runs a train step built from `loss_fn(params, batch, rng) -> (loss,
+    metrics)` with the stage's optimizer, LR schedule (`c.optimizer`) and gradient
+    accumulation (`c.accum_steps`); eval_step is `eval_fn(params, batch)` with params and
+    batch sharded like training."""
     batch_sh = sharding.batch_sharding(setup.mesh)
     schedule = train_lib.make_schedule(c.optimizer, total_steps)
     with sharding.mesh_context(setup.mesh, setup.rules):
@@ -189,29 +191,46 @@ def compile_steps(
         )
         train_step = train_lib.jit_train_step(step_fn, state_shardings, batch_sh)
         eval_step = jax.jit(eval_fn, in_shardings=(setup.param_shardings, batch_sh))
-    return train_step, eval_step
+
+    def loop_step(state, batch, step):
+        del step  # the train step folds state.step into its key itself
+        with sharding.mesh_context(setup.mesh, setup.rules):
+            state, metrics = train_step(state, batch, state.rng)
+        return state, metrics, None
+
+    return loop_step, eval_step
+
+
+# A loop step: (state, sharded batch, step before it) -> (state, device metrics, aux). `aux`
+# is whatever the step wants its `on_log` hook to see (e.g. PPO's rollout and timings).
+StepFn = Callable[[Any, Mapping[str, Any], int], tuple[Any, Mapping[str, Any], Any]]
 
 
 def train_loop(
     run: Run,
-    train_step: Callable,
+    step_fn: StepFn,
     *,
     name: str,
     stage_dir: str,
-    setup: ModelSetup,
+    mesh: jax.sharding.Mesh,
     checkpointer: ckpt_lib.Checkpointer,
     total_steps: int,
     log_every: int,
-    eval_every: int,
-    evaluate: Callable[[train_lib.TrainState, int], Mapping[str, float]] | None = None,
+    eval_every: int = 0,
+    evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
+    on_log: Callable[[Any, int, Mapping[str, Any], Any], Mapping[str, float]] | None = None,
     tokens_per_step: int | None = None,
-) -> train_lib.TrainState:
-    """Runs `train_step` until `total_steps`; returns the final state.
+    unit: str = "step",
+) -> Any:
+    """The training loop of every stage (LM, RM, PPO): runs `step_fn` on the batches of
+    `run.data_iter` until `total_steps`; returns the final state.
 
-    Every `log_every` steps the metrics are fetched, checked for NaN/inf and written; every
-    `eval_every` steps and at the end `evaluate(state, step)` adds its metrics (it may also
-    update `run.meta`, which is checkpointed). A SIGTERM saves a checkpoint and raises
-    Preempted; re-running resumes from it.
+    Every `log_every` steps (and at the end) the metrics are fetched, checked for NaN/inf,
+    extended by `on_log(state, step, batch, aux)` and written; every `eval_every` steps and
+    at the end `evaluate(state, step)` adds its metrics (it may also update `run.meta`, which
+    is checkpointed). Metrics are also fetched and checked before every checkpoint, so no
+    non-finite state is ever saved. A SIGTERM saves a checkpoint and raises Preempted;
+    re-running resumes from it. `unit` names a step in messages ("iteration" for PPO).
     """
     step = int(jax.device_get(run.state.step))
     progress = common.Progress(total_steps, tokens_per_step=tokens_per_step)
@@ -224,9 +243,8 @@ def train_loop(
         checkpointer,  # closing commits a pending async save, also when a step fails
     ):
         while step < total_steps:
-            batch = sharding.shard_batch(next(run.data_iter), setup.mesh)
-            with sharding.mesh_context(setup.mesh, setup.rules):
-                state, metrics = train_step(state, batch, state.rng)
+            batch = sharding.shard_batch(next(run.data_iter), mesh)
+            state, metrics, aux = step_fn(state, batch, step)
             step += 1
             progress.update(step)
             at_eval = evaluate is not None and (step % eval_every == 0 or step == total_steps)
@@ -237,6 +255,8 @@ def train_loop(
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 common.check_finite(host, step)
             if log:
+                if on_log is not None:
+                    host.update(on_log(state, step, batch, aux))
                 if at_eval:
                     host.update(evaluate(state, step))
                 writer.write(step, host)
@@ -245,7 +265,9 @@ def train_loop(
                     step, state, data_state=run.data_iter.get_state(), meta=run.meta, force=True
                 )
             if stop:
-                raise Preempted(f"stage {name}: stopped by signal at step {step}; checkpoint saved")
+                raise Preempted(
+                    f"stage {name}: stopped by signal at {unit} {step}; checkpoint saved"
+                )
     return state
 
 

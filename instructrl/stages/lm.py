@@ -218,7 +218,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         train_step,
         name=name,
         stage_dir=stage_dir,
-        setup=setup,
+        mesh=setup.mesh,
         checkpointer=checkpointer,
         total_steps=total_steps,
         log_every=c.log_every,

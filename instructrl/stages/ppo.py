@@ -36,12 +36,12 @@ from absl import logging
 from instructrl import checkpoint as ckpt_lib
 from instructrl import sharding, world
 from instructrl.data import ppo_pipeline, prompt_record
-from instructrl.errors import ConfigError, Preempted
+from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer
 from instructrl.models.reward import RewardModel
 from instructrl.rl import ppo
 from instructrl.sample import decode_response
-from instructrl.stages import common, driver, inputs
+from instructrl.stages import driver, inputs
 from instructrl.tokenizer import Tokenizer
 
 DRIVER_KEYS = (
@@ -159,62 +159,55 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         models, cfg, optimizer, mesh=mesh, rules=rules, state_shardings=state_shardings
     )
 
-    # ---- loop
-    step = int(jax.device_get(state.step))
-    progress = common.Progress(c.num_iterations, tokens_per_step=cfg.batch_size * total_len)
-    # The checkpointer is a context too: on any error (a NaN, a bad batch) its pending async
-    # save still commits, so the last checkpoint before the error is never lost.
-    with (
-        checkpointer,
-        # resume_step 0 on a fresh start drops lines a run killed before its first checkpoint
-        # logged: those iterations run again.
-        common.MetricsWriter(stage_dir, resume_step=restored.step if restored else 0) as w,
-        common.TerminationSignal() as term,
-    ):
-        while step < c.num_iterations:
-            local = next(data_iter)
-            batch = sharding.shard_batch(local, mesh)
-            ptx_batch = {k: batch[f"ptx_{k}"] for k in ppo.PTX_KEYS} if cfg.ptx_coef > 0 else None
-            start = time.perf_counter()
-            params = ppo.rollout_params(state, reference, rm.params, gain, bias)
-            rollout = rollout_fn(
-                params,
-                batch["prompt_tokens"],
-                batch["prompt_mask"],
-                jax.random.fold_in(state.rng, step),
-                state.kl["beta"],
-            )
-            jax.block_until_ready(rollout.response_tokens)  # a sync for the time split; no copy
-            mid = time.perf_counter()
-            state, metrics = update_fn(state, rollout, ptx_batch, state.rng)
-            jax.block_until_ready(state.step)
-            end = time.perf_counter()
-            step += 1
-            progress.update(step)
-            stop = term.should_stop(step)
-            save = checkpointer.should_save(step) or step == c.num_iterations or stop
-            log = step % c.log_every == 0 or step == c.num_iterations
-            if log or save:  # never log or checkpoint a non-finite state
-                host = {k: float(v) for k, v in jax.device_get({**rollout.metrics, **metrics}).items()}  # fmt: skip
-                common.check_finite(host, step)
-            if log:
-                generated = float(jax.device_get(rollout.response_mask.sum()))
-                host.update(
-                    rollout_seconds=mid - start,
-                    update_seconds=end - mid,
-                    rollout_fraction=(mid - start) / (end - start),
-                    rollout_tokens_per_s=cfg.batch_size * total_len / (mid - start),
-                    generated_tokens_per_s=generated / (mid - start),
-                    update_tokens_per_s=cfg.batch_size * total_len / (end - mid),
-                    episodes=step * cfg.batch_size,
-                )
-                if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
-                    host.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
-                w.write(step, host)
-            if save:
-                checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
-            if stop:
-                raise Preempted(f"stage {name}: stopped by signal at iteration {step}")
+    # ---- loop: one rollout and one update per iteration
+    def step_fn(state, batch, step):
+        ptx_batch = {k: batch[f"ptx_{k}"] for k in ppo.PTX_KEYS} if cfg.ptx_coef > 0 else None
+        start = time.perf_counter()
+        params = ppo.rollout_params(state, reference, rm.params, gain, bias)
+        rollout = rollout_fn(
+            params,
+            batch["prompt_tokens"],
+            batch["prompt_mask"],
+            jax.random.fold_in(state.rng, step),
+            state.kl["beta"],
+        )
+        jax.block_until_ready(rollout.response_tokens)  # a sync for the time split; no copy
+        mid = time.perf_counter()
+        state, metrics = update_fn(state, rollout, ptx_batch, state.rng)
+        jax.block_until_ready(state.step)
+        end = time.perf_counter()
+        return state, {**rollout.metrics, **metrics}, (rollout, start, mid, end)
+
+    def on_log(state, step, batch, aux) -> dict[str, float]:
+        rollout, start, mid, end = aux
+        generated = float(jax.device_get(rollout.response_mask.sum()))
+        out = dict(
+            rollout_seconds=mid - start,
+            update_seconds=end - mid,
+            rollout_fraction=(mid - start) / (end - start),
+            rollout_tokens_per_s=cfg.batch_size * total_len / (mid - start),
+            generated_tokens_per_s=generated / (mid - start),
+            update_tokens_per_s=cfg.batch_size * total_len / (end - mid),
+            episodes=step * cfg.batch_size,
+        )
+        if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
+            out.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
+        return out
+
+    run = driver.Run(state, data_iter, {}, restored.step if restored is not None else None)
+    state = driver.train_loop(
+        run,
+        step_fn,
+        name=name,
+        stage_dir=stage_dir,
+        mesh=mesh,
+        checkpointer=checkpointer,
+        total_steps=c.num_iterations,
+        log_every=c.log_every,
+        on_log=on_log,
+        tokens_per_step=cfg.batch_size * total_len,
+        unit="iteration",
+    )
 
     # ---- export: the EMA policy is the evaluated model (paper)
     export = state.ema if cfg.ema_decay > 0 else state.params["policy"]

@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         train_step,
         name=name,
         stage_dir=stage_dir,
-        setup=setup,
+        mesh=setup.mesh,
         checkpointer=checkpointer,
         total_steps=total_steps,
         log_every=c.log_every,
