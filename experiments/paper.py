@@ -12,7 +12,7 @@ llama_1b.py reuse `pipeline()` with Hugging Face checkpoints. Run from the repos
                      GELU, tied embeddings. The vocabulary (GPT-2/3 BPE, 50257) is padded to
                      50304 = 393 x 128 so that a `tensor` mesh axis divides it; the extra
                      rows are never produced by the tokenizer.
-  data=DIR           JSONL files (design.md formats): DIR/demonstrations.jsonl,
+  data=DIR           JSONL files (docs/design.md formats): DIR/demonstrations.jsonl,
                      DIR/comparisons.jsonl, DIR/prompts.jsonl, DIR/pretrain.jsonl (or
                      DIR/pretrain/*.txt|jsonl). Public sources: Anthropic HH-RLHF
                      (`python -m instructrl.data.convert --format=hh_rlhf
@@ -39,7 +39,7 @@ llama_1b.py reuse `pipeline()` with Hugging Face checkpoints. Run from the repos
 Stages, in order (each writes DIR/<stage>/):
   rm        reward model from `rm_base`: 1 epoch, LR 9e-6 cosine to 10%, 64 prompts per batch
             with all C(K,2) pairs of a prompt in one element; normalised so demonstrations
-            score 0. It runs first because SFT is selected by RM score (method.md 1).
+            score 0. It runs first because SFT is selected by RM score (docs/method.md §1).
   sft       16 epochs from `base`, residual dropout 0.2, cosine to 10%, no warm-up, Adam
             b2 0.95, LR 9.65e-6 / batch 32 (1.3B, 6B) or 5.03e-6 / batch 8 (175B); the
             exported epoch is the one whose greedy samples the RM scores highest.
@@ -49,7 +49,7 @@ Stages, in order (each writes DIR/<stage>/):
             beta 0.02, gamma_ptx 27.8 with 8 pretraining sequences per episode, EMA 0.992,
             temperature 1, prompts up to 1024 tokens and responses up to 1024; value network
             initialised from the RM, value LR 9e-6 (5e-6 for 175B). The policy LR is not in
-            method.md: 1e-5 (ppo.default_config) is a placeholder to tune.
+            docs/method.md: 1e-5 (ppo.default_config) is a placeholder to tune.
 Plain PPO (the paper's "PPO") is the same stage with `--config.ppo_ptx.ptx_coef=0`.
 
 Mesh (config.mesh, axes data/fsdp/tensor; see instructrl/sharding.py). One mesh serves every
@@ -82,7 +82,7 @@ PADDED_VOCAB = (
     50304  # next multiple of 128: any tensor axis up to 128 that is a power of 2 divides it
 )
 
-# GPT-3 shapes; SFT LR / batch (method.md 1); value LR (method.md 3); the default mesh.
+# GPT-3 shapes; SFT LR / batch (docs/method.md §1); value LR (docs/method.md §3); the default mesh.
 SIZES = {
     "1p3b": dict(layers=24, d_model=2048, heads=16, sft_lr=9.65e-6, sft_batch=32,
                  value_lr=9e-6, mesh=dict(data=1, fsdp=32, tensor=-1)),

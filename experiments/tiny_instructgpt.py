@@ -249,7 +249,7 @@ def add_flawed_demonstrations(config: ml_collections.ConfigDict) -> None:
     PPO learns in this world"), PPO wins about what dropping the filler from SFT's samples
     alone wins (0.52 at 0.1, 0.62 at 0.4, 0.66 at 0.5), so 0.6 takes about half the
     demonstrations flawed. Deviation: the paper keeps beta fixed; the controller is Ziegler
-    et al.'s (method.md).
+    et al.'s (docs/method.md).
     """
     config.world.demo_error_rate = 0.5
     config.world.demo_slips = "filler"
@@ -261,7 +261,7 @@ def add_second_round(config: ml_collections.ConfigDict, smoke_run: bool) -> None
     """A second round of comparisons on samples of a first PPO policy (`ppo_1`), and the RM
     retrained on both rounds (`rm_2`) for the final PPO and PPO-ptx.
 
-    Deviation (method.md has one RM): a first RM trained only on SFT samples never sees what
+    Deviation (docs/method.md has one RM): a first RM trained only on SFT samples never sees what
     PPO will say; here PPO against it collapses to single numbers (" 3") and empty answers
     for every instruction family. Labelers ranking those answers next to SFT samples, as
     in iterated ("online") RLHF, teach the RM what they are worth. `rounds=1` is the paper's

@@ -1,4 +1,4 @@
-"""Losses and estimators of the InstructGPT recipe (method.md sections 1-3), as pure functions.
+"""Losses and estimators of the InstructGPT recipe (docs/method.md §1-3), as pure functions.
 
 Arrays in, arrays out; everything here is jit-able and holds no state. Shapes: B batch, T time
 (response or sequence tokens), V vocabulary, K responses per prompt. Masks may be bool, int or
@@ -85,7 +85,7 @@ def explained_variance(pred: Array, target: Array, mask: Array) -> Array:
 def token_logprobs(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
     """log p(targets) [B, T] from logits [B, T, V] / temperature, in float32.
 
-    Policy and reference log-probs for PPO must use the sampling temperature (method.md 3).
+    Policy and reference log-probs for PPO must use the sampling temperature (docs/method.md §3).
     """
     logp = jax.nn.log_softmax(_up(logits) / temperature, axis=-1)
     return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -185,7 +185,7 @@ def reward_loss_sum(rewards: Array, pair_mask: Array) -> tuple[Array, Array]:
 
 
 def reward_loss(rewards: Array, pair_mask: Array) -> Array:
-    """The K-wise reward model loss of InstructGPT (method.md 2).
+    """The K-wise reward model loss of InstructGPT (docs/method.md §2).
 
     rewards [B, K]: the RM score of each of a prompt's K (<= K_max) responses.
     pair_mask [B, K, K]: 1 iff response i is preferred to response j (see pairs_from_ranking);
@@ -324,7 +324,7 @@ def sequence_kl(logp: Array, ref_logp: Array, mask: Array) -> Array:
 def kl_penalty_rewards(
     logp: Array, ref_logp: Array, mask: Array, score: Array, beta: float | Array
 ) -> Array:
-    """Per-token PPO rewards [B, T] (method.md 3).
+    """Per-token PPO rewards [B, T] (docs/method.md §3).
 
     logp, ref_logp, mask [B, T] (mask: 1 up to and including the stop token); score [B].
     Every valid token gets -beta * (logp - ref_logp); the score is added at the last valid token

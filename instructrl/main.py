@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             continue
         logging.info("stage %s (%s): starting", name, config[name].kind)
         new_dir = not os.path.exists(stage_dir)
-        if jax.process_index() == 0:  # the config this stage ran with (design.md)
+        if jax.process_index() == 0:  # the config this stage ran with (docs/design.md)
             os.makedirs(stage_dir, exist_ok=True)
             _write_config(config, stage_dir)
         start = time.time()

@@ -30,7 +30,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-# Fields of the JSONL data formats (design.md) that hold training text.
+# Fields of the JSONL data formats (docs/design.md) that hold training text.
 TEXT_FIELDS = ("text", "prompt", "completion", "chosen", "rejected", "responses")
 
 DEFAULT_TRAIN_OPTIONS: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Readers and validation of the four JSONL record kinds (design.md, "Data formats").
+"""Readers and validation of the four JSONL record kinds (docs/design.md, "Data formats").
 
     demonstrations  {"prompt": str, "completion": str}
     comparisons     {"prompt": str, "responses": [str, ...K], "ranking": [int, ...K]}

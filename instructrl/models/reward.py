@@ -1,7 +1,7 @@
 """Scoring with a trained reward model: raw scalar, normalisation, and text-level `score`.
 
 The RM is the SFT model with its unembedding replaced by a scalar head read at the last
-non-padding token of `[BOS] prompt response [EOS]` (method.md §2). Its loss is invariant
+non-padding token of `[BOS] prompt response [EOS]` (docs/method.md §2). Its loss is invariant
 to a shift, so after training the RM stage fits a `Normalization`:
 
   demonstrations  bias so that labeler demonstrations score mean 0 (the paper)

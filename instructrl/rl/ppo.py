@@ -1,4 +1,4 @@
-"""PPO / PPO-ptx core of InstructGPT (method.md section 3): train state, update, compiled programs.
+"""PPO / PPO-ptx core of InstructGPT (docs/method.md §3): train state, update, compiled programs.
 
 One PPO iteration is two compiled programs, and nothing crosses to the host inside either:
 

@@ -1,6 +1,6 @@
 """PPO rollout: sample responses, score them and build per-token rewards in one program.
 
-method.md section 3. One call of `rollout` is one batch of bandit episodes:
+docs/method.md §3. One call of `rollout` is one batch of bandit episodes:
 
   prompts [B,P] (left-padded) --sample(policy, KV cache, temperature)--> responses [B,N]
   (right-padded, mask 1 up to and including the first stop token), then ONE full forward each
@@ -147,11 +147,11 @@ class PPOConfig:
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
-    """The paper's PPO-ptx settings (method.md 3) plus the optimizer sub-configs.
+    """The paper's PPO-ptx settings (docs/method.md §3) plus the optimizer sub-configs.
 
     `optimizer` (policy) and `value_optimizer` take train_lib.default_optimizer_config keys;
     their warm-up is set from `warmup_iterations` (do not set warmup_steps). The policy LR is
-    not given in method.md: 1e-5 is a placeholder to tune. The value LR is the paper's 9e-6.
+    not given in docs/method.md: 1e-5 is a placeholder to tune. The value LR is the paper's 9e-6.
     """
     c = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
     c.optimizer = ml_collections.ConfigDict(

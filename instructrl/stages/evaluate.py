@@ -1,4 +1,4 @@
-"""Stage `eval`: the paper's measurements (method.md, "What the paper measures").
+"""Stage `eval`: the paper's measurements (docs/method.md, "What the paper measures").
 
 For each model of `models` (base, base prompted few-shot, SFT, PPO, PPO-ptx, at one or more
 sizes) on held-out prompts:

@@ -36,7 +36,7 @@ SELECT_BY = ("last", "val_loss", "rm_score")
 
 
 def default_config(kind: str) -> ml_collections.ConfigDict:
-    """Paper settings (method.md §1) for `sft`; a generic LM run for `pretrain`."""
+    """Paper settings (docs/method.md §1) for `sft`; a generic LM run for `pretrain`."""
     c = ml_collections.ConfigDict()
     c.kind = kind
     c.init_from = ""  # stage whose export initialises the model ("" = random init)

@@ -1,4 +1,4 @@
-"""Stage `ppo`: PPO and PPO-ptx against the reward model (method.md §3).
+"""Stage `ppo`: PPO and PPO-ptx against the reward model (docs/method.md §3).
 
 Policy and frozen reference both start from the export of `init_from` (the PPO-init SFT
 model); the reward model is the normalised RM of `reward_from`; the value function is a

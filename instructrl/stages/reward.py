@@ -1,4 +1,4 @@
-"""Stage `rm`: the reward model, trained on K-wise ranked comparisons (method.md §2).
+"""Stage `rm`: the reward model, trained on K-wise ranked comparisons (docs/method.md §2).
 
 The SFT trunk (`init_from`) with a fresh scalar head; each batch element is one prompt with
 its K responses (padded to K_max), so all C(K,2) pairs of a ranking share one element and
@@ -242,7 +242,7 @@ def policy_sample_scores(config, policy_dir, setup, params, tokenizer, data_cfg,
 
 def mean_greedy_score(config, name, workdir, setup, params) -> float:
     """Mean normalised score, by the RM named in `<name>.select_reward_from`, of greedy
-    samples of an LM on validation prompts (SFT checkpoint selection, method.md §1)."""
+    samples of an LM on validation prompts (SFT checkpoint selection, docs/method.md §1)."""
     from instructrl.data import ppo_pipeline
     from instructrl.models.reward import RewardModel
 

@@ -2,7 +2,7 @@
 
 Completion-only loss, residual dropout 0.2, cosine to 10% without warm-up, β2 = 0.95,
 16 epochs, final model chosen by the RM score of greedy samples on validation prompts
-(method.md §1). The PPO-init model is a second SFT stage with `ptx_fraction=0.1` and
+(docs/method.md §1). The PPO-init model is a second SFT stage with `ptx_fraction=0.1` and
 2 epochs.
 """
 

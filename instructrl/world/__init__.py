@@ -3,7 +3,7 @@
 Prompts look like "Instruction: Reverse the words: cat dog sun\\nAnswer:" and the response is
 the text the model writes after "Answer:" (demonstrations: " sun dog cat" + EOS).
 
-    paths = write_world("data/world", seed=0)          # all JSONL files (design.md formats)
+    paths = write_world("data/world", seed=0)          # all JSONL files (docs/design.md formats)
     score(record, response, stopped=True) -> [0, 1]     # gold scorer, partial credit
 """
 

@@ -1,4 +1,4 @@
-"""Writes the synthetic instruction world as the standard JSONL files (design.md formats).
+"""Writes the synthetic instruction world as the standard JSONL files (docs/design.md formats).
 
 Prompt splits are disjoint by construction: every prompt string is hashed (with the seed)
 into one bucket -- demonstrations / rm / ppo / eval -- and a split only keeps prompts of its
