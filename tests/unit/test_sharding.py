@@ -232,7 +232,7 @@ EIGHT_DEVICE_TINY = """
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 from instructrl import sharding as S
-from tests.test_sharding import Tiny, TINY_SPECS, tiny_loss
+from tests.unit.test_sharding import Tiny, TINY_SPECS, tiny_loss
 assert jax.device_count() == 8
 
 assert dict(S.make_mesh({"data": 2, "fsdp": -1, "tensor": 2}).shape) == dict(data=2, fsdp=2, tensor=2)
@@ -374,7 +374,7 @@ TWO_PROCESS = """
 import numpy as np, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from instructrl import sharding as S
-from tests.test_sharding import Tiny, tiny_loss
+from tests.unit.test_sharding import Tiny, tiny_loss
 assert jax.process_count() == 2 and jax.device_count() == 4
 
 full = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)

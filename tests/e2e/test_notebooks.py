@@ -16,7 +16,8 @@ import re
 import nbformat
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
+
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
 NOTEBOOKS = ("quickstart.ipynb", "reward_model.ipynb", "ppo.ipynb")
 KERNEL = "instructrl-test"  # a kernelspec for sys.executable, written in a temp dir

@@ -16,7 +16,7 @@ from instructrl.models import (
     response_logprobs,
     sample_jit,
 )
-from tests.test_transformer import STYLES, make_params, rand_tokens
+from tests.unit.test_models_transformer import STYLES, make_params, rand_tokens
 
 # Left-padded prompts; row 1 uses segment id 2, which generated tokens must continue.
 PROMPT_MASK = jnp.array([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1]], jnp.int32)

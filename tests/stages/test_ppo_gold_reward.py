@@ -4,7 +4,7 @@ Against a naive reference: world.score on the original prompt records and respon
 for token batches built the way the PPO data pipeline builds them (left-padded [BOS] prompt,
 right-padded response up to and including EOS, or cut off without one). Under jit on one
 device and on 8 devices (batch sharded), and the one-line error for prompts without gold
-scorers. tests/test_ppo_stage.py runs it inside the PPO stage.
+scorers. tests/stages/test_ppo.py runs it inside the PPO stage.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_same_scores_with_the_batch_sharded_over_8_devices(case):
         from jax.sharding import NamedSharding, PartitionSpec
         from instructrl.stages.ppo import gold_score_fn
         from instructrl.tokenizer import Tokenizer
-        from tests.test_gold_reward import prompt_source
+        from tests.stages.test_ppo_gold_reward import prompt_source
 
         root = {case["root"]!r}
         assert jax.device_count() == 8

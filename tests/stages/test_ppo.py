@@ -25,7 +25,7 @@ What each test shows (the PPO stage "must show" list):
     the host computes from the same rollout
   a diverging run stops with "step N: loss is nan",      test_non_finite_metric_stops_the_run
     keeping the checkpoint before it and saving none after
-Same numbers on 1 device and a (2, 2, 2) mesh: tests/test_ppo.py covers the compiled core;
+Same numbers on 1 device and a (2, 2, 2) mesh: tests/unit/test_rl_ppo.py covers the compiled core;
 at the stage level an 8-device run of 2 iterations took 48 s here (compiling two sharded
 programs; its score/KL/losses matched the 1-device run to rtol 2e-4), over this module's
 budget, so it is not repeated.
@@ -56,7 +56,7 @@ KL_TARGET, KL_HORIZON = 0.05, 50.0  # adaptive beta that visibly moves in 8 iter
 PRE_PPO = "world,tokenizer,pretrain,sft,collect,rm"
 
 CONFIG = f'''
-"""Smoke experiment for tests/test_ppo_stage.py: tiny pre-PPO stages, then PPO and PPO-ptx
+"""Smoke experiment for tests/stages/test_ppo.py: tiny pre-PPO stages, then PPO and PPO-ptx
 ({ITERS} iterations, a checkpoint every iteration, adaptive KL controller)."""
 
 from experiments import tiny_instructgpt
@@ -457,7 +457,7 @@ def test_gold_labelers_rank_by_the_gold_score(env, tmp_path):
     """`collect.labelers=gold` (the noise-free ablation): every comparison ranks its kept
     responses by falling gold score, equal scores exactly in its tie groups. Left with
     `calibrate` on, it is a one-line config error (exit 2) before anything is written."""
-    from tests.test_labelers import assert_ranked_by_gold
+    from tests.unit.test_world_labelers import assert_ranked_by_gold
 
     workdir = env.copy_base(str(tmp_path / "run"))
     shutil.rmtree(os.path.join(workdir, "collect"))
@@ -491,7 +491,7 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     (`normalize=policy`: mean 0, std 1 on the policy's own samples) run end to end."""
     import numpy as np
 
-    from tests.test_stages import assert_params_equal, exported_params
+    from tests.stages.test_stages import assert_params_equal, exported_params
 
     select = env.copy_base(str(tmp_path / "select"))
     shutil.rmtree(os.path.join(select, "sft"))

@@ -22,8 +22,8 @@ What each test shows (the stage "must show" list of the issue):
   malformed data -> file:line, exit 2, finished         test_malformed_data_exits_2_and_damages_nothing
     stages untouched
   a finished experiment re-runs fast, skipping stages   test_rerun_of_finished_experiment_skips_stages
-The RM loss itself is checked against a naive loop in tests/test_losses.py. A kill in the middle
-of an async save is forced deterministically in tests/test_checkpoint.py; here the random kill
+The RM loss itself is checked against a naive loop in tests/unit/test_losses.py. A kill in the middle
+of an async save is forced deterministically in tests/unit/test_checkpoint.py; here the random kill
 usually lands in one too (saves every 2 steps), and the re-run must resume from the last
 committed step all the same.
 """
@@ -46,7 +46,7 @@ import pytest
 from tests.conftest import REPO, free_port, subprocess_env, tree_digest, wait_for_logged_step
 
 CONFIG = '''
-"""Tiny config for tests/test_stages.py. `mode=learn` (default): world, tokenizer, SFT that
+"""Tiny config for tests/stages/test_stages.py. `mode=learn` (default): world, tokenizer, SFT that
 must learn, RM on a ranking rule. `mode=traj`: full-batch SFT + RM on 16 demonstrations and
 8 comparisons, unpacked, so every step sees the same rows on any mesh or process count."""
 

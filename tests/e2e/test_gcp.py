@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GCP = REPO / "gcp"
 SCRIPTS = sorted(p.name for p in GCP.glob("*.sh"))
 RUNNABLE = [s for s in SCRIPTS if s != "common.sh"]  # common.sh is sourced by the others

@@ -544,7 +544,7 @@ def test_same_numbers_on_one_device_and_8_device_mesh():
         one, eight = os.path.join(tmp, "one.npz"), os.path.join(tmp, "eight.npz")
         two_iterations(None, one)
         run_in_subprocess(
-            f"from tests.test_ppo import two_iterations\n"
+            f"from tests.unit.test_rl_ppo import two_iterations\n"
             f"two_iterations({MESH_822!r}, {json.dumps(eight)})\n",
             num_devices=8,
         )
