@@ -30,15 +30,15 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import json
-import sys
+import logging as std_logging
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import tensorflow_datasets as tfds
-from absl import logging
 from etils import epath
 
 from instructrl.data.config import KINDS
@@ -61,6 +61,30 @@ class _LocalDatasetInfo(tfds.core.DatasetInfo):
 
     def initialize_from_bucket(self) -> None:
         return None
+
+
+class _DropTfdsChatter(std_logging.Filter):
+    """tfds warnings that tell our users nothing: every builder config here is custom by
+    design (named by the hash of its inputs), and a dataset being built has no info file
+    yet. Any other tfds warning still shows."""
+
+    NOISE = ("Using custom data configuration", "Variant folder")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Drops tfds's chatter (above) while tfds runs, and its progress bars and prints while
+    it prepares a dataset: our own log line per dataset says what was built."""
+    absl_logger = std_logging.getLogger("absl")  # absl.logging logs through this logger
+    noise = _DropTfdsChatter()
+    absl_logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(noise)
 
 
 class InstructrlRecords(tfds.core.GeneratorBasedBuilder):
@@ -278,27 +302,29 @@ def build_dataset(
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     builder_config = tfds.core.BuilderConfig(name=f"{kind}-{digest}", description=f"{kind} records")
     common = dict(config=builder_config, data_dir=data_dir, file_format="array_record")
-    builder = InstructrlRecords(**common)
-    if builder.is_prepared():
-        logging.info("data: reusing %s", builder.data_path)
-        stats = LoadStats.from_dict(dict(builder.info.metadata["stats"]))
-    else:
-        epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix=".staging-") as tmp:
-            staged, stats = _stage(kind, config, tokenizer, train, validation, tmp)
-            logging.info(
-                "data: building %s from %d files", builder.data_path, len(train) + len(validation)
-            )
-            new = InstructrlRecords(staged=staged, stats=stats, inputs=inputs, **common)
-            # tfds prints progress to stdout; keep stdout for the programs' own output (JSON).
-            with contextlib.redirect_stdout(sys.stderr):
-                new.download_and_prepare()
-    stats.log(f"{kind} ({builder.data_path})")
-    sources = tfds.data_source(
-        DATASET_NAME,
-        data_dir=data_dir,
-        download=False,
-        try_gcs=False,
-        builder_kwargs={"config": builder_config, "file_format": "array_record"},
-    )
+    with _quiet_tfds():
+        builder = InstructrlRecords(**common)
+        reused = builder.is_prepared()
+        if reused:
+            stats = LoadStats.from_dict(dict(builder.info.metadata["stats"]))
+        else:
+            epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=data_dir, prefix=".staging-") as tmp:
+                staged, stats = _stage(kind, config, tokenizer, train, validation, tmp)
+                new = InstructrlRecords(staged=staged, stats=stats, inputs=inputs, **common)
+                # tfds prints its progress bars and a banner; keep both out of the programs'
+                # output (stdout may be JSON) and the log (a failure still raises).
+                with (
+                    contextlib.redirect_stdout(io.StringIO()),
+                    contextlib.redirect_stderr(io.StringIO()),
+                ):
+                    new.download_and_prepare()
+        sources = tfds.data_source(
+            DATASET_NAME,
+            data_dir=data_dir,
+            download=False,
+            try_gcs=False,
+            builder_kwargs={"config": builder_config, "file_format": "array_record"},
+        )
+    stats.log(f"{kind} ({builder.data_path}{', reused' if reused else ''})")
     return BuiltDataset(kind=kind, path=str(builder.data_path), sources=dict(sources), stats=stats)

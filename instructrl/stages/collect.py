@@ -103,9 +103,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             # saw one scores it arbitrarily, and PPO then learns to say nothing.
             responses[i].append(t)
             stopped[i].append(s)
-        logging.info(
-            "collect: sample %d/%d from %s (%d prompts)", j + 1, c.k_max, policy, len(rows)
-        )
 
     # ---- labelers: calibrate on half the prompts, measure agreement on the other half
     pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
@@ -153,7 +150,12 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "mean_gold_score_of_samples": float(np.mean(gold)),
         "stopped_fraction": float(np.mean([s for st in stopped for s in st])),
     }
-    logging.info("collect: %s", summary)
+    logging.info(
+        "%s: %d comparisons of K = %d..%d from %s (mean K %.2f); labeler agreement %.3f, "
+        "noise %.3g; mean gold score of the samples %.3f",
+        name, len(comparisons), c.k_min, c.k_max, c.policies, summary["mean_k"], agreement,
+        pool.noise, summary["mean_gold_score_of_samples"],
+    )  # fmt: skip
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "comparisons.jsonl")

@@ -134,7 +134,8 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Prints "step 120/1000 (12%) | 3.4 steps/s | 870 tokens/s | ETA 4m20s" every few seconds.
+    """Prints "step 120/1000 (12%) | 3.4 steps/s | 870 tokens/s | ETA 4m20s" every few seconds
+    (prefixed by "label: " when given).
 
     A plain line (no carriage returns) so it stays readable in log files. Rates are
     measured over the interval since the previous line, and timing starts at the first
@@ -146,6 +147,7 @@ class Progress:
         total_steps: int,
         *,
         tokens_per_step: int | None = None,
+        label: str = "",
         interval_s: float = 5.0,
         enabled: bool | None = None,
         stream: TextIO | None = None,
@@ -153,6 +155,7 @@ class Progress:
     ):
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
+        self.label = label
         self.interval_s = interval_s
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.stream = stream
@@ -177,7 +180,7 @@ class Progress:
         if self.tokens_per_step:
             parts.append(f"{rate * self.tokens_per_step:,.0f} tokens/s")
         parts.append(f"ETA {_format_seconds(eta)}")
-        line = " | ".join(parts)
+        line = (f"{self.label}: " if self.label else "") + " | ".join(parts)
         print(line, file=self.stream or sys.stderr, flush=True)
         self._last = (now, step)
         return line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -233,7 +234,11 @@ def train_loop(
     re-running resumes from it. `unit` names a step in messages ("iteration" for PPO).
     """
     step = int(jax.device_get(run.state.step))
-    progress = common.Progress(total_steps, tokens_per_step=tokens_per_step)
+    # Every 5 s on a terminal; every 30 s into a log file, which keeps every line.
+    interval = 5.0 if sys.stderr.isatty() else 30.0
+    progress = common.Progress(
+        total_steps, tokens_per_step=tokens_per_step, label=name, interval_s=interval
+    )
     state = run.state
     with (
         # A fresh start (no checkpoint) drops every line an earlier attempt logged before it

@@ -53,8 +53,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     if jax.process_index() == 0:
         kwargs = {k: v for k, v in c.items() if k not in ("kind", "seed")}
         paths = world.write_world(out_dir, seed=c.seed, **kwargs)
-        for kind, path in sorted(paths.items()):
-            logging.info("world: %s -> %s", kind, path)
+        logging.info("%s: %d files in %s (%s)", name, len(paths), out_dir, ", ".join(sorted(paths)))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
