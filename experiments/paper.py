@@ -145,7 +145,7 @@ def pipeline(
     s = smoke
     config = ml_collections.ConfigDict()
     config.seed = seed
-    config.stages = "rm,sft,ppo_init,ppo_ptx"
+    config.stages = ["rm", "sft", "ppo_init", "ppo_ptx"]
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if s else mesh)
     config.model = model
     config.reward_model = reward_model  # not read by the stages (see docstring); plan reads it

@@ -5,7 +5,8 @@ An experiment is a Python file exposing `get_config(arg: str | None) -> ConfigDi
 `get_config("size=small,smoke")`; `apply_overrides` then applies `--config.a.b=c`
 flags. Unknown keys are errors that name the key, never silently added.
 
-The root config holds `seed`, `stages` (comma-separated stage names, run in order),
+The root config holds `seed`, `stages` (a list of stage names, run in order; on the
+command line `--config.stages=a,b,c`),
 `mesh`, `model`, `data`, and one section per stage. A stage section names its driver
 with `kind` (e.g. the stage `ppo_ptx` has `kind="ppo"`), so one driver can run under
 several names, each writing its own `DIR/<name>/` folder.
@@ -92,7 +93,9 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
     """The stages to run, in order; each must have a section with a `kind`."""
-    names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+    stages = config.stages
+    items = stages.split(",") if isinstance(stages, str) else [str(s) for s in stages]
+    names = [s.strip() for s in items if s.strip()]
     for name in names:
         if name not in config:
             raise ConfigError(f"config key 'stages' names '{name}' but there is no config.{name}")

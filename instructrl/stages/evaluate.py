@@ -17,11 +17,14 @@ that one flaw alone is worth, to read PPO's gain against. Writes `DIR/<name>/res
 `results.md`, `samples.jsonl` and PNG plots (instructrl/eval/plots.py), and prints the main
 table.
 
-`models` syntax: size groups separated by ";", each `SIZE: LABEL=STAGE[:fewshot], ...`
-(`SIZE:` may be left out in a one-size run; the column is then named by the parameter count):
+`models` is a list of `[SIZE: ]LABEL=STAGE[:fewshot]` entries; an entry without a size tag
+belongs to the size of the one before it (`SIZE:` may be left out in a one-size run; the
+column is then named by the parameter count). On the command line, or as one string, the
+entries are separated by `,` (or `;` between sizes):
 
-    small: GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft, PPO=ppo, PPO-ptx=ppo_ptx;
-    large: GPT=pretrain_large, GPT (prompted)=pretrain_large:fewshot, SFT=sft_large, ...
+    ["small: GPT=pretrain", "GPT (prompted)=pretrain:fewshot", "SFT=sft", "PPO=ppo", ...,
+     "large: GPT=pretrain_large", "GPT (prompted)=pretrain_large:fewshot", ...]
+    --config.eval.models="small: SFT=sft, PPO=ppo; large: SFT=sft_large, PPO=ppo_large"
 
 `:fewshot` samples the same model on `fewshot_prompts` (the eval prompts, in the same order,
 with answered examples prepended). Labels are the x axis of the win-rate plot; they may hold
@@ -70,7 +73,7 @@ from instructrl.world import labelers
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "eval"
-    c.models = "GPT=pretrain,GPT (prompted)=pretrain:fewshot,SFT=sft"  # see the module doc
+    c.models = ["GPT=pretrain", "GPT (prompted)=pretrain:fewshot", "SFT=sft"]  # module doc
     c.reference = "sft"  # stage every model is compared with (the larger SFT model)
     c.tokenizer_from = "tokenizer"
     c.prompts = "@world/prompts_eval.jsonl"  # held-out prompts with gold-scorer fields
@@ -103,28 +106,28 @@ class ModelSpec:
     fewshot: bool = False
 
 
-def parse_models(text: str, key: str) -> list[ModelSpec]:
-    """`SIZE: LABEL=STAGE[:fewshot], ...; SIZE: ...` -> specs in order (see the module doc)."""
+def parse_models(models: str | Sequence[str], key: str) -> list[ModelSpec]:
+    """A list of `[SIZE: ]LABEL=STAGE[:fewshot]` entries, or the same as one string with
+    `,` or `;` between entries, -> specs in order (see the module doc). An entry without a
+    size tag belongs to the size of the entry before it ("" at the start)."""
+    text = models if isinstance(models, str) else ",".join(models)
     specs: list[ModelSpec] = []
-    for group in (g.strip() for g in text.split(";")):
-        if not group:
+    size = ""
+    for item in (i.strip() for i in text.replace(";", ",").split(",")):
+        if not item:
             continue
-        size, body = "", group
-        head, sep, rest = group.partition(":")
+        head, sep, rest = item.partition(":")
         if sep and "=" not in head:
-            size, body = head.strip(), rest
+            size, item = head.strip(), rest.strip()
             if not size:
-                raise ConfigError(f"config key '{key}': empty size tag in '{group}'")
-        for item in (i.strip() for i in body.split(",")):
-            if not item:
-                continue
-            label, sep, target = (s.strip() for s in item.partition("="))
-            stage, _, variant = (s.strip() for s in target.partition(":"))
-            if not sep or not label or not stage:
-                raise ConfigError(f"config key '{key}': '{item}' is not LABEL=STAGE[:fewshot]")
-            if variant not in ("", "fewshot"):
-                raise ConfigError(f"config key '{key}': '{item}': unknown variant ':{variant}'")
-            specs.append(ModelSpec(size, label, stage, variant == "fewshot"))
+                raise ConfigError(f"config key '{key}': empty size tag in '{head}:{rest}'")
+        label, sep, target = (s.strip() for s in item.partition("="))
+        stage, _, variant = (s.strip() for s in target.partition(":"))
+        if not sep or not label or not stage:
+            raise ConfigError(f"config key '{key}': '{item}' is not LABEL=STAGE[:fewshot]")
+        if variant not in ("", "fewshot"):
+            raise ConfigError(f"config key '{key}': '{item}': unknown variant ':{variant}'")
+        specs.append(ModelSpec(size, label, stage, variant == "fewshot"))
     if not specs:
         raise ConfigError(f"config key '{key}' lists no models")
     seen = set()
