@@ -5,7 +5,7 @@ One PPO iteration is two compiled programs, and nothing crosses to the host insi
   rollout = rollout_fn(rollout_params(state, ref, rm, gain, bias), prompts, mask, rng, beta)
   state, metrics = update_fn(state, rollout, ptx_batch, rng)
 
-`rollout` (ppo_rollout.py) samples and scores a batch of episodes. `update` computes GAE
+`rollout` (rl/rollout.py) samples and scores a batch of episodes. `update` computes GAE
 (gamma 1, lambda 0.95), optional reward whitening, advantage whitening, then runs every PPO
 epoch and minibatch as nested `lax.scan`s: clipped surrogate + clipped value loss + ptx_coef x
 the LM loss of a slice of the pretraining batch, all in one gradient per minibatch. After each

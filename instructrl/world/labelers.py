@@ -219,7 +219,7 @@ def collect_comparisons(
     Prompts left without two separable responses produce no record. "ranking" indexes the
     kept "responses" (in their original order), best first. "stopped" (when given): whether
     each kept response ended with the stop token, so that the record alone gives its gold
-    scores (`tasks.score(record, response, stopped)`).
+    scores (`world.score(record, response, stopped)`).
     """
     if len(prompts) != len(responses_per_prompt):
         raise ValueError(f"{len(prompts)} prompts but {len(responses_per_prompt)} response lists")
