@@ -491,7 +491,7 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     (`normalize=policy`: mean 0, std 1 on the policy's own samples) run end to end."""
     import numpy as np
 
-    from tests.stages.test_stages import assert_params_equal, exported_params
+    from tests.stages.conftest import assert_params_equal, exported_params
 
     select = env.copy_base(str(tmp_path / "select"))
     shutil.rmtree(os.path.join(select, "sft"))
