@@ -23,7 +23,7 @@ from instructrl.world import families
 
 PAPER_AGREEMENT = 0.726
 # Fitted with calibrate_noise on 3,000 prompts x 4..9 tasks.synthetic_responses (data seed 1);
-# tests/test_labelers.py measures 0.72-0.74 agreement on fresh samples.
+# tests/unit/test_world_labelers.py measures 0.72-0.74 agreement on fresh samples.
 DEFAULT_NOISE = 0.28
 _LENGTH_CAP = 30  # words; longer responses get no further length bonus/penalty
 

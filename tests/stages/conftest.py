@@ -42,7 +42,7 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, mode="learn")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stages = "world,tokenizer,sft"
+    config.stages = ["world", "tokenizer", "sft"]
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # GPT-2 style; heads, d_ff and vocab divide by tensor=2.
     config.model = ml_collections.ConfigDict(dict(
@@ -70,7 +70,7 @@ def get_config(arg=None):
     config.rm.optimizer.update(lr=1e-3)
     if arg.mode == "traj":
         tok = BASE + "/tokenizer/tokenizer.model"
-        config.stages = "sft"
+        config.stages = ["sft"]
         config.data.update(demonstrations=DATA + "/demos16.jsonl", comparisons=DATA + "/cmp8.jsonl",
                            comparisons_validation="", validation_fraction=0.0, pack=False)
         config.sft.update(tokenizer_from=tok, batch_size=16, num_steps=20, select_by="last",

@@ -41,7 +41,22 @@ def test_parse_models():
         ("large", "SFT", "sft_large", False),
     ]
     assert evaluate.parse_models("SFT=sft", "k")[0].size == ""
-    for bad in ("", "SFT", "SFT=sft:greedy", "a=sft,a=pretrain", ": SFT=sft"):
+    # The list form (the experiment's): an entry without a size tag joins the size before it.
+    listed = evaluate.parse_models(
+        [
+            "small: GPT=pretrain",
+            "GPT (prompted)=pretrain:fewshot",
+            "SFT=sft",
+            "large: SFT=sft_large",
+        ],
+        "eval.models",
+    )
+    assert listed == specs
+    # A command-line override arrives as the comma-split list of the string form.
+    split = "small: GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft; large: SFT=sft_large"
+    assert evaluate.parse_models(split.split(","), "eval.models") == specs
+    assert len(evaluate.parse_models(["SFT=sft", ""], "k")) == 1  # empty entries skipped
+    for bad in ("", "SFT", "SFT=sft:greedy", "a=sft,a=pretrain", ": SFT=sft", [], ["a: "]):
         with pytest.raises(ConfigError, match=r"eval\.models"):
             evaluate.parse_models(bad, "eval.models")
 
@@ -50,9 +65,9 @@ def _config(stages: str, models: str, **eval_keys) -> ml_collections.ConfigDict:
     from experiments import tiny_instructgpt
 
     config = tiny_instructgpt.get_config("smoke")
-    config.stages = stages
+    config.stages = stages.split(",")
     config.eval = evaluate.default_config()
-    config.eval.update(models=models, **eval_keys)
+    config.eval.update(models=models.split(","), **eval_keys)
     return config
 
 
@@ -91,7 +106,7 @@ def workdir(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("eval"))
     config = tiny_instructgpt.get_config("smoke")
-    config.stages = "world,tokenizer,pretrain,sft"
+    config.stages = ["world", "tokenizer", "pretrain", "sft"]
     config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
     config.world.update(
         num_pretrain=200,

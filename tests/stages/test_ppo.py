@@ -64,7 +64,7 @@ from experiments import tiny_instructgpt
 
 def get_config(arg=None):
     config = tiny_instructgpt.get_config("smoke")
-    config.stages = "{PRE_PPO}"
+    config.stages = "{PRE_PPO}".split(",")
     config.world.update(num_pretrain=200, num_demonstrations=100, num_rm=24, num_ppo=64,
                         num_eval=10)
     config.pretrain.update(num_steps=3)

@@ -64,6 +64,18 @@ def test_stage_names_need_sections_with_a_kind():
         config_lib.stage_names(cfg)
 
 
+def test_stages_are_a_list_and_the_command_line_splits_commas():
+    cfg = ml_collections.ConfigDict(
+        dict(stages=["a"], a=dict(kind="smoke"), b=dict(kind="smoke"), c=dict(kind="smoke"))
+    )
+    assert config_lib.stage_names(cfg) == ["a"]
+    config_lib.apply_overrides(cfg, ["stages=c, a,b"])
+    assert cfg.stages == ["c", " a", "b"] and config_lib.stage_names(cfg) == ["c", "a", "b"]
+    cfg.stages = ["a", "a"]
+    with pytest.raises(ConfigError, match=r"repeats a stage"):
+        config_lib.stage_names(cfg)
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
 @pytest.mark.parametrize("arg", ["smoke", ""])
 def test_every_experiment_config_loads(path, arg):

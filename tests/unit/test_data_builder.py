@@ -171,3 +171,23 @@ def test_build_leaves_nothing_in_the_temp_dir(tmp_path, tok, monkeypatch):
     assert sum(built.stats.splits.values()) == 12
     assert build_dataset("prompts", _config(tmp_path), tok).path == built.path  # reused
     assert sorted(os.listdir(temp)) == []
+
+
+def test_build_logs_one_line_per_dataset_and_no_tfds_chatter(tmp_path, tok, caplog, capfd):
+    """A build and a reuse each log one line naming the dataset (and "reused" the second
+    time); tfds's custom-config / variant-folder warnings, its progress bars and banner do
+    not reach the log or the terminal."""
+    recs = synthetic.synthetic_records("demonstrations", 40, prompt_words=(2, 6))
+    synthetic.write_jsonl(str(tmp_path / "data" / "demonstrations.jsonl"), recs)
+    config = _config(tmp_path)
+    with caplog.at_level("INFO"):
+        first = build_dataset("demonstrations", config, tok)
+        second = build_dataset("demonstrations", config, tok)
+    lines = [r.getMessage() for r in caplog.records]
+    kept = [m for m in lines if "demonstrations records kept" in m]
+    assert len(kept) == 2 and first.path == second.path
+    assert "reused" not in kept[0] and kept[1].startswith(f"demonstrations ({first.path}, reused)")
+    noise = ("Using custom data configuration", "Variant folder", "Downloading and preparing")
+    assert not [m for m in lines if m.startswith(noise)], lines
+    out, err = capfd.readouterr()
+    assert out == "" and "examples/s" not in err and "Generating" not in err, (out, err)

@@ -354,6 +354,11 @@ def test_progress_line():
     assert p.update(12) is None
     assert p.update(100).startswith("step 100/100 (100%) | 8.90 steps/s")
     assert common.Progress(10, enabled=False).update(3) is None
+    clock = iter([0.0, 6.0])
+    labelled = common.Progress(10, label="sft", stream=io.StringIO(), clock=lambda: next(clock))
+    labelled.enabled = True
+    labelled.update(1)
+    assert labelled.update(4) == "sft: step 4/10 (40%) | 0.50 steps/s | ETA 0m12s"
 
 
 def test_termination_signal():
