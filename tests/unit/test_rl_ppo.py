@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import unittest.mock
 
 import flax.linen as nn
 import jax
@@ -438,6 +439,252 @@ def test_iterations_compile_once_and_kl_controller_follows_formula():
     assert 0 < np.abs(e1 - e0).max() < np.abs(p1 - e0).max()
     finite = {k: float(v) for k, v in metrics.items()}
     assert all(math.isfinite(v) for v in finite.values()), finite
+
+
+# ----------------------------------------------------------------------------- one update, by hand
+
+
+def np_whiten(x, mask, shift_mean=True):
+    """float64 whitening over the entries with mask > 0 (ddof 0, eps 1e-8); 0 elsewhere."""
+    x, sel = np.asarray(x, np.float64), np.asarray(mask) > 0
+    mean, var = x[sel].mean(), x[sel].var()
+    out = (x - mean) / np.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)
+    return np.where(sel, out, 0.0)
+
+
+def synthetic_rollout(s: Setup, cfg: ppo.PPOConfig, seed: int) -> ppo.Rollout:
+    """A rollout of `cfg.batch_size` episodes with ragged response masks (lengths 1..N, one full
+    row, pads 0 like a real rollout) and rewards of nonzero mean. Old log-probs are the
+    policy's own (ratios start at 1), so every valid token carries gradient."""
+    b = cfg.batch_size
+    tokens, mask = make_prompts(seed, b)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, N + 1, b)
+    lengths[0], lengths[1] = N, 1
+    rmask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+    resp = np.where(rmask > 0, rng.integers(2, V, (b, N)), PAD).astype(np.int32)
+    on = lambda x: np.where(rmask > 0, x, 0.0).astype(np.float32)  # noqa: E731
+    logp, _, _ = jax.jit(ppo.policy_forward, static_argnums=0)(
+        s.models.policy, s.policy, tokens, mask, resp, rmask, jnp.float32(cfg.temperature)
+    )
+    zeros = np.zeros((b,), np.float32)
+    return ppo.Rollout(
+        tokens, mask, resp, rmask,
+        logprobs=on(logp), ref_logprobs=on(logp), values=on(rng.normal(0.3, 1.0, (b, N))),
+        rewards=on(rng.normal(0.8, 1.5, (b, N))), scores=zeros, raw_scores=zeros, kl=zeros,
+        metrics={},
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class OneStep:
+    """One PPO update of one epoch and one minibatch with SGD(1) on both networks."""
+
+    cfg: ppo.PPOConfig
+    rollout: ppo.Rollout
+    params0: dict  # numpy
+    ema0: dict  # numpy, deliberately != params0["policy"]
+    params1: dict  # numpy
+    ema1: dict  # numpy
+    metrics: dict
+    gae_inputs: list  # (rewards, mask) as they entered losses.gae
+
+
+@functools.cache
+def one_step() -> OneStep:
+    """Reward whitening on (so both whitenings are in play); the paper's advantage whitening."""
+    s = setup_a()
+    cfg = dataclasses.replace(
+        CFG_A,
+        batch_size=8,
+        num_minibatches=1,
+        num_epochs=1,
+        ptx_coef=0.0,
+        adaptive_kl=False,
+        whiten_rewards=True,
+    )
+    optimizer = ppo.PPOOptimizer(policy=optax.sgd(1.0), value=optax.sgd(1.0))
+    state = ppo.init_ppo_state(cfg, optimizer, s.policy, s.reward, jax.random.key(0))
+    _, noise = random_params("lm", 3, scale=0.05)
+    state = state.replace(ema=jax.tree.map(lambda e, n: e + n, state.ema, noise))
+    ro = synthetic_rollout(s, cfg, seed=11)
+    params0 = jax.tree.map(np.asarray, state.params)
+    ema0 = jax.tree.map(np.asarray, state.ema)
+
+    seen = []
+    real_gae = losses.gae
+
+    def spy_gae(rewards, values, mask, gamma, lam):
+        record = lambda r, m: seen.append((np.asarray(r), np.asarray(m)))  # noqa: E731
+        jax.debug.callback(record, rewards, mask)
+        return real_gae(rewards, values, mask, gamma, lam)
+
+    with unittest.mock.patch.object(losses, "gae", spy_gae):
+        update_fn = ppo.make_update_fn(s.models, cfg, optimizer)
+        new, metrics = update_fn(state, ro, None, jax.random.key(5))
+    return OneStep(
+        cfg, ro, params0, ema0, jax.tree.map(np.asarray, new.params),
+        jax.tree.map(np.asarray, new.ema), {k: float(v) for k, v in metrics.items()}, seen,
+    )  # fmt: skip
+
+
+def reference_advantages(cfg: ppo.PPOConfig, ro: ppo.Rollout):
+    """float64: (rewards entering GAE, raw advantages, whitened advantages, returns)."""
+    from tests.unit.test_losses import naive_gae
+
+    mask = np.asarray(ro.response_mask)
+    rewards = np.asarray(ro.rewards, np.float64)
+    if cfg.whiten_rewards:
+        rewards = np_whiten(rewards, mask, shift_mean=False)
+    values = np.asarray(ro.values, np.float64)
+    adv, returns = naive_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    adv = np.where(mask > 0, adv, 0.0)
+    white = np_whiten(adv, mask) if cfg.whiten_advantages else adv
+    return rewards, adv, white, returns
+
+
+def reference_grads(cfg: ppo.PPOConfig, ro: ppo.Rollout, params, advantages, returns):
+    """Gradient of the minibatch loss (pg + vf, no ptx) at `params` with the given advantages."""
+    s = setup_a()
+    mb = {
+        "prompt_tokens": ro.prompt_tokens,
+        "prompt_mask": ro.prompt_mask,
+        "response_tokens": ro.response_tokens,
+        "response_mask": ro.response_mask,
+        "old_logprobs": ro.logprobs,
+        "old_values": ro.values,
+        "advantages": np.asarray(advantages, np.float32),
+        "returns": np.asarray(returns, np.float32),
+    }
+    return jax.tree.map(np.asarray, loss_grad_fn(s.models, cfg)(params, mb))
+
+
+@functools.cache
+def loss_grad_fn(models: ppo.PPOModels, cfg: ppo.PPOConfig):
+    return jax.jit(jax.grad(lambda p, mb: ppo.ppo_loss(models, cfg, p, mb, None)[0]))
+
+
+def test_update_uses_gae_advantages_whitened_over_the_response_mask():
+    """One SGD(1) step on a ragged-mask rollout moves every parameter (policy and value
+    network) by minus the gradient of the loss whose advantages are whiten(gae(rewards',
+    values), response_mask) and whose returns are gae's, rewards' the whitened rewards, all
+    from a float64 reference. Whitening over all positions (pads included) or skipping it
+    moves the policy differently."""
+    step = one_step()
+    _, raw, white, returns = reference_advantages(step.cfg, step.rollout)
+    mask = np.asarray(step.rollout.response_mask)
+    assert 0 < mask.mean() < 1  # ragged: pads exist
+    grads = reference_grads(step.cfg, step.rollout, step.params0, white, returns)
+    moved = jax.tree.map(lambda a, b: a - b, step.params0, step.params1)
+    flat_g = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, g), d in zip(flat_g, jax.tree.leaves(moved), strict=True):
+        where = jax.tree_util.keystr(path)
+        np.testing.assert_allclose(d, g, rtol=1e-3, atol=2e-6, err_msg=f"step != -grad: {where}")
+    assert optax.tree.norm(grads["policy"]) > 1e-3 and optax.tree.norm(grads["value"]) > 1e-3
+    # The raw (unwhitened) advantages and the returns are logged as masked means.
+    assert step.metrics["advantages_mean"] == pytest.approx(raw[mask > 0].mean(), rel=1e-4)
+    assert step.metrics["returns_mean"] == pytest.approx(returns[mask > 0].mean(), rel=1e-4)
+
+
+def test_whiten_rewards_keeps_the_masked_mean_and_gives_unit_std():
+    """whiten_rewards=True: the rewards entering GAE are the rollout's rewards rescaled to
+    masked std 1 with their masked mean kept (the baseline does not move), 0 on pads."""
+    step = one_step()
+    assert len(step.gae_inputs) == 1
+    got, mask = step.gae_inputs[0]
+    sel = np.asarray(step.rollout.response_mask) > 0
+    np.testing.assert_array_equal(mask > 0, sel)
+    raw = np.asarray(step.rollout.rewards, np.float64)
+    assert raw[sel].mean() > 0.3 and abs(raw[sel].std() - 1.0) > 0.2  # whitening visible
+    np.testing.assert_allclose(got[sel].mean(), raw[sel].mean(), rtol=1e-5)
+    np.testing.assert_allclose(got[sel].std(), 1.0, rtol=1e-5)
+    assert np.all(got[~sel] == 0)
+    want, _, _, _ = reference_advantages(step.cfg, step.rollout)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_after_one_optimizer_step_is_exact():
+    """After one optimizer step (1 epoch x 1 minibatch) the EMA is d * ema0 + (1 - d) * params1
+    (d = ema_decay), from an EMA that differs from the params."""
+    step = one_step()
+    d = step.cfg.ema_decay
+    flat = jax.tree_util.tree_flatten_with_path(step.ema1)[0]
+    leaves = (flat, jax.tree.leaves(step.ema0), jax.tree.leaves(step.params1["policy"]))
+    for (path, e1), e0, p1 in zip(*leaves, strict=True):
+        want = d * np.asarray(e0, np.float64) + (1 - d) * np.asarray(p1, np.float64)
+        assert e1.dtype == np.float32
+        np.testing.assert_allclose(
+            e1, want, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path)
+        )
+    gap = lambda a, b: optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b))  # noqa: E731
+    assert gap(step.ema0, step.params0["policy"]) > 0.1  # the EMA started elsewhere
+    assert gap(step.params1["policy"], step.params0["policy"]) > 1e-3  # the step moved
+
+
+def minibatch_episodes(epochs: int, minibatches: int, batch: int = 16):
+    """Returns run(state, rng) -> (state, ids [epochs, minibatches, batch / minibatches]): one
+    update whose minibatches are recorded by episode id (response token 0 = 2 + episode)."""
+    s = setup_a()
+    cfg = dataclasses.replace(
+        CFG_A,
+        batch_size=batch,
+        num_minibatches=minibatches,
+        num_epochs=epochs,
+        ptx_coef=0.0,
+        adaptive_kl=False,
+        value_head_on_policy=True,
+    )
+    models = ppo.PPOModels(policy=s.models.policy)
+    optimizer = ppo.PPOOptimizer(policy=optax.sgd(1e-2))
+    ro = synthetic_rollout(s, cfg, seed=12)
+    ro = ro.replace(response_tokens=ro.response_tokens.copy())
+    ro.response_tokens[:, 0] = 2 + np.arange(batch)
+    seen = []
+    real_loss = ppo.ppo_loss
+
+    def spy_loss(models, cfg, params, mb, ptx):
+        record = lambda ids: seen.append(np.asarray(ids) - 2)  # noqa: E731
+        jax.debug.callback(record, mb["response_tokens"][:, 0], ordered=True)
+        return real_loss(models, cfg, params, mb, ptx)
+
+    with unittest.mock.patch.object(ppo, "ppo_loss", spy_loss):
+        update_fn = ppo.make_update_fn(models, cfg, optimizer)
+        state0 = ppo.init_ppo_state(
+            cfg, optimizer, s.policy, ppo.init_value_params(models, cfg), jax.random.key(0)
+        )
+        update_fn(state0, ro, None, jax.random.key(0))  # traces with the spy in place
+
+    def run(state, rng):
+        seen.clear()
+        state, _ = update_fn(state, ro, None, rng)
+        jax.effects_barrier()
+        return state, np.stack(seen).reshape(epochs, minibatches, -1)
+
+    fresh = lambda: ppo.init_ppo_state(  # noqa: E731
+        cfg, optimizer, s.policy, ppo.init_value_params(models, cfg), jax.random.key(0)
+    )
+    return run, fresh
+
+
+def test_minibatches_are_a_fresh_permutation_every_epoch_and_iteration():
+    """Properties of the minibatch split, whatever key stream draws it: every episode in
+    exactly one minibatch per epoch; the split differs between the epochs of an update and
+    between iterations; the same state and key give the same split."""
+    epochs, minibatches = 3, 4
+    run, fresh = minibatch_episodes(epochs, minibatches)
+    key = jax.random.key(7)
+    state, first = run(fresh(), key)
+    _, second = run(state, key)  # the next iteration (state.step 1), same base key
+    _, again = run(fresh(), key)
+    np.testing.assert_array_equal(again, first)  # deterministic
+    splits = []
+    for it, ids in enumerate((first, second)):
+        for e in range(epochs):
+            what = f"iteration {it}, epoch {e}: {ids[e].tolist()}"
+            assert sorted(ids[e].ravel().tolist()) == list(range(16)), what
+            splits.append(frozenset(frozenset(mb.tolist()) for mb in ids[e]))
+    # 6 epochs, 6 different partitions of the 16 episodes into 4 minibatches.
+    assert len(set(splits)) == len(splits), [first.tolist(), second.tolist()]
 
 
 # ----------------------------------------------------------------------------- learning
