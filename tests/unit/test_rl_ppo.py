@@ -306,6 +306,36 @@ def test_kl_rewards_zero_when_policy_is_reference():
     np.testing.assert_array_equal(ro.rewards, expected)
 
 
+def test_stop_token_as_the_last_generated_token_counts_as_stopped():
+    """A response whose stop token is its N-th (last possible) token has stopped: it gets its
+    normalised RM score at that token, not the no-stop penalty; only rows without the stop
+    token get the penalty. Over 16 rollouts, so that such rows occur (about 1 in 20)."""
+    s = setup_a()
+    state = s.fresh_state()
+    beta = 0.1
+    kinds = {"stop at N": 0, "stop before N": 0, "no stop": 0}
+    for seed in range(100, 116):
+        tokens, mask = make_prompts(seed, s.cfg.batch_size)
+        ro = s.rollout_fn(
+            s.rollout_params(state), tokens, mask, jax.random.key(seed), jnp.float32(beta)
+        )
+        ro = jax.device_get(ro)
+        stopped = np.zeros(s.cfg.batch_size, bool)
+        for b in range(s.cfg.batch_size):
+            n = int(ro.response_mask[b].sum())
+            resp = ro.response_tokens[b, :n]
+            stopped[b] = EOS in resp
+            kind = "no stop" if not stopped[b] else "stop at N" if n == N else "stop before N"
+            kinds[kind] += 1
+            want = GAIN * float(ro.raw_scores[b]) + BIAS if stopped[b] else -1.0
+            what = f"seed {seed} row {b} ({kind}): response {resp.tolist()}"
+            assert float(ro.scores[b]) == pytest.approx(want, abs=1e-5), what
+            kl_part = -beta * (ro.logprobs[b, n - 1] - ro.ref_logprobs[b, n - 1])
+            assert float(ro.rewards[b, n - 1] - kl_part) == pytest.approx(want, abs=1e-5), what
+        np.testing.assert_allclose(ro.metrics["no_stop_frac"], 1 - stopped.mean(), atol=1e-6)
+    assert min(kinds.values()) >= 3, kinds
+
+
 # ----------------------------------------------------------------------------- update
 
 
