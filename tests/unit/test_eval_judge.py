@@ -64,6 +64,59 @@ def test_fillers_dropped_matches_a_pair_loop():
     assert "trailing filler" not in eval_plots.results_markdown(_fake_summary())
 
 
+class WordTokenizer:
+    """Enough of a tokenizer for response_metrics' length: one token per word."""
+
+    def encode(self, text: str) -> list[str]:
+        return text.split()
+
+
+def test_response_metrics_win_rate_is_over_prompts():
+    """The overall (and per-family) win rate of K samples per prompt against M reference
+    samples: n is the number of prompts, the rate the mean of per-prompt outcomes (every
+    sample x reference pair of the prompt, ties 1/2) and its stderr the standard error over
+    those per-prompt outcomes, not over samples."""
+    rng = np.random.default_rng(11)
+    records = [world.make_prompt(rng, family) for family in FAMILY_NAMES for _ in range(4)]
+    k, m = 4, 3
+    texts, stopped, ref_texts, ref_stopped = [], [], [], []
+    for r in records:
+        for out, (ts, ss) in (
+            ((texts, stopped), world.synthetic_responses(r, k, rng)),
+            ((ref_texts, ref_stopped), world.synthetic_responses(r, m, rng)),
+        ):
+            out[0].append(ts)
+            out[1].append(ss)
+    ref_scores = judge.gold_scores(records, ref_texts, ref_stopped)
+    got, scores = judge.response_metrics(records, texts, stopped, ref_scores, WordTokenizer())
+
+    per_prompt, per_sample = [], []
+    for r, ts, ss, refs in zip(records, texts, stopped, ref_scores, strict=True):
+        rows = []
+        for t, st in zip(ts, ss, strict=True):
+            mine = world.score(r, t, st)
+            rows.append([1.0 if mine > o else 0.5 if mine == o else 0.0 for o in refs])
+        per_sample += [float(np.mean(row)) for row in rows]
+        per_prompt.append(float(np.mean(rows)))
+    per_prompt, per_sample = np.array(per_prompt), np.array(per_sample)
+    n = len(records)
+    assert got["n"] == n and scores.shape == (n, k)
+    assert got["win_rate"] == pytest.approx(per_prompt.mean(), abs=1e-12)
+    assert got["stderr"] == pytest.approx(per_prompt.std(ddof=1) / np.sqrt(n), rel=1e-9)
+    # Over samples the mean is the same, but the spread is not: with the right n and the
+    # per-sample standard error (or the per-sample n) the numbers differ from the above.
+    assert 0.1 < per_prompt.mean() < 0.9 and len(per_sample) == n * k
+    wrong = per_sample.std(ddof=1) / np.sqrt(n)
+    assert abs(wrong - got["stderr"]) > 0.2 * got["stderr"], (wrong, got["stderr"])
+    for family in FAMILY_NAMES:
+        idx = [i for i, r in enumerate(records) if r["family"] == family]
+        fam = got["families"][family]
+        assert fam["n"] == len(idx) == 4, family
+        assert fam["win_rate"] == pytest.approx(per_prompt[idx].mean(), abs=1e-12), family
+        want = per_prompt[idx].std(ddof=1) / np.sqrt(len(idx))
+        assert fam["stderr"] == pytest.approx(want, rel=1e-9), family
+
+
 def test_drop_trailing_fillers_cases():
     cases = {
         " pink pink ok": " pink pink",
