@@ -257,13 +257,21 @@ def test_reward_loss_vs_naive_loop_and_gradient():
 
 
 def test_reward_loss_sum_and_empty_batch():
+    """(sum over prompts of each prompt's mean pair loss, prompts with a pair) against a float64
+    loop; halves of the batch add up; a batch without pairs is 0 with no gradient."""
     rng = np.random.default_rng(7)
     rewards, pair_mask = make_rm_batch(rng, b=6)
     total, prompts = losses.reward_loss_sum(rewards, pair_mask)
     has_pairs = pair_mask.sum((1, 2)) > 0
     assert not has_pairs[1] and not has_pairs[2]  # K=1, all tied
     assert float(prompts) == has_pairs.sum()
-    assert np.isfinite(float(total))
+    want = 0.0
+    for r, m in zip(rewards.astype(np.float64), pair_mask, strict=True):
+        pairs = list(zip(*np.nonzero(m), strict=True))
+        if pairs:  # a prompt's mean over its pairs of -log sigmoid(r_w - r_l)
+            want += np.mean([np.log1p(np.exp(-(r[w] - r[lo]))) for w, lo in pairs])
+    assert len({int(m.sum()) for m in pair_mask[has_pairs]}) > 1  # prompts with unequal pair counts
+    np.testing.assert_allclose(total, want, rtol=RTOL)
     t1, p1 = losses.reward_loss_sum(rewards[:3], pair_mask[:3])
     t2, p2 = losses.reward_loss_sum(rewards[3:], pair_mask[3:])
     np.testing.assert_allclose((t1 + t2) / (p1 + p2), total / prompts, rtol=RTOL)
@@ -273,10 +281,30 @@ def test_reward_loss_sum_and_empty_batch():
 
 
 def test_reward_loss_pairwise_k2_is_logistic():
-    r = jnp.array([[1.5, -0.5], [0.0, 2.0]])
-    m = np.stack([losses.pairs_from_ranking([0, 1], 2, 2), losses.pairs_from_ranking([0, 1], 2, 2)])
-    ref = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(2.0))) / 2
-    np.testing.assert_allclose(losses.reward_loss(r, m), ref, rtol=RTOL)
+    """K = 2: a prompt's loss is log(1 + exp(-(r_preferred - r_other))), the preferred response
+    the one the pair mask says (whichever index it has); its gradient pushes the preferred
+    score up by sigmoid(r_other - r_preferred)."""
+    softplus = lambda x: float(np.log1p(np.exp(x)))  # noqa: E731
+    sigmoid = lambda x: float(1 / (1 + np.exp(-x)))  # noqa: E731
+    first = losses.pairs_from_ranking([0, 1], 2, 2)  # response 0 preferred
+    second = losses.pairs_from_ranking([1, 0], 2, 2)  # response 1 preferred
+    cases = [  # (rewards, mask, preferred, other)
+        ([1.5, -0.5], first, 0, 1),  # the preferred one scores higher: a small loss
+        ([0.0, 2.0], first, 0, 1),  # ... lower: a large one
+        ([0.0, 2.0], second, 1, 0),
+        ([0.3, -1.2], second, 1, 0),
+    ]
+    for r, m, w, lo in cases:
+        loss, grad = jax.value_and_grad(losses.reward_loss)(jnp.asarray([r]), m[None])
+        want = softplus(-(r[w] - r[lo]))
+        np.testing.assert_allclose(loss, want, rtol=RTOL, err_msg=f"{r}, preferred {w}")
+        s = sigmoid(r[lo] - r[w])
+        np.testing.assert_allclose(grad[0, w], -s, rtol=RTOL, err_msg=f"{r}, preferred {w}")
+        np.testing.assert_allclose(grad[0, lo], s, rtol=RTOL, err_msg=f"{r}, preferred {w}")
+    batch = jnp.asarray([r for r, *_ in cases])
+    masks = np.stack([m for _, m, *_ in cases])
+    want = np.mean([softplus(-(r[w] - r[lo])) for r, _, w, lo in cases])  # prompts averaged
+    np.testing.assert_allclose(losses.reward_loss(batch, masks), want, rtol=RTOL)
 
 
 def test_reward_accuracy_vs_loop_with_prediction_ties():
