@@ -463,10 +463,15 @@ def test_iterations_compile_once_and_kl_controller_follows_formula():
     assert float(state.kl["beta"]) != 0.02
     assert s.rollout_fn.jitted._cache_size() == 1
     assert s.update_fn.jitted._cache_size() == 1
-    # The EMA moved towards the params (decay 0.992 per optimizer step) but not onto them.
-    e0, e1 = jax.tree.leaves(ema)[0], np.asarray(jax.tree.leaves(state.ema)[0])
-    p1 = np.asarray(jax.tree.leaves(state.params["policy"])[0])
-    assert 0 < np.abs(e1 - e0).max() < np.abs(p1 - e0).max()
+    # The EMA (decay d = 0.992 after each of the T = 12 optimizer steps, from e0 = p0) is
+    # e0 + (1 - d) sum_k d^(T-k) (p_k - p0): a weighted mean of the steps' drift with total
+    # weight 1 - d^T = 0.09, so it has moved about 5% of the way to the params (a steady
+    # drift), surely less than 2 x 9%. Reversed (weight d on the params) it sits on them.
+    steps = 3 * s.cfg.updates_per_iteration
+    gone = 1 - s.cfg.ema_decay**steps
+    drift = lambda a: optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, ema))  # noqa: E731
+    ratio = float(drift(state.ema) / drift(state.params["policy"]))
+    assert 0.1 * gone < ratio < 2 * gone, (ratio, gone)
     finite = {k: float(v) for k, v in metrics.items()}
     assert all(math.isfinite(v) for v in finite.values()), finite
 
