@@ -12,7 +12,10 @@ JAX_LOG_COMPILES=1, so their logs list every compilation.
 What each test shows (the PPO stage "must show" list):
   ppo and ppo_ptx log every documented metric each       test_metrics_per_iteration_and_export
     iteration, beta follows the adaptive controller,
-    and the exported EMA policy loads and runs
+    score = gain x score_raw + bias (the RM's saved
+    normalisation), loss / lr / throughput add up,
+    the checkpointed EMA follows its update, and the
+    exported EMA policy loads and runs
   the rollout and the update compile once per stage      test_rollout_and_update_compile_once
     (also after a resume)
   SIGKILL at a random iteration, re-run -> final state   test_sigkill_then_rerun_is_bit_identical
@@ -337,6 +340,35 @@ def test_metrics_per_iteration_and_export(env, ref, stage):
     # It moved (by up to 0.2 n / H = 3.2% an iteration): a wrong controller would show.
     assert max(abs(m["beta"] / beta0 - 1) for m in logged) > 0.02
 
+    # The metrics' arithmetic, from the config and the RM's saved normalisation.
+    from instructrl import config as config_lib
+
+    config = config_lib.load_config(env.config)
+    c = config[stage]
+    with open(os.path.join(workdir, "rm", "export", "reward_normalization.json")) as f:
+        norm = json.load(f)
+    assert abs(norm["bias"]) > 0.05, norm  # a bias of the wrong sign would show
+    tokens = BATCH * (config.data.max_prompt_len + c.max_new_tokens)
+    updates = c.num_minibatches * c.num_epochs
+    peak, init = c.optimizer.lr, c.optimizer.warmup_init
+    warm = c.warmup_iterations * updates
+    for m in logged:
+        what = f"{stage} step {m['step']}"
+        want = norm["gain"] * m["score_raw"] + norm["bias"]
+        assert m["score"] == pytest.approx(want, rel=1e-5, abs=1e-5), what
+        # Means over the minibatches of pg + vf (separate value network) + ptx_coef x ptx.
+        want = m["policy_loss"] + m["value_loss"] + c.ptx_coef * m["ptx_loss"]
+        assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6), what
+        counts = (m["step"] - 1) * updates + np.arange(updates)
+        lr = np.where(counts < warm, peak * (init + (1 - init) * counts / warm), peak).mean()
+        assert m["lr"] == pytest.approx(lr, rel=1e-5), what
+        rollout, update = m["rollout_seconds"], m["update_seconds"]
+        assert m["rollout_fraction"] == pytest.approx(rollout / (rollout + update), rel=1e-3)
+        assert m["rollout_tokens_per_s"] * rollout == pytest.approx(tokens, rel=1e-6), what
+        assert m["update_tokens_per_s"] * update == pytest.approx(tokens, rel=1e-6), what
+        generated = m["generated_tokens_per_s"] * rollout
+        assert generated == pytest.approx(BATCH * m["response_length"], rel=1e-5), what
+
     # The export is the EMA in the final checkpoint; it loads and runs; it left its init.
     assert os.path.exists(os.path.join(workdir, stage, "DONE"))
     assert committed_steps(workdir, stage)[-1] == ITERS
@@ -344,6 +376,21 @@ def test_metrics_per_iteration_and_export(env, ref, stage):
     export = exported_params(workdir, stage)
     ema = {k[len("['ema']") :]: v for k, v in state.items() if k.startswith("['ema']")}
     assert_trees_equal(export, ema, f"{stage}: export vs checkpointed EMA")
+    # ... and that EMA follows its update e <- d e + (1 - d) p after each of the U optimizer
+    # steps of the last iteration: e_N = d^U e_{N-1} + (1 - d) sum_j d^(U-j) p_j. With every
+    # p_j taken as p_N the error is (1 - d) sum_j d^(U-j) (p_j - p_N), well under
+    # (1 - d) U |p_N - p_{N-1}|; a reversed decay (weight d on p) is off by ~|p_N - p_{N-1}|.
+    before = checkpoint_state(workdir, stage, ITERS - 1)
+    d = c.ema_decay
+    policy = lambda st, k: st["['params']['policy']" + k].astype(np.float64)  # noqa: E731
+    residual = moved = 0.0
+    for k, e_n in ema.items():
+        p_n, e_prev = policy(state, k), before["['ema']" + k].astype(np.float64)
+        want = d**updates * e_prev + (1 - d**updates) * p_n
+        residual += np.sum((e_n - want) ** 2)
+        moved += np.sum((p_n - policy(before, k)) ** 2)
+    ratio = (residual / moved) ** 0.5 if moved > 0 else np.inf
+    assert ratio < (1 - d) * updates, f"{stage}: |EMA error| / |last move| = {ratio:.4f}"
     init = exported_params(workdir, "sft")
     assert any(not np.array_equal(export[k], init[k]) for k in init)
     params, model_dict = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
