@@ -294,8 +294,9 @@ def test_reward_loss_pairwise_k2_is_logistic():
         ([0.0, 2.0], second, 1, 0),
         ([0.3, -1.2], second, 1, 0),
     ]
+    loss_and_grad = jax.jit(jax.value_and_grad(losses.reward_loss))
     for r, m, w, lo in cases:
-        loss, grad = jax.value_and_grad(losses.reward_loss)(jnp.asarray([r]), m[None])
+        loss, grad = loss_and_grad(jnp.asarray([r]), m[None])
         want = softplus(-(r[w] - r[lo]))
         np.testing.assert_allclose(loss, want, rtol=RTOL, err_msg=f"{r}, preferred {w}")
         s = sigmoid(r[lo] - r[w])
