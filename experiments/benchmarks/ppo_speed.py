@@ -139,7 +139,7 @@ class PPOBench:
             params,
             self.batch["prompt_tokens"],
             self.batch["prompt_mask"],
-            jax.random.fold_in(self.state.rng, self.step),
+            ppo.iteration_keys(self.state.rng, self.step)[0],
             self.state.kl["beta"],
         )
 
@@ -180,7 +180,7 @@ class PPOBench:
             "rollout_params": lambda: ppo.rollout_params(
                 self.state, self.reference, self.reward, 1.0, 0.0
             ),
-            "rng_fold_in": lambda: jax.random.fold_in(self.state.rng, self.step),
+            "rng_fold_in": lambda: ppo.iteration_keys(self.state.rng, self.step)[0],
         }
         out, values = {}, {}
         for name, fn in parts.items():
@@ -220,7 +220,7 @@ class PPOBench:
         from instructrl.rl import ppo
 
         params = ppo.rollout_params(self.state, self.reference, self.reward, 1.0, 0.0)
-        key = jax.random.fold_in(self.state.rng, self.step)
+        key = ppo.iteration_keys(self.state.rng, self.step)[0]
         with sharding.mesh_context(self.mesh, self.rules):
             rollout_args = (
                 params,

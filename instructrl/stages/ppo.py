@@ -140,7 +140,10 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         data_iter.set_state(restored.data_state)
         logging.info("%s: resumed from iteration %d", name, restored.step)
     else:
-        value = ppo.init_value_params(models, cfg, rm.params)
+        # The value net predicts normalised scores from the start (the RM's normalisation
+        # folded into its head; with gold_reward it still starts from the normalised RM).
+        norm = rm.normalization
+        value = ppo.init_value_params(models, cfg, rm.params, norm.gain, norm.bias)
         key = jax.random.key(config.seed + 2)
         state = ppo.create_ppo_state(cfg, optimizer, reference, value, key, state_shardings)
 
@@ -168,7 +171,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             params,
             batch["prompt_tokens"],
             batch["prompt_mask"],
-            jax.random.fold_in(state.rng, step),
+            ppo.iteration_keys(state.rng, step)[0],  # the update draws from the other stream
             state.kl["beta"],
         )
         jax.block_until_ready(rollout.response_tokens)  # a sync for the time split; no copy

@@ -115,7 +115,7 @@ class Setup:
     params_shardings: object = None
 
     def fresh_state(self) -> ppo.PPOState:
-        value = ppo.init_value_params(self.models, self.cfg, self.reward)
+        value = ppo.init_value_params(self.models, self.cfg, self.reward, GAIN, BIAS)
         return ppo.create_ppo_state(
             self.cfg, self.optimizer, self.policy, value, jax.random.key(0), self.state_shardings
         )
@@ -170,6 +170,45 @@ def run_iteration(s: Setup, state, it: int, reference=None):
     ptx = s.batch(make_ptx(it, s.cfg.ptx_batch_size))
     new_state, metrics = s.update_fn(state, ro, ptx, state.rng)
     return ro, new_state, metrics
+
+
+def test_value_net_starts_at_the_normalised_rm_score():
+    """At step 0 the value net, read at the last real token of prompt + response, equals the
+    RM's normalised score gain * raw + bias there (the normalisation is folded into its head),
+    so GAE sees no constant offset between values and rewards."""
+    s = setup_a()
+    state = s.fresh_state()
+    tokens, mask = make_prompts(7, s.cfg.batch_size)
+    ro = s.rollout_fn(s.rollout_params(state), tokens, mask, jax.random.key(3), state.kl["beta"])
+    seq, seq_mask, positions = ppo.join_prompt_response(
+        ro.prompt_tokens, ro.prompt_mask, ro.response_tokens, ro.response_mask
+    )
+    per_token = s.models.value.apply(
+        {"params": state.params["value"]}, seq, positions, seq_mask, per_token=True
+    )
+    m = np.asarray(seq_mask)
+    last = m.shape[1] - 1 - np.argmax(m[:, ::-1] > 0, axis=1)  # last real token per row
+    got = np.asarray(per_token)[np.arange(len(last)), last]
+    want = GAIN * np.asarray(ro.raw_scores, np.float64) + BIAS
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    raw_rm = s.models.reward.apply({"params": s.reward}, seq, positions, seq_mask)
+    np.testing.assert_allclose(np.asarray(raw_rm), np.asarray(ro.raw_scores), atol=1e-6)
+
+
+def test_rollout_and_update_draw_from_separate_key_streams():
+    """Iteration t's sampling keys (fold_in(rollout key, i) per token) and its per-epoch
+    permutation keys (split(update key, E)) are all distinct, and differ across iterations."""
+    base = jax.random.key(0)
+    seen = {}
+    for step in range(3):
+        rollout_key, update_key = ppo.iteration_keys(base, step)
+        keys = {f"token{i}": jax.random.fold_in(rollout_key, i) for i in range(4)}
+        keys.update({f"epoch{e}": k for e, k in enumerate(jax.random.split(update_key, 3))})
+        keys.update(rollout=rollout_key, update=update_key)
+        for name, k in keys.items():
+            data = tuple(np.asarray(jax.random.key_data(k)).ravel().tolist())
+            assert data not in seen, (step, name, seen.get(data))
+            seen[data] = (step, name)
 
 
 def log_softmax64(x):
@@ -260,7 +299,7 @@ def test_rollout_matches_naive_per_row_reference():
         want = {
             "logprobs": log_softmax64(pol_logits[b] / temp)[at, resp],
             "ref_logprobs": log_softmax64(ref_logits[b] / temp)[at, resp],
-            "values": rm_out[b, at],  # the value network starts as the RM
+            "values": GAIN * rm_out[b, at] + BIAS,  # starts as the normalised RM
         }
         raw = float(rm_out[b, n_prompt + n - 1])  # the RM at the last token: the stop token
         score = GAIN * raw + BIAS if has_stop else -1.0
