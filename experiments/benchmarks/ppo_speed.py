@@ -130,7 +130,6 @@ class PPOBench:
 
     def rollout(self):
         """The stage's rollout call (rollout params, rng fold-in and beta as it passes them)."""
-        import jax
 
         from instructrl.rl import ppo
 
@@ -214,7 +213,6 @@ class PPOBench:
 
     def host_ops_in_programs(self) -> dict[str, list[str]]:
         """Host-crossing ops (callbacks, send/recv, in/outfeed) in the lowered programs."""
-        import jax
 
         from instructrl import sharding
         from instructrl.rl import ppo
