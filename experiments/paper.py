@@ -178,10 +178,12 @@ def pipeline(
     config.ppo_init = sft.default_config()
     config.ppo_init.update(config.sft.to_dict())
     config.ppo_init.num_epochs = 1 if s else 2
-    # Paper: 10%. The mix is per batch and each host loads whole rows of both streams, so
-    # 4 of 32 rows (12.5%) is the nearest share that splits over up to 4 hosts; on more hosts
-    # raise ppo_init.batch_size so both row counts divide by the host count.
-    config.ppo_init.ptx_fraction = 0.125
+    # The paper's 10% pretraining mix, as a weight on the two sources' token means (the loss
+    # share is exact whatever the rows hold). Each host loads whole rows of both streams, so
+    # 1 row in 8 is pretraining text: both row counts then split over up to 4 hosts at batch
+    # 32; on more hosts raise ppo_init.batch_size so both divide by the host count.
+    config.ppo_init.ptx_fraction = 0.1
+    config.ppo_init.ptx_rows = config.ppo_init.batch_size // 8
     config.ppo_init.select_by = "last"
     config.ppo_init.select_reward_from = ""
 

@@ -76,7 +76,8 @@ def test_paper_hyperparameters():
     assert (c175.sft.optimizer.lr, c175.sft.batch_size) == (5.03e-6, 8)
     assert c13.sft.dropout == 0.2 and c13.sft.optimizer.b2 == 0.95
     assert c13.sft.optimizer.end_ratio == 0.1 and c13.sft.select_by == "rm_score"
-    assert c13.ppo_init.ptx_fraction == 0.125 and c13.ppo_init.num_epochs == 2  # paper 10%
+    assert c13.ppo_init.ptx_fraction == 0.1 and c13.ppo_init.num_epochs == 2  # paper: 10%
+    assert c13.ppo_init.ptx_rows * 8 == c13.ppo_init.batch_size
     assert (c13.rm.optimizer.lr, c13.rm.batch_size, c13.rm.num_epochs) == (9e-6, 64, 1)
     ppo = c13.ppo_ptx
     assert (ppo.batch_size // ppo.num_minibatches, ppo.num_epochs, ppo.kl_coef) == (64, 1, 0.02)
