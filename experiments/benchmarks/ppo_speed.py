@@ -74,15 +74,13 @@ class PPOBench:
         from instructrl import sharding
         from instructrl.models import ModelConfig, Transformer
         from instructrl.rl import ppo
-        from instructrl.stages.ppo import DRIVER_KEYS
+        from instructrl.stages.ppo import ppo_config
 
         exp = tiny_instructgpt.get_config(f"size={size}")
         section = exp.ppo
         if quick:
             section.batch_size = 16
-        self.cfg = ppo.PPOConfig.from_config(
-            section, extra_keys=DRIVER_KEYS, stop_token=EOS, pad_id=PAD
-        )
+        self.cfg = ppo_config(section, "ppo", EOS, PAD, penalty_unit=1.0)
         self.model_config = ModelConfig.from_dict(exp.model.to_dict())
         self.prompt_len = exp.data.max_prompt_len
         self.mesh = sharding.make_mesh(exp.mesh)

@@ -203,7 +203,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         "## Instructions, constraints, length",
         "",
         "constraints: share of responses that keep the prompt's explicit constraint (one "
-        "word, at most N words, K items / not X / below N); perfect: gold score 1.",
+        "word, at most N words, K items / not X / below N); perfect: gold score 1; KL: "
+        "nats per response from the reference, on the evaluated model's own samples.",
         "",
     ]
     out.append(
@@ -217,6 +218,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
                 "stopped",
                 "words",
                 "tokens",
+                "KL",
             ],
             [
                 [
@@ -228,6 +230,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
                     _fmt(m["stopped_rate"]),
                     _fmt(m["length_words"], 1),
                     _fmt(m["length_tokens"], 1),
+                    _fmt(m.get("kl_to_reference"), 2),
                 ]
                 for m in models
             ],

@@ -91,6 +91,7 @@ __all__ = [
     "abstract_ppo_state",
     "create_ppo_state",
     "default_ppo_config",
+    "ema_decay_for_run",
     "init_ppo_state",
     "init_value_params",
     "iteration_keys",
@@ -153,6 +154,20 @@ class PPOOptimizer(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- construction
+
+
+PAPER_EMA_HORIZON = 125 / 4000  # 0.992 = 1 - 1/125 over the paper's 4,000 updates
+
+
+def ema_decay_for_run(horizon: float, num_updates: int) -> float:
+    """The EMA decay whose time constant 1 / (1 - d) is `horizon` x the run's optimizer
+    updates: the paper's 0.992 at the paper's length (500 iterations x 8 minibatches,
+    horizon 1/32). A fixed 0.992 over a 240-update run would leave 0.992^240 = 14.5% of the
+    exported (EMA) policy at its initialisation; here that share is about exp(-1 / horizon)
+    (1e-15 to 1e-14) at every length. horizon <= 0: no EMA (decay 0, the last policy is exported)."""
+    if horizon <= 0:
+        return 0.0
+    return max(0.0, 1.0 - 1.0 / max(horizon * num_updates, 1.0))
 
 
 def make_ppo_optimizer(

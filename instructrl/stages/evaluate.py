@@ -59,6 +59,7 @@ from instructrl.errors import ConfigError, InputError
 from instructrl.eval.alignment_tax import alignment_tax
 from instructrl.eval.judge import best_of_n, fillers_dropped, gold_scores, response_metrics
 from instructrl.eval.metrics import (
+    batched_nll,
     ranking_accuracy,
     text_windows,
 )
@@ -185,7 +186,8 @@ class EvalData:
 def sample_responses(
     model, params, tokenizer, prompts: Sequence[str], c, *, seed: int, budget: int, key: str
 ) -> tuple[list[list[str]], list[list[bool]], int]:
-    """k responses per prompt: texts [N][k], stopped [N][k], and the new-token budget used."""
+    """k responses per prompt: texts [N][k], stopped [N][k], the new-token budget used, and
+    the sampled token ids [N][k] (stop token excluded)."""
     k = 1 if c.greedy else c.num_samples
     prompt_len = max(len(tokenizer.encode(p)) + 1 for p in prompts)
     new_tokens = min(budget, model.config.max_len - prompt_len)
@@ -199,7 +201,7 @@ def sample_responses(
             new_tokens,
             budget,
         )
-    texts, stopped, _ = generate(
+    texts, stopped, _, ids = generate(
         model,
         params,
         tokenizer,
@@ -210,11 +212,14 @@ def sample_responses(
         temperature=c.temperature,
         greedy=c.greedy,
         batch_size=c.batch_size,
+        with_ids=True,
     )
+    per_prompt = [slice(i * k, (i + 1) * k) for i in range(len(prompts))]
     return (
-        [texts[i * k : (i + 1) * k] for i in range(len(prompts))],
-        [stopped[i * k : (i + 1) * k] for i in range(len(prompts))],
+        [texts[s] for s in per_prompt],
+        [stopped[s] for s in per_prompt],
         new_tokens,
+        [ids[s] for s in per_prompt],
     )
 
 
@@ -265,7 +270,7 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     sample_cfg.update(num_samples=c.best_of_n, greedy=False)
     policy = c.best_of_n_from or c.reference
     model, params = stage_model(workdir, policy, loaded)
-    texts, stopped, _ = sample_responses(
+    texts, stopped, _, _ = sample_responses(
         model,
         params,
         tokenizer,
@@ -277,6 +282,37 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     )
     gold = gold_scores(data.records, texts, stopped)
     return {"policy": policy, "texts": texts, "stopped": stopped, "gold": gold}
+
+
+def response_rows(tokenizer, prompts, ids, stopped) -> tuple[list[list[int]], list[int]]:
+    """Token rows [BOS] prompt response [EOS if it stopped] of sampled ids [N][k], and the
+    index of each row's first response token (where its NLL starts counting)."""
+    rows, first = [], []
+    for prompt, row_ids, row_stopped in zip(prompts, ids, stopped, strict=True):
+        prefix = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        for x, stop in zip(row_ids, row_stopped, strict=True):
+            rows.append(prefix + list(x) + ([tokenizer.eos_id] if stop else []))
+            first.append(len(prefix))
+    return rows, first
+
+
+def add_kl_to_reference(workdir, c, tokenizer, results: list[dict], samples: list[dict]) -> None:
+    """results[i]["kl_to_reference"]: the mean over model i's own samples of
+    log p_model(y|x) - log p_reference(y|x) (nats per response; the sampled-KL estimate of
+    KL(model || reference) at temperature 1), for the evaluated model itself (for PPO, its
+    EMA export). None for few-shot and greedy evaluations. The reference is loaded once,
+    after the others, so one model is in memory at a time."""
+    todo = [(r, s.pop("kl_rows")) for r, s in zip(results, samples, strict=True) if "kl_rows" in s]
+    for r in results:
+        r["kl_to_reference"] = None
+    if not todo or c.temperature != 1.0:
+        return
+    model, params = load_stage_model(workdir, c.reference)
+    for result, (rows, first, nll) in todo:
+        ref_nll, _ = batched_nll(
+            model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
+        )
+        result["kl_to_reference"] = float(np.mean(ref_nll - nll))
 
 
 # ---------------------------------------------------------------- the stage
@@ -299,7 +335,7 @@ def evaluate_stage(
     results, samples = [], []
     for s in specs:
         prompts = [r["prompt"] for r in (data.fewshot if s.fewshot else data.records)]
-        texts, stopped, new_tokens = sample_responses(
+        texts, stopped, new_tokens, ids = sample_responses(
             model,
             params,
             tokenizer,
@@ -319,9 +355,14 @@ def evaluate_stage(
                 **({k: None for k in tax} if s.fewshot else tax),
             }
         )
-        samples.append(
-            {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
-        )
+        sample = {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
+        if not s.fewshot and not c.greedy:  # KL to the reference: its samples, this model's NLL
+            rows, first = response_rows(tokenizer, prompts, ids, stopped)
+            nll, _ = batched_nll(
+                model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
+            )
+            sample["kl_rows"] = (rows, first, nll)
+        samples.append(sample)
         logging.info(
             "%s: %s %s (%s): win rate %.3f +- %.3f",
             name,
@@ -390,7 +431,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- reference samples
     model, params = load_stage_model(workdir, c.reference)
-    ref_texts, ref_stopped, _ = sample_responses(
+    ref_texts, ref_stopped, _, _ = sample_responses(
         model,
         params,
         tokenizer,
@@ -432,6 +473,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         reference = None  # one model in memory at a time
     results = [r for stage in stages for r in by_stage[stage][0]]
     samples += [x for stage in stages for x in by_stage[stage][1]]
+    add_kl_to_reference(workdir, c, tokenizer, results, samples[1:])
 
     # ---- RM accuracy vs labeler agreement, PPO curves
     reward_models, rm_selectors = [], {}

@@ -602,3 +602,23 @@ def test_same_numbers_on_one_device_and_8_device_mesh():
                 np.testing.assert_allclose(a[key], b[key], atol=0.02, err_msg=key)
             else:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_ema_decay_follows_the_run_length_and_penalty_is_in_rm_sds():
+    """The EMA's decay gives the paper's 0.992 at the paper's 4,000 updates and leaves the
+    same (negligible) share at the initialisation whatever the run length; the stage's
+    no-stop penalty is read in RM standard deviations."""
+    from instructrl.stages.ppo import default_config, ppo_config
+
+    assert ppo.ema_decay_for_run(ppo.PAPER_EMA_HORIZON, 500 * 8) == pytest.approx(0.992)
+    shares = [ppo.ema_decay_for_run(1 / 32, n) ** n for n in (240, 4000, 40000)]
+    assert all(1e-16 < s < 1e-13 for s in shares), shares  # ~exp(-32) at every length
+    assert abs(0.992**240 - 0.145) < 1e-3  # what a fixed 0.992 left at 240 updates
+    assert ppo.ema_decay_for_run(0.0, 240) == 0.0
+    c = default_config()
+    c.update(num_iterations=60, batch_size=64, num_minibatches=4, no_stop_penalty=-1.5)
+    cfg = ppo_config(c, "ppo", stop_token=EOS, pad_id=PAD, penalty_unit=2.0)
+    assert cfg.no_stop_penalty == pytest.approx(-3.0)
+    assert cfg.ema_decay == pytest.approx(1 - 1 / (240 / 32))
+    c.ema_decay = 0.5  # set explicitly: used as it is
+    assert ppo_config(c, "ppo", EOS, PAD, 1.0).ema_decay == 0.5
