@@ -141,6 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = evaluate.default_config()
     config.eval.models = methods() + ([] if s else [GOLD_MODEL])
     config.eval.reference = "sft"
+    config.eval.split = "test"  # the reported table; choose settings with eval.split=dev
 
     config.smoke = smoke.default_config()
     if arg.flawed_demos:  # before the copies below, so ppo_1 and the large stages inherit it

@@ -152,9 +152,10 @@ def main_table(summary: Mapping[str, Any]) -> str:
         found = [_find(summary, s, label) for s, _ in cols]
         rows.append([label, *(_pm(m) if m else "—" for m in found)])
     s = summary["settings"]
+    split = f" {s['split']}" if s.get("split") in ("dev", "test") else ""
     title = (
         f"Win rate against {summary['reference']['stage']} (gold judge, ties 1/2; "
-        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
+        f"{s['num_prompts']}{split} prompts x {s['num_samples']} samples, T={s['temperature']}"
         f"{', greedy' if s['greedy'] else ''})"
     )
     return title + "\n\n" + markdown_table(["model", *(h for _, h in cols)], rows)

@@ -77,8 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.models = ["GPT=pretrain", "GPT (prompted)=pretrain:fewshot", "SFT=sft"]  # module doc
     c.reference = "sft"  # stage every model is compared with (the larger SFT model)
     c.tokenizer_from = "tokenizer"
-    c.prompts = "@world/prompts_eval.jsonl"  # held-out prompts with gold-scorer fields
-    c.fewshot_prompts = "@world/prompts_eval_fewshot.jsonl"
+    # Held-out prompts with gold-scorer fields: "@world/prompts_{split}.jsonl" ("" = that).
+    # dev for every choice of a setting; test only for the final tables.
+    c.split = "dev"
+    c.prompts = ""
+    c.fewshot_prompts = ""  # the same prompts with examples; "" = @world/prompts_{split}_fewshot
     c.num_prompts = 0  # 0 = all
     c.num_samples = 4  # responses per prompt and model (1 when greedy)
     c.temperature = 1.0
@@ -375,9 +378,22 @@ def evaluate_stage(
     return results, samples
 
 
+SPLITS = ("dev", "test")
+
+
+def prompt_files(c: ml_collections.ConfigDict, name: str) -> tuple[str, str]:
+    """(prompts, few-shot prompts) of the eval section `c`: its own, else the world's
+    files of `c.split`."""
+    if c.split not in SPLITS:
+        raise ConfigError(f"config key '{name}.split' must be one of {SPLITS}, got {c.split!r}")
+    prompts = c.prompts or f"@world/prompts_{c.split}.jsonl"
+    return prompts, c.fewshot_prompts or f"@world/prompts_{c.split}_fewshot.jsonl"
+
+
 def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) -> EvalData:
     c = config[name]
-    path = inputs.resolve_path(c.prompts, workdir)
+    prompt_file, fewshot_file = prompt_files(c, name)
+    path = inputs.resolve_path(prompt_file, workdir)
     recs = read_prompts(path)[0]
     recs = recs[: c.num_prompts] if c.num_prompts > 0 else recs
     for rec in recs:
@@ -385,7 +401,7 @@ def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) ->
             raise InputError(f"{rec.where}: eval prompts need the world's 'family' and 'params'")
     fewshot = None
     if need_fewshot:
-        fs = read_prompts(inputs.resolve_path(c.fewshot_prompts, workdir))[0][: len(recs)]
+        fs = read_prompts(inputs.resolve_path(fewshot_file, workdir))[0][: len(recs)]
         if len(fs) < len(recs):
             raise InputError(f"config key '{name}.fewshot_prompts': fewer prompts than {path}")
         for a, b in zip(recs, fs, strict=True):
@@ -414,7 +430,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     out_dir = inputs.stage_dir(workdir, name)
     if c.num_samples < 1 or (not c.greedy and c.temperature <= 0):
         raise ConfigError(f"config keys '{name}.num_samples/temperature' need >= 1 and > 0")
-    # ---- check every named stage before any work
+    # ---- check every named stage and file before any work
+    prompt_files(c, name)
     specs = parse_models(c.models, f"{name}.models")
     named = [("models", s.stage) for s in specs] + [("reference", c.reference)]
     named += [(key, s) for key in ("rm_from", "collect_from") for s in stage_list(c[key])]
@@ -498,6 +515,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             "num_samples": 1 if c.greedy else c.num_samples,
             "temperature": c.temperature,
             "greedy": c.greedy,
+            "split": c.split if not c.prompts else c.prompts,
             "seed": config.seed,
             "judge": "gold scores, ties 1/2",
             "families": list(world.FAMILY_NAMES),

@@ -86,6 +86,17 @@ def _config(stages: str, models: str, **eval_keys) -> ml_collections.ConfigDict:
 
 def test_missing_stage_is_a_clear_error(tmp_path):
     workdir = str(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"^config key 'eval.split' must be one of \('dev', 'test'\)"
+    ):
+        evaluate.run(_config("sft,eval", "SFT=sft", split="train"), "eval", workdir)
+    c = evaluate.default_config()
+    assert evaluate.prompt_files(c, "eval") == (
+        "@world/prompts_dev.jsonl",
+        "@world/prompts_dev_fewshot.jsonl",
+    )
+    c.update(split="test", prompts="mine.jsonl")
+    assert evaluate.prompt_files(c, "eval") == ("mine.jsonl", "@world/prompts_test_fewshot.jsonl")
     with pytest.raises(ConfigError, match=r"'eval.rm_from' names stage 'rm', which is not in "):
         evaluate.run(_config("sft,eval", "SFT=sft"), "eval", workdir)
     no_rm = dict(rm_from="", collect_from="")
@@ -230,6 +241,7 @@ def test_eval_stage_end_to_end(workdir, capsys):
         results = json.load(f)
     by_label = {m["label"]: m for m in results["models"]}
     assert list(by_label) == ["GPT", "GPT (prompted)", "SFT", "PPO"]
+    assert results["settings"]["split"] == "dev"  # the default: settings are chosen on dev
     for m in results["models"]:
         assert 0 <= m["win_rate"] <= 1 and m["stderr"] is not None and m["n"] == 18
         assert set(m["families"]) == set(FAMILY_NAMES)
