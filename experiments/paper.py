@@ -40,11 +40,13 @@ Stages, in order (each writes DIR/<stage>/):
   rm        reward model from `rm_base`: 1 epoch, LR 9e-6 cosine to 10%, 64 prompts per batch
             with all C(K,2) pairs of a prompt in one element; normalised so demonstrations
             score 0. It runs first because SFT is selected by RM score (docs/method.md §1).
+            Deviation: the paper starts the RM (and so the value network) from the 6B SFT
+            model; here from `rm_base` (see `pipeline`), a 6B SFT export if you pass one.
   sft       16 epochs from `base`, residual dropout 0.2, cosine to 10%, no warm-up, Adam
             b2 0.95, LR 9.65e-6 / batch 32 (1.3B, 6B) or 5.03e-6 / batch 8 (175B); the
             exported epoch is the one whose greedy samples the RM scores highest.
-  ppo_init  the PPO-init model: SFT for 2 epochs with pretraining rows mixed into each batch
-            (paper 10%; here 4 of 32 rows, see the note in `pipeline`).
+  ppo_init  the PPO-init model: SFT for 2 epochs with pretraining text mixed in at the paper's
+            10% of the loss (1 row in 8 of each batch, see the note in `pipeline`).
   ppo_ptx   PPO-ptx: 256k episodes = 500 iterations of 512 prompts, minibatch 64, 1 epoch,
             beta 0.02, gamma_ptx 27.8 with 8 pretraining sequences per episode, EMA 0.992,
             temperature 1, prompts up to 1024 tokens and responses up to 1024; value network
@@ -159,6 +161,10 @@ def pipeline(
     tokenizer = tokenizer or f"{base}/tokenizer.model"
 
     config.rm = reward.default_config()  # 1 epoch, LR 9e-6 cosine to 10%, 64 prompts
+    # Deviation (paper: the RM starts from the 6B SFT model, docs/method.md §2): it starts
+    # from `rm_base`, a pretrained model, because SFT's checkpoint is chosen by this RM's
+    # score (so the RM runs first) and at sizes other than 6B no 6B SFT model is trained
+    # here. To follow the paper, pass the export of a 6B SFT run as rm_base=DIR.
     config.rm.init_from = rm_base
     config.rm.tokenizer_from = tokenizer
     config.rm.batch_size = 8 if s else 64
@@ -178,10 +184,12 @@ def pipeline(
     config.ppo_init = sft.default_config()
     config.ppo_init.update(config.sft.to_dict())
     config.ppo_init.num_epochs = 1 if s else 2
-    # Paper: 10%. The mix is per batch and each host loads whole rows of both streams, so
-    # 4 of 32 rows (12.5%) is the nearest share that splits over up to 4 hosts; on more hosts
-    # raise ppo_init.batch_size so both row counts divide by the host count.
-    config.ppo_init.ptx_fraction = 0.125
+    # The paper's 10% pretraining mix, as a weight on the two sources' token means (the loss
+    # share is exact whatever the rows hold). Each host loads whole rows of both streams, so
+    # 1 row in 8 is pretraining text: both row counts then split over up to 4 hosts at batch
+    # 32; on more hosts raise ppo_init.batch_size so both divide by the host count.
+    config.ppo_init.ptx_fraction = 0.1
+    config.ppo_init.ptx_rows = config.ppo_init.batch_size // 8
     config.ppo_init.select_by = "last"
     config.ppo_init.select_reward_from = ""
 

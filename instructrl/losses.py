@@ -101,6 +101,14 @@ def lm_loss_sum(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array,
     return masked_sum(nll, loss_mask), jnp.sum(_valid(loss_mask)).astype(nll.dtype)
 
 
+def weighted_lm_loss_sum(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
+    """(sum of weights x NLL, sum of weights): lm_loss_sum with a float weight per token
+    (weights [B, T] >= 0, 0 = not counted), e.g. a mix of two sources' token means."""
+    nll = -token_logprobs(logits, targets)
+    w = _up(weights)
+    return jnp.sum(jnp.where(w > 0, nll, 0.0) * w), jnp.sum(w)
+
+
 def lm_loss(logits: Array, targets: Array, loss_mask: Array) -> Array:
     """Mean next-token NLL over tokens with loss_mask > 0 (0 if none). Shapes as lm_loss_sum."""
     total, count = lm_loss_sum(logits, targets, loss_mask)

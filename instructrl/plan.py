@@ -224,10 +224,10 @@ def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
 
 def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     """PPO / PPO-ptx: the rollout and the update programs of instructrl/rl/ppo.py."""
-    from instructrl.stages.ppo import DRIVER_KEYS
+    from instructrl.stages.ppo import ppo_config
 
     c = config[name]
-    cfg = ppo.PPOConfig.from_config(c, name=name, extra_keys=DRIVER_KEYS, stop_token=1)
+    cfg = ppo_config(c, name, stop_token=1, pad_id=0, penalty_unit=1.0)
     pol_mc, pol_src = _stage_model(config, c, "model")
     rm_mc, rm_src = _stage_model(config, c, "reward_model", key="reward_from")
     separate_value = not cfg.value_head_on_policy  # else a head on the policy trunk

@@ -40,14 +40,17 @@ def generate(
     temperature: float = 1.0,
     greedy: bool = False,
     batch_size: int = 64,
-) -> tuple[list[str], list[bool], list[float]]:
-    """One response per prompt: (texts, stopped, summed logprobs).
+    with_ids: bool = False,
+) -> tuple[list[str], list[bool], list[float]] | tuple[list[str], list[bool], list[float], list]:
+    """One response per prompt: (texts, stopped, summed logprobs), and with `with_ids` the
+    sampled token ids of each response (stop token excluded) as a fourth list: decoding and
+    re-encoding need not give back the ids the policy sampled.
 
     Prompts are `[BOS] prompt`, left-padded to `max_prompt_len` (a longer prompt is an error:
     drop it first); generation stops at EOS. Batches are padded to `batch_size` rows so every
     call compiles once.
     """
-    texts, stopped, logps = [], [], []
+    texts, stopped, logps, ids = [], [], [], []
     rng = jax.random.key(seed)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -76,7 +79,9 @@ def generate(
             texts.append(text)
             stopped.append(stop)
             logps.append(float(out_logp[i].sum()))
-    return texts, stopped, logps
+            row = out_tokens[i][out_mask[i] > 0].tolist()
+            ids.append(row[:-1] if stop else row)
+    return (texts, stopped, logps, ids) if with_ids else (texts, stopped, logps)
 
 
 def decode_response(tokens: np.ndarray, mask: np.ndarray, tokenizer: Any) -> tuple[str, bool]:

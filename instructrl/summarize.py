@@ -60,7 +60,7 @@ from instructrl.eval.seeds import (
 # (results.json key, column heading) of the per-model means table.
 # Settings that define what a win rate measures: runs that differ here are not seeds of one
 # experiment.
-SAME_SETTINGS = ("num_prompts", "num_samples", "temperature", "greedy")
+SAME_SETTINGS = ("num_prompts", "num_samples", "temperature", "greedy", "split")
 
 
 # ---------------------------------------------------------------- reading

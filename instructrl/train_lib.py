@@ -50,6 +50,8 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     c.end_ratio = 0.1  # cosine reaches end_ratio * lr at total_steps
     c.b1 = 0.9
     c.b2 = 0.95
+    # Not in the paper (method note): Adam's epsilon is optax's default, and gradients are
+    # clipped at global norm 1 (below), GPT-3's practice; the paper states neither for SFT/RM/PPO.
     c.eps = 1e-8
     # Decoupled (AdamW) decay, applied to matrices only (ndim >= 2: kernels and embedding
     # tables); biases and norm scales are never decayed (GPT-2/3 practice).

@@ -74,15 +74,13 @@ class PPOBench:
         from instructrl import sharding
         from instructrl.models import ModelConfig, Transformer
         from instructrl.rl import ppo
-        from instructrl.stages.ppo import DRIVER_KEYS
+        from instructrl.stages.ppo import ppo_config
 
         exp = tiny_instructgpt.get_config(f"size={size}")
         section = exp.ppo
         if quick:
             section.batch_size = 16
-        self.cfg = ppo.PPOConfig.from_config(
-            section, extra_keys=DRIVER_KEYS, stop_token=EOS, pad_id=PAD
-        )
+        self.cfg = ppo_config(section, "ppo", EOS, PAD, penalty_unit=1.0)
         self.model_config = ModelConfig.from_dict(exp.model.to_dict())
         self.prompt_len = exp.data.max_prompt_len
         self.mesh = sharding.make_mesh(exp.mesh)
@@ -130,7 +128,6 @@ class PPOBench:
 
     def rollout(self):
         """The stage's rollout call (rollout params, rng fold-in and beta as it passes them)."""
-        import jax
 
         from instructrl.rl import ppo
 
@@ -139,7 +136,7 @@ class PPOBench:
             params,
             self.batch["prompt_tokens"],
             self.batch["prompt_mask"],
-            jax.random.fold_in(self.state.rng, self.step),
+            ppo.iteration_keys(self.state.rng, self.step)[0],
             self.state.kl["beta"],
         )
 
@@ -180,7 +177,7 @@ class PPOBench:
             "rollout_params": lambda: ppo.rollout_params(
                 self.state, self.reference, self.reward, 1.0, 0.0
             ),
-            "rng_fold_in": lambda: jax.random.fold_in(self.state.rng, self.step),
+            "rng_fold_in": lambda: ppo.iteration_keys(self.state.rng, self.step)[0],
         }
         out, values = {}, {}
         for name, fn in parts.items():
@@ -214,13 +211,12 @@ class PPOBench:
 
     def host_ops_in_programs(self) -> dict[str, list[str]]:
         """Host-crossing ops (callbacks, send/recv, in/outfeed) in the lowered programs."""
-        import jax
 
         from instructrl import sharding
         from instructrl.rl import ppo
 
         params = ppo.rollout_params(self.state, self.reference, self.reward, 1.0, 0.0)
-        key = jax.random.fold_in(self.state.rng, self.step)
+        key = ppo.iteration_keys(self.state.rng, self.step)[0]
         with sharding.mesh_context(self.mesh, self.rules):
             rollout_args = (
                 params,

@@ -42,7 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from instructrl.data.config import KINDS
-from instructrl.data.records import LengthLimits, LoadStats, iter_records
+from instructrl.data.records import LengthLimits, LoadStats, iter_records, tokenizer_fingerprint
 from instructrl.errors import ConfigError, InputError
 
 FORMAT_VERSION = "1.0.0"  # bump when the stored record encoding changes
@@ -177,19 +177,6 @@ def resolve_files(kind: str, config: ml_collections.ConfigDict) -> tuple[list[st
             f"config key 'data.{kind}': no files (set it, or put {kind}.jsonl in data.dir={config.dir!r})"
         )
     return train, validation
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of a tokenizer's behaviour through its public API: special ids, every piece,
-    and the encoding of a probe text (catches normaliser differences)."""
-    h = hashlib.sha256()
-    ids = (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    h.update(repr(ids).encode())
-    for i in range(tokenizer.vocab_size):
-        h.update(tokenizer.id_to_piece(i).encode("utf-8", "surrogatepass") + b"\0")
-    probe = "  Hello,\tWORLD! ｆｕｌｌ-width 123 café 東京 🤖\n\nAssistant:"
-    h.update(repr(tokenizer.encode(probe)).encode())
-    return h.hexdigest()
 
 
 def _file_hash(path: str) -> str:

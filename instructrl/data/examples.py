@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from instructrl.data.records import LengthLimits
+from instructrl.data.records import LengthLimits, tokenizer_fingerprint
 from instructrl.losses import pairs_from_ranking
 
 Example = dict[str, np.ndarray]
@@ -34,7 +34,10 @@ def _decode(element: dict[str, Any] | bytes) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def _response(ids: list[int], room: int, eos: int) -> list[int]:
+def _response(ids: list[int], room: int, eos: int, stopped: bool = True) -> list[int]:
+    """The response's tokens within `room`: + EOS when it stopped and fits, else cut."""
+    if not stopped:
+        return list(ids[:room])
     return [*ids, eos] if len(ids) <= room else ids[:room]
 
 
@@ -112,9 +115,12 @@ def rm_example(
     bos: int,
     eos: int,
     pad_id: int,
+    stopped: list[bool] | None = None,
 ) -> Example:
     """tokens/mask/positions int32 [K_max, seq_len], response_mask int32 [K_max],
-    pair_mask float32 [K_max, K_max]."""
+    pair_mask float32 [K_max, K_max]. stopped [K]: whether each response ended with the stop
+    token (None: all did); one that did not gets no EOS, as the policy's cut-off samples in
+    PPO have none, so the RM reads it at its last token there and here alike."""
     k, t = len(responses_ids), limits.seq_len
     if k > k_max:
         raise ValueError(f"comparison has {k} responses but K_max={k_max} (data.max_responses)")
@@ -122,8 +128,9 @@ def rm_example(
     room = limits.response_room(len(prompt))
     tokens = np.full((k_max, t), pad_id, np.int32)
     mask = np.zeros((k_max, t), np.int32)
+    stopped = [True] * k if stopped is None else stopped
     for i, ids in enumerate(responses_ids):
-        seq = prompt + _response(ids, room, eos)
+        seq = prompt + _response(ids, room, eos, stopped[i])
         tokens[i, : len(seq)] = seq
         mask[i, : len(seq)] = 1
     positions = np.where(mask > 0, np.arange(t)[None, :], 0).astype(np.int32)
@@ -183,16 +190,24 @@ class LMMap(_Tokenizing):
 
 
 class RMMap(_Tokenizing):
+    """Comparison records -> rm_example. Responses that carry the ids they were sampled as,
+    for this very tokenizer (same fingerprint), use those ids; others are encoded."""
+
     def __init__(self, tokenizer: Any, limits: LengthLimits, k_max: int):
         super().__init__(tokenizer, limits)
         self.k_max = k_max
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
 
     def __call__(self, element: dict[str, Any]) -> Example:
         r = _decode(element)
         tok = self.tok
+        if "response_ids" in r and r.get("tokenizer") == self.fingerprint:
+            responses = r["response_ids"]
+        else:
+            responses = [tok.encode(x) for x in r["responses"]]
         return rm_example(
             tok.encode(r["prompt"]),
-            [tok.encode(x) for x in r["responses"]],
+            responses,
             r["ranking"],
             r.get("ties", []),
             self.limits,
@@ -200,6 +215,7 @@ class RMMap(_Tokenizing):
             tok.bos_id,
             tok.eos_id,
             tok.pad_id,
+            r.get("stopped"),
         )
 
 

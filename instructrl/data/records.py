@@ -3,7 +3,11 @@
     demonstrations  {"prompt": str, "completion": str}
     comparisons     {"prompt": str, "responses": [str, ...K], "ranking": [int, ...K]}
                     (ranking: response indices, best first; optional "ties": [[i, j, ...], ...],
-                    groups of responses the labeler could not separate) or the pairwise
+                    groups of responses the labeler could not separate; optional "stopped":
+                    [bool, ...K], whether each response ended with the stop token (default
+                    all true); optional "response_ids": [[int, ...], ...K] with "tokenizer":
+                    the ids each response was sampled as and the fingerprint of their
+                    tokenizer (tokenizer_fingerprint below)) or the pairwise
                     {"prompt": str, "chosen": str, "rejected": str} (a K = 2 ranking)
     prompts         {"prompt": str, ...extra fields passed through}
     pretrain        {"text": str} lines, or plain .txt files (one document per file)
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -244,25 +249,43 @@ def _comparison(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
     k = len(responses)
     if k < 2:
         raise InvalidRecord("too_few_responses", f"needs at least 2 responses, got {k}")
-    first: dict[str, int] = {}
-    for i, r in enumerate(responses):
-        if r in first:
+    stopped = _bool_list(obj["stopped"], "stopped", k) if "stopped" in obj else [True] * k
+    first: dict[tuple[str, bool], int] = {}
+    for i, key in enumerate(zip(responses, stopped, strict=True)):
+        if key in first:  # the same text, one stopped and one cut off, are two responses
             raise InvalidRecord(
-                "duplicate_responses", f"responses {first[r]} and {i} are identical"
+                "duplicate_responses", f"responses {first[key]} and {i} are identical"
             )
-        first[r] = i
+        first[key] = i
     if max_responses and k > max_responses:
         raise InvalidRecord(
             "too_many_responses", f"has {k} responses; data.max_responses={max_responses}"
         )
     if sorted(ranking) != list(range(k)):
         raise InvalidRecord("bad_ranking", f"ranking {ranking} is not a permutation of 0..{k - 1}")
-    return {
+    out = {
         "prompt": prompt,
         "responses": responses,
         "ranking": ranking,
         "ties": _ties(obj.get("ties"), ranking, k),
     }
+    if "stopped" in obj:
+        out["stopped"] = stopped
+    if "response_ids" in obj:
+        ids = obj["response_ids"]
+        if not isinstance(ids, list) or len(ids) != k:
+            raise InvalidRecord(
+                "wrong_type", f"field 'response_ids' must be a list of {k} id lists"
+            )
+        out["response_ids"] = [_int_list(x, f"response_ids[{i}]") for i, x in enumerate(ids)]
+        out["tokenizer"] = _string(obj, "tokenizer")
+    return out
+
+
+def _bool_list(v: Any, name: str, k: int) -> list[bool]:
+    if not isinstance(v, list) or len(v) != k or not all(isinstance(x, bool) for x in v):
+        raise InvalidRecord("wrong_type", f"field '{name}' must be a list of {k} booleans")
+    return list(v)
 
 
 def _prompt(obj: dict[str, Any], max_responses: int) -> dict[str, Any]:
@@ -459,3 +482,16 @@ def read_prompts(paths: str | Sequence[str], **kw: Any) -> tuple[list[Record], L
 
 def read_pretrain(paths: str | Sequence[str], **kw: Any) -> tuple[list[Record], LoadStats]:
     return read_records("pretrain", paths, **kw)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of a tokenizer's behaviour through its public API: special ids, every piece,
+    and the encoding of a probe text (catches normaliser differences)."""
+    h = hashlib.sha256()
+    ids = (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    h.update(repr(ids).encode())
+    for i in range(tokenizer.vocab_size):
+        h.update(tokenizer.id_to_piece(i).encode("utf-8", "surrogatepass") + b"\0")
+    probe = "  Hello,\tWORLD! ｆｕｌｌ-width 123 café 東京 🤖\n\nAssistant:"
+    h.update(repr(tokenizer.encode(probe)).encode())
+    return h.hexdigest()

@@ -152,9 +152,10 @@ def main_table(summary: Mapping[str, Any]) -> str:
         found = [_find(summary, s, label) for s, _ in cols]
         rows.append([label, *(_pm(m) if m else "—" for m in found)])
     s = summary["settings"]
+    split = f" {s['split']}" if s.get("split") in ("dev", "test") else ""
     title = (
         f"Win rate against {summary['reference']['stage']} (gold judge, ties 1/2; "
-        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
+        f"{s['num_prompts']}{split} prompts x {s['num_samples']} samples, T={s['temperature']}"
         f"{', greedy' if s['greedy'] else ''})"
     )
     return title + "\n\n" + markdown_table(["model", *(h for _, h in cols)], rows)
@@ -203,7 +204,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         "## Instructions, constraints, length",
         "",
         "constraints: share of responses that keep the prompt's explicit constraint (one "
-        "word, at most N words, K items / not X / below N); perfect: gold score 1.",
+        "word, at most N words, K items / not X / below N); perfect: gold score 1; KL: "
+        "nats per response from the reference, on the evaluated model's own samples.",
         "",
     ]
     out.append(
@@ -217,6 +219,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
                 "stopped",
                 "words",
                 "tokens",
+                "KL",
             ],
             [
                 [
@@ -228,6 +231,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
                     _fmt(m["stopped_rate"]),
                     _fmt(m["length_words"], 1),
                     _fmt(m["length_tokens"], 1),
+                    _fmt(m.get("kl_to_reference"), 2),
                 ]
                 for m in models
             ],

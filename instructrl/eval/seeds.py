@@ -114,11 +114,15 @@ def _mean_cell(s: Stat, runs: int, with_sd: bool = False) -> str:
     return f"{s.mean:.3f}{sd}" + (f" ({s.n}/{runs})" if s.n < runs else "")
 
 
+def _split(s: Mapping[str, Any]) -> str:
+    return f" {s['split']}" if s.get("split") in ("dev", "test") else ""
+
+
 def settings_text(s: Mapping[str, Any]) -> str:
     """How the win rates were measured, from an eval's `settings`."""
     return (
-        f"{s['num_prompts']} prompts x {s['num_samples']} samples, T={s['temperature']}"
-        f"{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2."
+        f"{s['num_prompts']}{_split(s)} prompts x {s['num_samples']} samples, "
+        f"T={s['temperature']}{', greedy' if s['greedy'] else ''}; gold judge, ties 1/2."
     )
 
 

@@ -58,6 +58,20 @@ class Normalization:
     def apply(self, raw: jax.Array) -> jax.Array:
         return self.gain * raw + self.bias
 
+    @property
+    def score_std(self) -> float:
+        """Standard deviation of the normalised scores the fit used (one "RM sd")."""
+        return abs(self.gain) * self.raw_std
+
+    @classmethod
+    def load(cls, export_dir: str) -> Normalization:
+        """The normalisation saved next to an RM export (identity when there is none)."""
+        path = os.path.join(export_dir, NORMALIZATION_FILE)
+        if not os.path.exists(path):
+            return cls()
+        with open(path) as f:
+            return cls(**json.load(f))
+
 
 def score_tokens(
     model: Transformer,
@@ -110,11 +124,7 @@ class RewardModel:
     @classmethod
     def load(cls, export_dir: str, tokenizer: Any = None, shardings: Any = None) -> RewardModel:
         params, model_dict = ckpt_lib.load_exported(export_dir, shardings)
-        path = os.path.join(export_dir, NORMALIZATION_FILE)
-        norm = Normalization()
-        if os.path.exists(path):
-            with open(path) as f:
-                norm = Normalization(**json.load(f))
+        norm = Normalization.load(export_dir)
         config = ModelConfig.from_dict(model_dict)
         return cls(Transformer(config, head="scalar"), params, norm, tokenizer, config.max_len)
 

@@ -30,15 +30,17 @@ A driver, in short (mesh/rules from the config; sft/rm params loaded onto their 
                      value=None if cfg.value_head_on_policy else Transformer(rm_mc, head="scalar"))
   opt = make_ppo_optimizer(cfg, config.ppo, num_iterations)
   abstract, state_sh = abstract_ppo_state(models, cfg, opt, mesh, rules)
-  state = create_ppo_state(cfg, opt, sft, init_value_params(models, cfg, rm), key, state_sh)
+  value = init_value_params(models, cfg, rm, gain, bias)  # the RM's normalisation folded in
+  state = create_ppo_state(cfg, opt, sft, value, key, state_sh)
   rollout_fn = make_rollout_fn(models, cfg, mesh=mesh, rules=rules)
   update_fn = make_update_fn(models, cfg, opt, mesh=mesh, rules=rules, state_shardings=state_sh)
   for it in range(int(state.step), num_iterations):
       batch = shard_batch(next(data), mesh)
       ptx = {k: batch["ptx_" + k] for k in PTX_KEYS}
+      rollout_key, _ = iteration_keys(state.rng, it)         # the update derives the other
       ro = rollout_fn(rollout_params(state, sft, rm, gain, bias), batch["prompt_tokens"],
-                      batch["prompt_mask"], jax.random.fold_in(key, it), state.kl["beta"])
-      state, metrics = update_fn(state, ro, ptx, key)       # folds in state.step itself
+                      batch["prompt_mask"], rollout_key, state.kl["beta"])
+      state, metrics = update_fn(state, ro, ptx, state.rng)
       # log {**ro.metrics, **metrics} on logging steps; checkpoint state; export state.ema
 
 Not here: data, checkpoints, logging (the stage driver instructrl/stages/ppo.py).
@@ -89,8 +91,10 @@ __all__ = [
     "abstract_ppo_state",
     "create_ppo_state",
     "default_ppo_config",
+    "ema_decay_for_run",
     "init_ppo_state",
     "init_value_params",
+    "iteration_keys",
     "join_prompt_response",
     "make_ppo_optimizer",
     "make_rollout_fn",
@@ -108,6 +112,16 @@ __all__ = [
 
 PyTree = Any
 PTX_KEYS = ("tokens", "targets", "loss_mask", "mask", "positions")
+_ROLLOUT_STREAM, _UPDATE_STREAM = 0, 1
+
+
+def iteration_keys(base: jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """(rollout key, update key) of iteration `step`, from separate streams of the run's base
+    key: sampling (token i uses fold_in(rollout key, i)) and the update's per-epoch
+    permutations (split(update key, epochs)) never share a key."""
+    rollout_key = jax.random.fold_in(jax.random.fold_in(base, _ROLLOUT_STREAM), step)
+    update_key = jax.random.fold_in(jax.random.fold_in(base, _UPDATE_STREAM), step)
+    return rollout_key, update_key
 
 
 @flax.struct.dataclass
@@ -140,6 +154,20 @@ class PPOOptimizer(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- construction
+
+
+PAPER_EMA_HORIZON = 125 / 4000  # 0.992 = 1 - 1/125 over the paper's 4,000 updates
+
+
+def ema_decay_for_run(horizon: float, num_updates: int) -> float:
+    """The EMA decay whose time constant 1 / (1 - d) is `horizon` x the run's optimizer
+    updates: the paper's 0.992 at the paper's length (500 iterations x 8 minibatches,
+    horizon 1/32). A fixed 0.992 over a 240-update run would leave 0.992^240 = 14.5% of the
+    exported (EMA) policy at its initialisation; here that share is about exp(-1 / horizon)
+    (1e-15 to 1e-14) at every length. horizon <= 0: no EMA (decay 0, the last policy is exported)."""
+    if horizon <= 0:
+        return 0.0
+    return max(0.0, 1.0 - 1.0 / max(horizon * num_updates, 1.0))
 
 
 def make_ppo_optimizer(
@@ -175,17 +203,34 @@ def make_ppo_optimizer(
 
 
 def init_value_params(
-    models: PPOModels, cfg: PPOConfig, reward_params: PyTree | None = None
+    models: PPOModels,
+    cfg: PPOConfig,
+    reward_params: PyTree | None = None,
+    gain: float = 1.0,
+    bias: float = 0.0,
 ) -> PyTree:
     """Initial value params: a zero head {"kernel" [D,1], "bias" [1]} on the policy trunk, or
-    (paper) the reward model's params for a separate value network of the RM's architecture."""
+    (paper) the reward model's params for a separate value network of the RM's architecture,
+    with the RM's normalisation `score = gain * raw + bias` folded into its scalar head
+    (kernel x gain, bias x gain + bias), as Stiennon et al. fold it into the RM itself.
+
+    Why the fold: rewards are normalised scores, and with gamma = 1 a constant offset c in V
+    shifts each GAE advantage by -c * lam^(T-t); advantage whitening removes the mean, not
+    this position-dependent part, which would push against late tokens and the stop token.
+    """
     if cfg.value_head_on_policy:
         d = models.policy.config.d_model
         dtype = jnp.dtype(models.policy.config.param_dtype)
         return {"kernel": jnp.zeros((d, 1), dtype), "bias": jnp.zeros((1,), dtype)}
     if reward_params is None:
         raise ConfigError("init_value_params: a separate value network starts from the RM params")
-    return reward_params
+    head = reward_params["head"]
+    kernel, b = head["kernel"], head["bias"]
+    folded = {
+        "kernel": (kernel.astype(jnp.float32) * gain).astype(kernel.dtype),
+        "bias": (b.astype(jnp.float32) * gain + bias).astype(b.dtype),
+    }
+    return {**reward_params, "head": folded}
 
 
 def _opt_init(opt: PPOOptimizer, params: dict) -> dict:
@@ -367,7 +412,8 @@ def update(
     """One PPO iteration's optimisation (pure; make_update_fn jits it, state donated).
 
     batch: the rollout [B, ...]. ptx_batch: PTX_KEYS int32 [ptx_ratio * B, T] or None when
-    ptx_coef == 0. rng: base key; fold_in(rng, state.step) draws the per-epoch permutations.
+    ptx_coef == 0. rng: the run's base key; the per-epoch permutations are drawn from
+    iteration_keys(rng, state.step)[1] (the rollout draws from [0]).
     Returns the new state (step + 1) and metrics (f32 scalars; means over all minibatches
     unless named *_first: first minibatch of the first epoch, before any update).
     """
@@ -375,7 +421,7 @@ def update(
     m = cfg.num_minibatches
     if b % m:
         raise ConfigError(f"config key 'ppo.num_minibatches' = {m} does not divide batch {b}")
-    rng = jax.random.fold_in(rng, state.step)
+    _, rng = iteration_keys(rng, state.step)
     mask = batch.response_mask
     rewards = batch.rewards
     if cfg.whiten_rewards:

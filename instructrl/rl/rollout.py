@@ -63,7 +63,10 @@ class PPOConfig:
     stop_token: int = -1  # must be set: the tokenizer's EOS id
     pad_id: int = 0
     penalize_no_stop: bool = True
-    no_stop_penalty: float = -1.0  # score of a response without a stop token (Ziegler et al.)
+    # Score of a response without a stop token (Ziegler et al.), in the rollout's normalised
+    # score units. The ppo stage reads its config key `no_stop_penalty` in RM standard
+    # deviations (measured on the demonstrations) and converts (stages/ppo.py).
+    no_stop_penalty: float = -1.0
     kl_coef: float = 0.02  # beta (initial beta when adaptive)
     adaptive_kl: bool = False
     kl_target: float = 6.0
@@ -76,9 +79,13 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1  # only when the value head shares the policy trunk
     value_head_on_policy: bool = False  # False: separate value network initialised from the RM
-    ptx_coef: float = 27.8  # gamma of PPO-ptx; 0 = plain PPO
+    # gamma of PPO-ptx (0 = plain PPO). It multiplies the pretraining LM loss as a token mean
+    # over its rows (losses.lm_loss), added to the per-minibatch PPO loss (token means too).
+    ptx_coef: float = 27.8
     ptx_ratio: float = 8.0  # pretraining sequences per episode
-    ema_decay: float = 0.992  # EMA of the policy params, updated after every optimizer step
+    # EMA of the policy params, updated after every optimizer step; the evaluated model. The
+    # ppo stage sets it from `ema_horizon` and the run length (ema_decay_for_run).
+    ema_decay: float = 0.992
     warmup_iterations: int = 10  # LR warm-up from optimizer.warmup_init * lr, in iterations
 
     @property

@@ -13,7 +13,8 @@ paper's: noise-free labelers without length preferences, who rank by the gold sc
 shows how much of its error is label noise and how much is its own generalisation.
 
 Writes `DIR/<name>/comparisons.jsonl` (standard format: identical responses collapsed, ties
-as "ties" groups, each response's "stopped" flag) and `labelers.json`.
+as "ties" groups, each response's "stopped" flag and its sampled "response_ids" with the
+"tokenizer" fingerprint they belong to) and `labelers.json`.
 Only the synthetic world has gold scorers, so this stage needs its prompt records
 (`family`, `params` fields).
 """
@@ -31,6 +32,7 @@ from absl import logging
 
 from instructrl import world
 from instructrl.data import read_prompts
+from instructrl.data.records import tokenizer_fingerprint
 from instructrl.errors import ConfigError, InputError
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
@@ -88,21 +90,27 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     new_tokens = min(config.data.max_response_len + 1, config.model.max_len - prompt_len)
     responses = [[] for _ in records]
     stopped = [[] for _ in records]
+    sampled_ids = [[] for _ in records]
     models = {p: load_stage_model(workdir, p) for p in policies}
     for j in range(c.k_max):
         policy = policies[j % len(policies)]
         rows = [i for i in range(len(records)) if ks[i] > j]
         model, params = models[policy]
-        texts, stops, _ = generate(
+        texts, stops, _, ids = generate(
             model, params, tokenizer, [records[i]["prompt"] for i in rows],
             max_new_tokens=new_tokens, max_prompt_len=prompt_len,
-            seed=c.seed * 1000 + j, temperature=c.temperature,
+            seed=c.seed * 1000 + j, temperature=c.temperature, with_ids=True,
         )  # fmt: skip
-        for i, t, s in zip(rows, texts, stops, strict=True):
+        for i, t, s, x in zip(rows, texts, stops, ids, strict=True):
             # Empty answers (an immediate stop token) are kept and ranked: an RM that never
             # saw one scores it arbitrarily, and PPO then learns to say nothing.
             responses[i].append(t)
             stopped[i].append(s)
+            sampled_ids[i].append(x)
+    # The RM scores the policy's sampled ids in PPO; a text re-encoded need not give them
+    # back, so the records keep the ids (with the tokenizer they belong to) for RM training.
+    flat = [(t, x) for ts, xs in zip(responses, sampled_ids, strict=True) for t, x in zip(ts, xs, strict=True)]  # fmt: skip
+    retokenized = float(np.mean([tokenizer.encode(t) != x for t, x in flat]))
 
     # ---- labelers: calibrate on half the prompts, measure agreement on the other half
     pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
@@ -134,7 +142,12 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     agreement = labelers.pairwise_agreement(
         pool, records[half:], responses[half:], np.random.default_rng(c.seed + 1), stopped[half:]
     )
-    comparisons = labelers.collect_comparisons(records, responses, stopped, pool, rng)
+    comparisons = labelers.collect_comparisons(
+        records, responses, stopped, pool, rng, response_ids=sampled_ids
+    )
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    for rec in comparisons:
+        rec["tokenizer"] = fingerprint
     gold = [
         np.mean([world.score(r, t, s) for t, s in zip(resp, st, strict=True)])
         for r, resp, st in zip(records, responses, stopped, strict=True)
@@ -149,12 +162,14 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "agreement_ceiling": ceiling,
         "mean_gold_score_of_samples": float(np.mean(gold)),
         "stopped_fraction": float(np.mean([s for st in stopped for s in st])),
+        # share of sampled responses whose text re-encodes to other ids than were sampled
+        "retokenized_fraction": retokenized,
     }
     logging.info(
         "%s: %d comparisons of K = %d..%d from %s (mean K %.2f); labeler agreement %.3f, "
-        "noise %.3g; mean gold score of the samples %.3f",
+        "noise %.3g; mean gold score of the samples %.3f; %.1f%% re-encode to other ids",
         name, len(comparisons), c.k_min, c.k_max, c.policies, summary["mean_k"], agreement,
-        pool.noise, summary["mean_gold_score_of_samples"],
+        pool.noise, summary["mean_gold_score_of_samples"], 100 * retokenized,
     )  # fmt: skip
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)

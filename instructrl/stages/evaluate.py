@@ -59,6 +59,7 @@ from instructrl.errors import ConfigError, InputError
 from instructrl.eval.alignment_tax import alignment_tax
 from instructrl.eval.judge import best_of_n, fillers_dropped, gold_scores, response_metrics
 from instructrl.eval.metrics import (
+    batched_nll,
     ranking_accuracy,
     text_windows,
 )
@@ -76,8 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.models = ["GPT=pretrain", "GPT (prompted)=pretrain:fewshot", "SFT=sft"]  # module doc
     c.reference = "sft"  # stage every model is compared with (the larger SFT model)
     c.tokenizer_from = "tokenizer"
-    c.prompts = "@world/prompts_eval.jsonl"  # held-out prompts with gold-scorer fields
-    c.fewshot_prompts = "@world/prompts_eval_fewshot.jsonl"
+    # Held-out prompts with gold-scorer fields: "@world/prompts_{split}.jsonl" ("" = that).
+    # dev for every choice of a setting; test only for the final tables.
+    c.split = "dev"
+    c.prompts = ""
+    c.fewshot_prompts = ""  # the same prompts with examples; "" = @world/prompts_{split}_fewshot
     c.num_prompts = 0  # 0 = all
     c.num_samples = 4  # responses per prompt and model (1 when greedy)
     c.temperature = 1.0
@@ -185,7 +189,8 @@ class EvalData:
 def sample_responses(
     model, params, tokenizer, prompts: Sequence[str], c, *, seed: int, budget: int, key: str
 ) -> tuple[list[list[str]], list[list[bool]], int]:
-    """k responses per prompt: texts [N][k], stopped [N][k], and the new-token budget used."""
+    """k responses per prompt: texts [N][k], stopped [N][k], the new-token budget used, and
+    the sampled token ids [N][k] (stop token excluded)."""
     k = 1 if c.greedy else c.num_samples
     prompt_len = max(len(tokenizer.encode(p)) + 1 for p in prompts)
     new_tokens = min(budget, model.config.max_len - prompt_len)
@@ -199,7 +204,7 @@ def sample_responses(
             new_tokens,
             budget,
         )
-    texts, stopped, _ = generate(
+    texts, stopped, _, ids = generate(
         model,
         params,
         tokenizer,
@@ -210,11 +215,14 @@ def sample_responses(
         temperature=c.temperature,
         greedy=c.greedy,
         batch_size=c.batch_size,
+        with_ids=True,
     )
+    per_prompt = [slice(i * k, (i + 1) * k) for i in range(len(prompts))]
     return (
-        [texts[i * k : (i + 1) * k] for i in range(len(prompts))],
-        [stopped[i * k : (i + 1) * k] for i in range(len(prompts))],
+        [texts[s] for s in per_prompt],
+        [stopped[s] for s in per_prompt],
         new_tokens,
+        [ids[s] for s in per_prompt],
     )
 
 
@@ -265,7 +273,7 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     sample_cfg.update(num_samples=c.best_of_n, greedy=False)
     policy = c.best_of_n_from or c.reference
     model, params = stage_model(workdir, policy, loaded)
-    texts, stopped, _ = sample_responses(
+    texts, stopped, _, _ = sample_responses(
         model,
         params,
         tokenizer,
@@ -277,6 +285,37 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     )
     gold = gold_scores(data.records, texts, stopped)
     return {"policy": policy, "texts": texts, "stopped": stopped, "gold": gold}
+
+
+def response_rows(tokenizer, prompts, ids, stopped) -> tuple[list[list[int]], list[int]]:
+    """Token rows [BOS] prompt response [EOS if it stopped] of sampled ids [N][k], and the
+    index of each row's first response token (where its NLL starts counting)."""
+    rows, first = [], []
+    for prompt, row_ids, row_stopped in zip(prompts, ids, stopped, strict=True):
+        prefix = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        for x, stop in zip(row_ids, row_stopped, strict=True):
+            rows.append(prefix + list(x) + ([tokenizer.eos_id] if stop else []))
+            first.append(len(prefix))
+    return rows, first
+
+
+def add_kl_to_reference(workdir, c, tokenizer, results: list[dict], samples: list[dict]) -> None:
+    """results[i]["kl_to_reference"]: the mean over model i's own samples of
+    log p_model(y|x) - log p_reference(y|x) (nats per response; the sampled-KL estimate of
+    KL(model || reference) at temperature 1), for the evaluated model itself (for PPO, its
+    EMA export). None for few-shot and greedy evaluations. The reference is loaded once,
+    after the others, so one model is in memory at a time."""
+    todo = [(r, s.pop("kl_rows")) for r, s in zip(results, samples, strict=True) if "kl_rows" in s]
+    for r in results:
+        r["kl_to_reference"] = None
+    if not todo or c.temperature != 1.0:
+        return
+    model, params = load_stage_model(workdir, c.reference)
+    for result, (rows, first, nll) in todo:
+        ref_nll, _ = batched_nll(
+            model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
+        )
+        result["kl_to_reference"] = float(np.mean(ref_nll - nll))
 
 
 # ---------------------------------------------------------------- the stage
@@ -299,7 +338,7 @@ def evaluate_stage(
     results, samples = [], []
     for s in specs:
         prompts = [r["prompt"] for r in (data.fewshot if s.fewshot else data.records)]
-        texts, stopped, new_tokens = sample_responses(
+        texts, stopped, new_tokens, ids = sample_responses(
             model,
             params,
             tokenizer,
@@ -319,9 +358,14 @@ def evaluate_stage(
                 **({k: None for k in tax} if s.fewshot else tax),
             }
         )
-        samples.append(
-            {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
-        )
+        sample = {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
+        if not s.fewshot and not c.greedy:  # KL to the reference: its samples, this model's NLL
+            rows, first = response_rows(tokenizer, prompts, ids, stopped)
+            nll, _ = batched_nll(
+                model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
+            )
+            sample["kl_rows"] = (rows, first, nll)
+        samples.append(sample)
         logging.info(
             "%s: %s %s (%s): win rate %.3f +- %.3f",
             name,
@@ -334,9 +378,22 @@ def evaluate_stage(
     return results, samples
 
 
+SPLITS = ("dev", "test")
+
+
+def prompt_files(c: ml_collections.ConfigDict, name: str) -> tuple[str, str]:
+    """(prompts, few-shot prompts) of the eval section `c`: its own, else the world's
+    files of `c.split`."""
+    if c.split not in SPLITS:
+        raise ConfigError(f"config key '{name}.split' must be one of {SPLITS}, got {c.split!r}")
+    prompts = c.prompts or f"@world/prompts_{c.split}.jsonl"
+    return prompts, c.fewshot_prompts or f"@world/prompts_{c.split}_fewshot.jsonl"
+
+
 def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) -> EvalData:
     c = config[name]
-    path = inputs.resolve_path(c.prompts, workdir)
+    prompt_file, fewshot_file = prompt_files(c, name)
+    path = inputs.resolve_path(prompt_file, workdir)
     recs = read_prompts(path)[0]
     recs = recs[: c.num_prompts] if c.num_prompts > 0 else recs
     for rec in recs:
@@ -344,7 +401,7 @@ def load_data(config, name: str, workdir: str, tokenizer, need_fewshot: bool) ->
             raise InputError(f"{rec.where}: eval prompts need the world's 'family' and 'params'")
     fewshot = None
     if need_fewshot:
-        fs = read_prompts(inputs.resolve_path(c.fewshot_prompts, workdir))[0][: len(recs)]
+        fs = read_prompts(inputs.resolve_path(fewshot_file, workdir))[0][: len(recs)]
         if len(fs) < len(recs):
             raise InputError(f"config key '{name}.fewshot_prompts': fewer prompts than {path}")
         for a, b in zip(recs, fs, strict=True):
@@ -373,7 +430,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     out_dir = inputs.stage_dir(workdir, name)
     if c.num_samples < 1 or (not c.greedy and c.temperature <= 0):
         raise ConfigError(f"config keys '{name}.num_samples/temperature' need >= 1 and > 0")
-    # ---- check every named stage before any work
+    # ---- check every named stage and file before any work
+    prompt_files(c, name)
     specs = parse_models(c.models, f"{name}.models")
     named = [("models", s.stage) for s in specs] + [("reference", c.reference)]
     named += [(key, s) for key in ("rm_from", "collect_from") for s in stage_list(c[key])]
@@ -390,7 +448,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- reference samples
     model, params = load_stage_model(workdir, c.reference)
-    ref_texts, ref_stopped, _ = sample_responses(
+    ref_texts, ref_stopped, _, _ = sample_responses(
         model,
         params,
         tokenizer,
@@ -432,6 +490,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         reference = None  # one model in memory at a time
     results = [r for stage in stages for r in by_stage[stage][0]]
     samples += [x for stage in stages for x in by_stage[stage][1]]
+    add_kl_to_reference(workdir, c, tokenizer, results, samples[1:])
 
     # ---- RM accuracy vs labeler agreement, PPO curves
     reward_models, rm_selectors = [], {}
@@ -456,6 +515,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             "num_samples": 1 if c.greedy else c.num_samples,
             "temperature": c.temperature,
             "greedy": c.greedy,
+            "split": c.split if not c.prompts else c.prompts,
             "seed": config.seed,
             "judge": "gold scores, ties 1/2",
             "families": list(world.FAMILY_NAMES),

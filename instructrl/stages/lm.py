@@ -46,7 +46,10 @@ def default_config(kind: str) -> ml_collections.ConfigDict:
     c.num_epochs = 16 if kind == "sft" else 1
     c.num_steps = 0  # > 0 overrides num_epochs
     c.dropout = 0.2 if kind == "sft" else -1.0  # residual dropout; < 0 keeps the model's
-    c.ptx_fraction = 0.0  # SFT only: share of each batch drawn from pretraining text
+    # SFT only (the PPO-init model): the pretraining share of the LOSS, as a weight on the two
+    # sources' token means (1 - f) * sft + f * ptx; not a share of tokens (see ptx_loss_weights).
+    c.ptx_fraction = 0.0
+    c.ptx_rows = 0  # pretraining rows per batch; 0 = round(ptx_fraction * batch_size), >= 1
     c.select_by = "rm_score" if kind == "sft" else "last"
     c.select_reward_from = ""  # RM stage for select_by="rm_score"
     c.select_num_prompts = 64
@@ -92,7 +95,9 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
     shard_index, shard_count = sharding.data_shard_info(mesh)
     data_kind = "demonstrations" if kind == "sft" else "pretrain"
     built = inputs.build_data(data_kind, data_cfg, tokenizer)
-    ptx_rows = round(c.ptx_fraction * c.batch_size) if kind == "sft" else 0
+    ptx_rows = 0
+    if kind == "sft" and c.ptx_fraction > 0:
+        ptx_rows = c.ptx_rows or max(1, round(c.ptx_fraction * c.batch_size))
     main_rows = c.batch_size - ptx_rows
     pipeline = sft_pipeline if kind == "sft" else pretrain_pipeline
 
@@ -119,7 +124,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
             process_index=shard_index,
             process_count=shard_count,
         )
-        return MixedIterator(it, ptx)
+        return MixedIterator(it, ptx, c.ptx_fraction)
 
     if c.num_steps > 0:
         total_steps = steps_per_epoch = c.num_steps
@@ -160,6 +165,11 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
             deterministic=False,
             rngs={"dropout": rng},
         )
+        if "loss_weights" in batch:  # a pretraining mix: per-source means, weighted
+            total, weight = losses.weighted_lm_loss_sum(
+                logits, batch["targets"], batch["loss_weights"]
+            )
+            return total / jnp.maximum(weight, 1e-12), {"weight": weight}
         total, count = losses.lm_loss_sum(logits, batch["targets"], batch["loss_mask"])
         return total / jnp.maximum(count, 1.0), {"weight": count}
 
@@ -243,19 +253,37 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
     logging.info("%s: exported step %d (%s) to %s", name, chosen, c.select_by, export_dir)
 
 
-class MixedIterator:
-    """Concatenates each batch of a main stream with a batch of a pretraining stream
-    (rows stacked), with one saveable state for both."""
+def ptx_loss_weights(main_mask: np.ndarray, ptx_mask: np.ndarray, fraction: float) -> np.ndarray:
+    """float32 [Bm + Bp, T] per-token loss weights of a batch whose main rows (loss_mask
+    main_mask [Bm, T]) are stacked over pretraining rows (ptx_mask [Bp, T]): (1 - fraction)
+    spread evenly over the main tokens and `fraction` over the pretraining tokens, so the
+    weighted sum is (1 - f) * mean_main + f * mean_ptx whatever each source's token count.
 
-    def __init__(self, main, ptx):
-        self.main, self.ptx = main, ptx
+    Why: SFT rows count only completion tokens (~10 per demonstration here) and pretraining
+    rows count every token, so a plain token mean over the stacked batch gave the "10%" mix
+    a third or more of the loss."""
+    main = (main_mask > 0).astype(np.float64)
+    ptx = (ptx_mask > 0).astype(np.float64)
+    main *= (1.0 - fraction) / max(main.sum(), 1.0)
+    ptx *= fraction / max(ptx.sum(), 1.0)
+    return np.concatenate([main, ptx], axis=0).astype(np.float32)
+
+
+class MixedIterator:
+    """Stacks each batch of a main stream over a batch of a pretraining stream, adds their
+    per-token `loss_weights` (ptx_loss_weights), and keeps one saveable state for both."""
+
+    def __init__(self, main, ptx, fraction: float):
+        self.main, self.ptx, self.fraction = main, ptx, fraction
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         a, b = next(self.main), next(self.ptx)
-        return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+        batch = {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+        batch["loss_weights"] = ptx_loss_weights(a["loss_mask"], b["loss_mask"], self.fraction)
+        return batch
 
     def get_state(self) -> bytes:
         return json.dumps(

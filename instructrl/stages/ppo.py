@@ -38,7 +38,7 @@ from instructrl import sharding, world
 from instructrl.data import ppo_pipeline, prompt_record
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer
-from instructrl.models.reward import RewardModel
+from instructrl.models.reward import Normalization, RewardModel
 from instructrl.rl import ppo
 from instructrl.sample import decode_response
 from instructrl.stages import driver, inputs
@@ -56,6 +56,7 @@ DRIVER_KEYS = (
     "gold_reward_scale",
     "checkpoint_every",
     "max_to_keep",
+    "ema_horizon",
     "data",  # optional per-stage overrides of config.data (driver.data_config)
 )
 
@@ -76,21 +77,47 @@ def default_config() -> ml_collections.ConfigDict:
     c.gold_reward_scale = 1.0  # score = scale x gold score in [0, 1] (no RM normalisation)
     c.checkpoint_every = 50
     c.max_to_keep = 2
+    # In RM standard deviations measured on the demonstrations (Normalization.score_std), so
+    # it means the same whatever the RM's scale: -1 = one sd below an average demonstration.
+    # With gold_reward, in units of gold_reward_scale.
+    c.no_stop_penalty = -1.0
+    # The EMA's time constant as a share of the run's optimizer updates (ppo.ema_decay_for_run):
+    # the paper's 0.992 at its 4,000 updates. ema_decay >= 0 sets the decay itself instead.
+    c.ema_horizon = ppo.PAPER_EMA_HORIZON
+    c.ema_decay = -1.0
     return c
+
+
+def ppo_config(
+    c: ml_collections.ConfigDict, name: str, stop_token: int, pad_id: int, penalty_unit: float
+) -> ppo.PPOConfig:
+    """The PPOConfig of stage section `c`: `no_stop_penalty` x `penalty_unit` (one RM sd, or
+    gold_reward_scale) in score units, and the EMA decay from `ema_horizon` and the run's
+    num_iterations x num_minibatches x num_epochs updates unless `ema_decay` >= 0 sets it."""
+    updates = c.num_iterations * c.num_minibatches * c.num_epochs
+    ema_decay = c.ema_decay if c.ema_decay >= 0 else ppo.ema_decay_for_run(c.ema_horizon, updates)
+    return ppo.PPOConfig.from_config(
+        c, name=name, extra_keys=DRIVER_KEYS, stop_token=stop_token, pad_id=pad_id,
+        no_stop_penalty=c.no_stop_penalty * penalty_unit, ema_decay=ema_decay,
+    )  # fmt: skip
 
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
     stage_dir = inputs.stage_dir(workdir, name)
     tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
-    cfg = ppo.PPOConfig.from_config(
-        c, name=name, extra_keys=DRIVER_KEYS, stop_token=tokenizer.eos_id, pad_id=tokenizer.pad_id
-    )
+    rm_dir = inputs.export_dir(config, name, "reward_from", workdir)
+    norm = Normalization.load(rm_dir)
+    penalty_unit = float(c.gold_reward_scale) if c.gold_reward else norm.score_std
+    cfg = ppo_config(c, name, tokenizer.eos_id, tokenizer.pad_id, penalty_unit)
+    logging.info(
+        "%s: no-stop penalty %g sd = %.3f score units; EMA decay %.4f",
+        name, c.no_stop_penalty, cfg.no_stop_penalty, cfg.ema_decay,
+    )  # fmt: skip
 
     # ---- models: policy/reference from init_from, RM (+ value init) from reward_from
     setup = driver.setup_model(config, name, workdir)
     mesh, rules = setup.mesh, setup.rules
-    rm_dir = inputs.export_dir(config, name, "reward_from", workdir)
     with open(os.path.join(rm_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
         rm_config = ModelConfig.from_dict(json.load(f))
     reward_model = Transformer(rm_config, head="scalar")
@@ -140,7 +167,10 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         data_iter.set_state(restored.data_state)
         logging.info("%s: resumed from iteration %d", name, restored.step)
     else:
-        value = ppo.init_value_params(models, cfg, rm.params)
+        # The value net predicts normalised scores from the start (the RM's normalisation
+        # folded into its head; with gold_reward it still starts from the normalised RM).
+        norm = rm.normalization
+        value = ppo.init_value_params(models, cfg, rm.params, norm.gain, norm.bias)
         key = jax.random.key(config.seed + 2)
         state = ppo.create_ppo_state(cfg, optimizer, reference, value, key, state_shardings)
 
@@ -168,7 +198,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             params,
             batch["prompt_tokens"],
             batch["prompt_mask"],
-            jax.random.fold_in(state.rng, step),
+            ppo.iteration_keys(state.rng, step)[0],  # the update draws from the other stream
             state.kl["beta"],
         )
         jax.block_until_ready(rollout.response_tokens)  # a sync for the time split; no copy

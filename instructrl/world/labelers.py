@@ -208,9 +208,10 @@ def collect_comparisons(
     stopped: Sequence[Sequence[bool]] | None,
     pool: LabelerPool,
     rng: np.random.Generator,
+    response_ids: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> list[dict]:
     """Comparison records {"prompt", "responses", "ranking", "labeler", ["stopped"],
-    <prompt extras>}.
+    ["response_ids"], <prompt extras>}.
 
     Each prompt goes to a labeler drawn from rng. Identical responses (same text and stop)
     collapse to their first copy; distinct responses the labeler cannot separate (equal
@@ -219,13 +220,16 @@ def collect_comparisons(
     Prompts left without two separable responses produce no record. "ranking" indexes the
     kept "responses" (in their original order), best first. "stopped" (when given): whether
     each kept response ended with the stop token, so that the record alone gives its gold
-    scores (`world.score(record, response, stopped)`).
+    scores (`world.score(record, response, stopped)`). "response_ids" (when given): the
+    token ids each kept response was sampled as, so the RM trains on the tokens it will score.
     """
     if len(prompts) != len(responses_per_prompt):
         raise ValueError(f"{len(prompts)} prompts but {len(responses_per_prompt)} response lists")
     stopped = stopped or [None] * len(prompts)
+    response_ids = response_ids or [None] * len(prompts)
     records = []
-    for record, responses, st in zip(prompts, responses_per_prompt, stopped, strict=True):
+    rows = zip(prompts, responses_per_prompt, stopped, response_ids, strict=True)
+    for record, responses, st, ids in rows:
         labeler = int(rng.integers(pool.num_labelers))
         _, groups = pool.rank(record, responses, st, rng, labeler=labeler)
         keys = list(zip(responses, _stopped(responses, st), strict=True))
@@ -241,6 +245,8 @@ def collect_comparisons(
             extras["ties"] = ties
         if st is not None:
             extras["stopped"] = [bool(st[i]) for i in kept]
+        if ids is not None:
+            extras["response_ids"] = [[int(x) for x in ids[i]] for i in kept]
         records.append(
             {
                 "prompt": record["prompt"],

@@ -1,11 +1,12 @@
 """Writes the synthetic instruction world as the standard JSONL files (docs/design.md formats).
 
 Prompt splits are disjoint by construction: every prompt string is hashed (with the seed)
-into one bucket -- demonstrations / rm / ppo / eval -- and a split only keeps prompts of its
-bucket. Pretraining text never quotes an eval prompt. Each file has its own random stream
+into one bucket -- demonstrations / rm / ppo (the training splits) / dev / test (held out)
+-- and a split only keeps prompts of its bucket. Every setting and ablation is chosen on
+dev; test is for the final tables only. Pretraining text never quotes a held-out prompt. Each file has its own random stream
 (derived from seed and the file's name), so changing one size leaves the other files alone.
 Training splits may repeat a prompt (small families have a few hundred prompts); the eval
-split is deduplicated.
+splits are deduplicated.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import numpy as np
 
 from instructrl.world import corpus, families, vocab
 
-SPLIT_FRACTIONS: dict[str, float] = {"demonstrations": 0.35, "rm": 0.20, "ppo": 0.35, "eval": 0.10}
+SPLIT_FRACTIONS: dict[str, float] = {
+    "demonstrations": 0.30,
+    "rm": 0.20,
+    "ppo": 0.30,
+    "dev": 0.10,  # 450 unique prompts each, 50 per family: the smallest families need 10%
+    "test": 0.10,
+}
+HELD_OUT = ("dev", "test")
 _MAX_MISSES = 5_000  # draws without a new prompt of the split before giving up
 _STREAMS = (
     "pretrain",
@@ -27,7 +35,8 @@ _STREAMS = (
     "demonstrations",
     "rm",
     "ppo",
-    "eval",
+    "dev",
+    "test",
     "fewshot",
     "public_task",
 )
@@ -41,7 +50,7 @@ def prompt_split(prompt: str, seed: int) -> str:
         edge += fraction
         if u < edge:
             return name
-    return "eval"  # u within float rounding of 1.0
+    return "test"  # u within float rounding of 1.0
 
 
 def _stream(seed: int, name: str) -> np.random.Generator:
@@ -74,12 +83,12 @@ def split_prompts(
 
 
 def pretrain_prompt_sampler(seed: int) -> corpus.SamplePrompt:
-    """Draws instructions for pretraining text from every bucket but eval."""
+    """Draws instructions for pretraining text from every bucket but the held-out ones."""
 
     def sample(rng: np.random.Generator) -> dict:
         while True:
             r = families.make_prompt(rng)
-            if prompt_split(r["prompt"], seed) != "eval":
+            if prompt_split(r["prompt"], seed) not in HELD_OUT:
                 return r
 
     return sample
@@ -113,8 +122,9 @@ def write_world(
     """Writes the world's files into out_dir; returns {name: path}.
 
     Names: pretrain, pretrain_heldout ({"text"}); demonstrations ({"prompt", "completion",
-    "family", "params"}); prompts_rm, prompts_ppo, prompts_eval ({"prompt", "family",
-    "params"}); prompts_eval_fewshot (eval prompts with `fewshot_k` answered examples from
+    "family", "params"}); prompts_rm, prompts_ppo, prompts_dev, prompts_test ({"prompt",
+    "family", "params"}; dev and test `num_eval` each); prompts_dev_fewshot,
+    prompts_test_fewshot (the same prompts with `fewshot_k` answered examples from
     the demonstration bucket prepended, at most `fewshot_max_chars` characters -- 200 is
     at most ~90 tokens with a 384-piece sentencepiece model -- plus "fewshot_k");
     public_task ({"prompt", "answer", "choices", "kind"}); world (world.json: the
@@ -146,20 +156,25 @@ def write_world(
     put("demonstrations", demos)
     for split, n in (("rm", num_rm), ("ppo", num_ppo)):
         put(f"prompts_{split}", split_prompts(_stream(seed, split), split, n, seed))
-    eval_prompts = split_prompts(_stream(seed, "eval"), "eval", num_eval, seed, unique=True)
-    put("prompts_eval", eval_prompts)
+    held_out = {
+        split: split_prompts(_stream(seed, split), split, num_eval, seed, unique=True)
+        for split in HELD_OUT
+    }
+    for split, records in held_out.items():
+        put(f"prompts_{split}", records)
 
     # Few-shot examples: gold-written answers to demonstration-bucket prompts.
     rng = _stream(seed, "fewshot")
     pool_prompts = split_prompts(rng, "demonstrations", 100 * len(families.FAMILIES), seed)
     pool = [corpus.make_demonstration(r, rng, 0.0) for r in pool_prompts]
-    fewshot = [
-        corpus.few_shot_prompt(
-            r, corpus.few_shot_examples(r, pool, fewshot_k, rng, max_chars=fewshot_max_chars)
-        )
-        for r in eval_prompts
-    ]
-    put("prompts_eval_fewshot", fewshot)
+    for split, records in held_out.items():
+        fewshot = [
+            corpus.few_shot_prompt(
+                r, corpus.few_shot_examples(r, pool, fewshot_k, rng, max_chars=fewshot_max_chars)
+            )
+            for r in records
+        ]
+        put(f"prompts_{split}_fewshot", fewshot)
     put("public_task", corpus.public_task(_stream(seed, "public_task"), num_public))
 
     meta = dict(

@@ -29,6 +29,19 @@ from tests.unit.test_eval_plots import _assert_png, _ppo_rows
 
 
 # ------------------------------------------------------------------ config and errors
+def test_response_rows_are_what_the_sampler_scored():
+    class Tok:
+        bos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [ord(ch) for ch in text]
+
+    rows, first = evaluate.response_rows(
+        Tok(), ["ab", "c"], [[[5], [6, 7]], [[]]], [[True, False], [True]]
+    )
+    assert rows == [[1, 97, 98, 5, 2], [1, 97, 98, 6, 7], [1, 99, 2]] and first == [3, 3, 2]
+
+
 def test_parse_models():
     specs = evaluate.parse_models(
         "small: GPT=pretrain, GPT (prompted)=pretrain:fewshot, SFT=sft; large: SFT=sft_large",
@@ -73,6 +86,17 @@ def _config(stages: str, models: str, **eval_keys) -> ml_collections.ConfigDict:
 
 def test_missing_stage_is_a_clear_error(tmp_path):
     workdir = str(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"^config key 'eval.split' must be one of \('dev', 'test'\)"
+    ):
+        evaluate.run(_config("sft,eval", "SFT=sft", split="train"), "eval", workdir)
+    c = evaluate.default_config()
+    assert evaluate.prompt_files(c, "eval") == (
+        "@world/prompts_dev.jsonl",
+        "@world/prompts_dev_fewshot.jsonl",
+    )
+    c.update(split="test", prompts="mine.jsonl")
+    assert evaluate.prompt_files(c, "eval") == ("mine.jsonl", "@world/prompts_test_fewshot.jsonl")
     with pytest.raises(ConfigError, match=r"'eval.rm_from' names stage 'rm', which is not in "):
         evaluate.run(_config("sft,eval", "SFT=sft"), "eval", workdir)
     no_rm = dict(rm_from="", collect_from="")
@@ -217,6 +241,7 @@ def test_eval_stage_end_to_end(workdir, capsys):
         results = json.load(f)
     by_label = {m["label"]: m for m in results["models"]}
     assert list(by_label) == ["GPT", "GPT (prompted)", "SFT", "PPO"]
+    assert results["settings"]["split"] == "dev"  # the default: settings are chosen on dev
     for m in results["models"]:
         assert 0 <= m["win_rate"] <= 1 and m["stderr"] is not None and m["n"] == 18
         assert set(m["families"]) == set(FAMILY_NAMES)
@@ -228,6 +253,11 @@ def test_eval_stage_end_to_end(workdir, capsys):
     assert 0 <= sft["public_choice_accuracy"] <= 1
     assert by_label["GPT (prompted)"]["heldout_nll"] is None  # the base model's tax is GPT's
     assert by_label["PPO"]["heldout_nll"] == pytest.approx(sft["heldout_nll"])  # same params
+    # KL of each evaluated model to the reference on its own samples: 0 for the reference's
+    # own params (SFT, and this PPO export, which has them), > 0 for the base model.
+    assert abs(sft["kl_to_reference"]) < 1e-5 and abs(by_label["PPO"]["kl_to_reference"]) < 1e-5
+    assert by_label["GPT"]["kl_to_reference"] > 0.01  # 0.086 here (SFT ran a few steps)
+    assert by_label["GPT (prompted)"]["kl_to_reference"] is None
     assert results["reward_models"][0]["val_accuracy"] == 0.66
     _check_rm_gold_accuracy(workdir, results["reward_models"][0], lines_of(out_dir))
     assert results["labelers"][0]["inter_labeler_agreement"] == 0.73

@@ -572,3 +572,25 @@ def test_rm_score_selection_and_policy_normalisation(env, tmp_path):
     assert norm["raw_std"] > 0 and norm["gain"] == pytest.approx(1 / norm["raw_std"])
     assert norm["bias"] == pytest.approx(-norm["raw_mean"] / norm["raw_std"])
     assert norm["raw_mean"] != demo["raw_mean"]  # fitted on other texts than demonstrations
+
+
+def test_collect_keeps_stop_flags_and_the_sampled_ids(env):
+    """collect writes, per response, whether it stopped and the ids it was sampled as (with
+    the tokenizer's fingerprint), so the RM trains on the tokens PPO will score it on; the
+    share of samples whose text re-encodes to other ids is measured in labelers.json."""
+    from instructrl.data.records import tokenizer_fingerprint
+    from instructrl.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(os.path.join(env.base, "tokenizer", "tokenizer.model"))
+    with open(os.path.join(env.base, "collect", "comparisons.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert records
+    for rec in records:
+        k = len(rec["responses"])
+        assert rec["tokenizer"] == tokenizer_fingerprint(tok)
+        assert len(rec["stopped"]) == len(rec["response_ids"]) == k
+        for text, ids in zip(rec["responses"], rec["response_ids"], strict=True):
+            assert tok.eos_id not in ids and tok.decode(ids) == text
+    with open(os.path.join(env.base, "collect", "labelers.json")) as f:
+        summary = json.load(f)
+    assert 0.0 <= summary["retokenized_fraction"] <= 1.0

@@ -20,6 +20,7 @@ from instructrl.data.pipeline import (
     sft_pipeline,
     shard_records,
 )
+from instructrl.data.records import InvalidRecord
 from instructrl.errors import ConfigError
 from instructrl.tokenizer import Tokenizer
 from instructrl.world import synthetic
@@ -370,3 +371,44 @@ print("INDICES", json.dumps([int(i) for b in it for i in b["index"]]))
     n = len(built["prompts"].sources["train"])
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(n))
+
+
+def test_rm_rows_respect_stopped_and_use_the_sampled_ids(env):
+    """A response that never stopped gets no EOS (it is read at its last token, as PPO reads
+    a cut-off sample); responses that carry the ids they were sampled as, for this tokenizer,
+    are trained on those ids, not on a re-encoding of their text; ids of another tokenizer
+    are ignored."""
+    from instructrl.data.examples import RMMap
+    from instructrl.data.records import check_record, tokenizer_fingerprint
+
+    tok, c, _ = env
+    limits = length_limits(c, tok)
+    texts = [" kalu mo", " mo kalu", " ra"]
+    sampled = [[*tok.encode(t)[:-1], *tok.encode(" zz")] for t in texts]  # not encode(text)
+    rec = {
+        "prompt": "p q",
+        "responses": texts,
+        "ranking": [2, 0, 1],
+        "stopped": [True, False, True],
+    }
+    rm_map = RMMap(tok, limits, k_max=4)
+
+    def rows(record):
+        ex = rm_map({"record": json.dumps(check_record("comparisons", record)).encode()})
+        prompt = 1 + len(tok.encode(record["prompt"]))
+        return [ex["tokens"][i][ex["mask"][i] > 0].tolist()[prompt:] for i in range(3)]
+
+    plain = rows(rec)
+    assert plain[0] == [*tok.encode(texts[0]), tok.eos_id]
+    assert plain[1] == tok.encode(texts[1])  # cut off: no EOS
+    assert plain[2] == [*tok.encode(texts[2]), tok.eos_id]
+    with_ids = rows({**rec, "response_ids": sampled, "tokenizer": tokenizer_fingerprint(tok)})
+    assert with_ids == [[*sampled[0], tok.eos_id], sampled[1], [*sampled[2], tok.eos_id]]
+    assert rows({**rec, "response_ids": sampled, "tokenizer": "another"}) == plain
+    # The same text cut off and stopped is two responses; a stopped list must match K.
+    two = {"prompt": "p", "responses": ["a", "a"], "ranking": [0, 1], "stopped": [True, False]}
+    assert check_record("comparisons", two)["stopped"] == [True, False]
+    with pytest.raises(InvalidRecord, match="identical"):
+        check_record("comparisons", {**two, "stopped": [True, True]})
+    with pytest.raises(InvalidRecord, match="'stopped' must be a list of 2 booleans"):
+        check_record("comparisons", {**two, "stopped": [True]})

@@ -567,3 +567,47 @@ def test_everything_jits_and_keeps_shapes():
     assert shapes["lm"].shape == () and shapes["rm"].shape == ()
     assert shapes["gae"][0].shape == (b, t) and shapes["gae"][1].shape == (b, t)
     assert shapes["kl"].shape == (b, t) and shapes["ent"].shape == ()
+
+
+def test_pretraining_mix_is_a_weight_on_per_source_means():
+    """SFT + pretraining (the PPO-init model): the loss is (1 - f) * the SFT token mean +
+    f * the pretraining token mean, whatever the token counts; a plain token mean over the
+    stacked rows would give pretraining rows (every token counted) far more than f."""
+    from instructrl.stages.lm import MixedIterator, ptx_loss_weights
+
+    rng = np.random.default_rng(0)
+    b_main, b_ptx, t, v, f = 7, 1, 24, 11, 0.1
+    main_mask = np.zeros((b_main, t), np.int32)
+    for i in range(b_main):  # completion-only: a few tokens per row, ragged
+        start = rng.integers(4, 16)
+        main_mask[i, start : start + rng.integers(1, 6)] = 1
+    ptx_mask = (np.arange(t)[None, :] < rng.integers(18, t + 1, (b_ptx, 1))).astype(np.int32)
+    logits = rng.normal(size=(b_main + b_ptx, t, v))
+    targets = rng.integers(0, v, (b_main + b_ptx, t))
+    weights = ptx_loss_weights(main_mask, ptx_mask, f)
+    total, weight = losses.weighted_lm_loss_sum(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(weights)
+    )
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    mean_main = nll[:b_main][main_mask > 0].mean()
+    mean_ptx = nll[b_main:][ptx_mask > 0].mean()
+    np.testing.assert_allclose(float(total / weight), (1 - f) * mean_main + f * mean_ptx, rtol=1e-5)
+    assert float(weight) == pytest.approx(1.0)
+    assert weights[b_main:].sum() == pytest.approx(f) and weights[:b_main].sum() == pytest.approx(
+        1 - f
+    )
+    token_share = ptx_mask.sum() / (ptx_mask.sum() + main_mask.sum())
+    assert token_share > 0.3  # what the token mean gave the "10%" source here
+
+    class Stream:
+        def __init__(self, mask):
+            self.mask = mask
+
+        def __next__(self):
+            return {"loss_mask": self.mask, "tokens": np.zeros_like(self.mask)}
+
+    batch = next(MixedIterator(Stream(main_mask), Stream(ptx_mask), f))
+    assert batch["tokens"].shape == (b_main + b_ptx, t)
+    np.testing.assert_array_equal(batch["loss_weights"], weights)

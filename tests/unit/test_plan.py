@@ -76,8 +76,15 @@ def test_paper_hyperparameters():
     assert (c175.sft.optimizer.lr, c175.sft.batch_size) == (5.03e-6, 8)
     assert c13.sft.dropout == 0.2 and c13.sft.optimizer.b2 == 0.95
     assert c13.sft.optimizer.end_ratio == 0.1 and c13.sft.select_by == "rm_score"
-    assert c13.ppo_init.ptx_fraction == 0.125 and c13.ppo_init.num_epochs == 2  # paper 10%
+    assert c13.ppo_init.ptx_fraction == 0.1 and c13.ppo_init.num_epochs == 2  # paper: 10%
+    assert c13.ppo_init.ptx_rows * 8 == c13.ppo_init.batch_size
     assert (c13.rm.optimizer.lr, c13.rm.batch_size, c13.rm.num_epochs) == (9e-6, 64, 1)
+    # Named deviation: the RM (and so the value net) starts from rm_base, a pretrained model,
+    # not the 6B SFT model; it runs before SFT, which is selected by its score.
+    assert c13.stages.index("rm") < c13.stages.index("sft") and c13.rm.init_from != "sft"
+    assert c13.sft.select_reward_from == "rm" and c13.ppo_ptx.reward_from == "rm"
+    with open(os.path.join(REPO, "experiments", "paper.py")) as f:
+        assert "Deviation (paper: the RM starts from the 6B SFT model" in f.read()
     ppo = c13.ppo_ptx
     assert (ppo.batch_size // ppo.num_minibatches, ppo.num_epochs, ppo.kl_coef) == (64, 1, 0.02)
     assert (ppo.ptx_coef, ppo.ptx_ratio, ppo.ema_decay) == (27.8, 8.0, 0.992)

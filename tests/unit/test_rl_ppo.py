@@ -118,7 +118,7 @@ class Setup:
     params_shardings: object = None
 
     def fresh_state(self) -> ppo.PPOState:
-        value = ppo.init_value_params(self.models, self.cfg, self.reward)
+        value = ppo.init_value_params(self.models, self.cfg, self.reward, GAIN, BIAS)
         return ppo.create_ppo_state(
             self.cfg, self.optimizer, self.policy, value, jax.random.key(0), self.state_shardings
         )
@@ -173,6 +173,45 @@ def run_iteration(s: Setup, state, it: int, reference=None):
     ptx = s.batch(make_ptx(it, s.cfg.ptx_batch_size))
     new_state, metrics = s.update_fn(state, ro, ptx, state.rng)
     return ro, new_state, metrics
+
+
+def test_value_net_starts_at_the_normalised_rm_score():
+    """At step 0 the value net, read at the last real token of prompt + response, equals the
+    RM's normalised score gain * raw + bias there (the normalisation is folded into its head),
+    so GAE sees no constant offset between values and rewards."""
+    s = setup_a()
+    state = s.fresh_state()
+    tokens, mask = make_prompts(7, s.cfg.batch_size)
+    ro = s.rollout_fn(s.rollout_params(state), tokens, mask, jax.random.key(3), state.kl["beta"])
+    seq, seq_mask, positions = ppo.join_prompt_response(
+        ro.prompt_tokens, ro.prompt_mask, ro.response_tokens, ro.response_mask
+    )
+    per_token = s.models.value.apply(
+        {"params": state.params["value"]}, seq, positions, seq_mask, per_token=True
+    )
+    m = np.asarray(seq_mask)
+    last = m.shape[1] - 1 - np.argmax(m[:, ::-1] > 0, axis=1)  # last real token per row
+    got = np.asarray(per_token)[np.arange(len(last)), last]
+    want = GAIN * np.asarray(ro.raw_scores, np.float64) + BIAS
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    raw_rm = s.models.reward.apply({"params": s.reward}, seq, positions, seq_mask)
+    np.testing.assert_allclose(np.asarray(raw_rm), np.asarray(ro.raw_scores), atol=1e-6)
+
+
+def test_rollout_and_update_draw_from_separate_key_streams():
+    """Iteration t's sampling keys (fold_in(rollout key, i) per token) and its per-epoch
+    permutation keys (split(update key, E)) are all distinct, and differ across iterations."""
+    base = jax.random.key(0)
+    seen = {}
+    for step in range(3):
+        rollout_key, update_key = ppo.iteration_keys(base, step)
+        keys = {f"token{i}": jax.random.fold_in(rollout_key, i) for i in range(4)}
+        keys.update({f"epoch{e}": k for e, k in enumerate(jax.random.split(update_key, 3))})
+        keys.update(rollout=rollout_key, update=update_key)
+        for name, k in keys.items():
+            data = tuple(np.asarray(jax.random.key_data(k)).ravel().tolist())
+            assert data not in seen, (step, name, seen.get(data))
+            seen[data] = (step, name)
 
 
 def log_softmax64(x):
@@ -263,7 +302,7 @@ def test_rollout_matches_naive_per_row_reference():
         want = {
             "logprobs": log_softmax64(pol_logits[b] / temp)[at, resp],
             "ref_logprobs": log_softmax64(ref_logits[b] / temp)[at, resp],
-            "values": rm_out[b, at],  # the value network starts as the RM
+            "values": GAIN * rm_out[b, at] + BIAS,  # starts as the normalised RM
         }
         raw = float(rm_out[b, n_prompt + n - 1])  # the RM at the last token: the stop token
         score = GAIN * raw + BIAS if has_stop else -1.0
@@ -851,3 +890,23 @@ def test_same_numbers_on_one_device_and_8_device_mesh():
                 np.testing.assert_allclose(a[key], b[key], atol=0.02, err_msg=key)
             else:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_ema_decay_follows_the_run_length_and_penalty_is_in_rm_sds():
+    """The EMA's decay gives the paper's 0.992 at the paper's 4,000 updates and leaves the
+    same (negligible) share at the initialisation whatever the run length; the stage's
+    no-stop penalty is read in RM standard deviations."""
+    from instructrl.stages.ppo import default_config, ppo_config
+
+    assert ppo.ema_decay_for_run(ppo.PAPER_EMA_HORIZON, 500 * 8) == pytest.approx(0.992)
+    shares = [ppo.ema_decay_for_run(1 / 32, n) ** n for n in (240, 4000, 40000)]
+    assert all(1e-16 < s < 1e-13 for s in shares), shares  # ~exp(-32) at every length
+    assert abs(0.992**240 - 0.145) < 1e-3  # what a fixed 0.992 left at 240 updates
+    assert ppo.ema_decay_for_run(0.0, 240) == 0.0
+    c = default_config()
+    c.update(num_iterations=60, batch_size=64, num_minibatches=4, no_stop_penalty=-1.5)
+    cfg = ppo_config(c, "ppo", stop_token=EOS, pad_id=PAD, penalty_unit=2.0)
+    assert cfg.no_stop_penalty == pytest.approx(-3.0)
+    assert cfg.ema_decay == pytest.approx(1 - 1 / (240 / 32))
+    c.ema_decay = 0.5  # set explicitly: used as it is
+    assert ppo_config(c, "ppo", EOS, PAD, 1.0).ema_decay == 0.5

@@ -227,7 +227,9 @@ def test_write_world_files_formats_disjointness_and_determinism(tmp_path):
     for d in data["demonstrations"]:
         assert isinstance(d["prompt"], str) and d["prompt"].endswith(PROMPT_SUFFIX)
         assert isinstance(d["completion"], str) and d["completion"].startswith(" ")
-    for name in ("prompts_rm", "prompts_ppo", "prompts_eval", "prompts_eval_fewshot"):
+    held_out = ("prompts_dev", "prompts_test")
+    fewshot = ("prompts_dev_fewshot", "prompts_test_fewshot")
+    for name in ("prompts_rm", "prompts_ppo", *held_out, *fewshot):
         for r in data[name]:
             assert r["prompt"].endswith(PROMPT_SUFFIX) and r["family"] in FAMILY_NAMES
             assert score(r, gold_answer(r)) == 1.0
@@ -235,26 +237,29 @@ def test_write_world_files_formats_disjointness_and_determinism(tmp_path):
 
     sets = {
         n: {r["prompt"] for r in data[n]}
-        for n in ("demonstrations", "prompts_rm", "prompts_ppo", "prompts_eval")
+        for n in ("demonstrations", "prompts_rm", "prompts_ppo", *held_out)
     }
     names = list(sets)
-    for i, a in enumerate(names):
+    for i, a in enumerate(names):  # train, dev and test prompts are disjoint
         for b in names[i + 1 :]:
             assert not sets[a] & sets[b], (a, b)
-    assert len(sets["prompts_eval"]) == len(data["prompts_eval"])  # eval is deduplicated
     text = "\n".join(d["text"] for d in data["pretrain"] + data["pretrain_heldout"])
-    assert not [p for p in sets["prompts_eval"] if p in text]
-    for r, q in zip(data["prompts_eval_fewshot"], data["prompts_eval"], strict=True):
-        assert r["prompt"].endswith(q["prompt"]) and r["prompt"] != q["prompt"]
-        assert r["prompt"].count(PROMPT_SUFFIX) == r["fewshot_k"] + 1
-        shots = r["prompt"][: -len(q["prompt"])].split("\n")[::2]
-        assert not {s + PROMPT_SUFFIX for s in shots} & sets["prompts_eval"]
+    for split, shots_of in zip(held_out, fewshot, strict=True):
+        assert len(sets[split]) == len(data[split]) == SMALL["num_eval"]  # deduplicated
+        assert not [p for p in sets[split] if p in text]
+        for r, q in zip(data[shots_of], data[split], strict=True):
+            assert r["prompt"].endswith(q["prompt"]) and r["prompt"] != q["prompt"]
+            assert r["prompt"].count(PROMPT_SUFFIX) == r["fewshot_k"] + 1
+            shots = r["prompt"][: -len(q["prompt"])].split("\n")[::2]
+            assert not {s + PROMPT_SUFFIX for s in shots} & (
+                sets["prompts_dev"] | sets["prompts_test"]
+            )
 
 
 def test_write_world_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="demo_error_rate"):
         write_world(str(tmp_path), seed=0, demo_error_rate=1.5, **SMALL)
-    with pytest.raises(ValueError, match="ran out of unique 'word_limit' prompts"):
+    with pytest.raises(ValueError, match=r"ran out of unique '\w+' prompts"):
         write_world(str(tmp_path), seed=0, **{**SMALL, "num_eval": 9 * 200})
 
 
