@@ -6,6 +6,8 @@ Arguments (after ':', e.g. `:smoke,seed=1`): `smoke` shrinks everything to secon
 notebooks); `full` adds a second model size (~9x the parameters), judged against the large
 SFT model; `rounds=2` adds a second comparison round on a first PPO policy's samples;
 `flawed_demos` makes half the demonstrations visibly flawed (the world where PPO pays);
+`visible_flaws=R` gives a share R of the demonstrations one of three visible flaws (a
+trailing filler, a leading hedge, the answer said twice: world/vocab.py VISIBLE_FLAWS);
 `seed=N`; `size=tiny|small|large`.
 
 Stages, in order, each writing `DIR/<stage>/`: world (the synthetic instruction world as
@@ -52,8 +54,9 @@ def methods(suffix: str = "", size: str = "") -> list[str]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(
-        arg, smoke=False, full=False, size="small", seed=0, rounds=1, flawed_demos=False
-    )
+        arg, smoke=False, full=False, size="small", seed=0, rounds=1, flawed_demos=False,
+        visible_flaws=0.0,
+    )  # fmt: skip
     s = arg.smoke
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
@@ -146,6 +149,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.smoke = smoke.default_config()
     if arg.flawed_demos:  # before the copies below, so ppo_1 and the large stages inherit it
         add_flawed_demonstrations(config)
+    if arg.visible_flaws:  # demonstrators' several visible slips; eval counts each kind
+        config.world.update(demo_error_rate=arg.visible_flaws, demo_slips="visible")
     if arg.rounds == 2:
         add_second_round(config, s)
     elif arg.rounds != 1:

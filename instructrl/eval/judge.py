@@ -110,6 +110,11 @@ def response_metrics(records, texts, stopped, ref_scores, tokenizer) -> tuple[di
         "stopped_rate": float(np.mean([s for ss in stopped for s in ss])),
         "length_words": float(np.mean([len(t.split()) for t in flat])),
         "length_tokens": float(np.mean([len(tokenizer.encode(t)) for t in flat])),
+        # share of samples showing each visible demonstrator flaw (world.visible_flaws)
+        "flaws": {
+            k: float(np.mean([world.visible_flaws(t)[k] for t in flat]))
+            for k in world.VISIBLE_FLAWS
+        },
         "families": families,
     }
     return metrics, scores

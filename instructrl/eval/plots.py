@@ -237,6 +237,23 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             ],
         )
     )
+    flawed = [m for m in [summary["reference"], *models] if any((m.get("flaws") or {}).values())]
+    if flawed:
+        kinds = list(models[0]["flaws"])
+        out += [
+            "",
+            "## Visible flaws",
+            "",
+            "Share of samples with each flaw demonstrators slip into (filler: a filler word "
+            "after the answer; hedge: a pleasantry before it; ramble: the answer said twice).",
+            "",
+            markdown_table(
+                ["model", *kinds],
+                [[f"{summary['reference']['stage']} (reference)"]
+                 + [_fmt(summary["reference"]["flaws"][k]) for k in kinds]]
+                + [[_name(m, heads)] + [_fmt(m["flaws"][k]) for k in kinds] for m in models],
+            ),
+        ]  # fmt: skip
     out += [
         "",
         "## Alignment tax",

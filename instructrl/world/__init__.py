@@ -29,10 +29,13 @@ from instructrl.world.families import (
 from instructrl.world.splits import prompt_split, split_prompts, write_world
 from instructrl.world.vocab import (
     FILLERS,
+    HEDGES,
     PROMPT_SUFFIX,
+    VISIBLE_FLAWS,
     drop_trailing_fillers,
     format_completion,
     format_prompt,
+    visible_flaws,
 )
 
 __all__ = [
@@ -40,8 +43,10 @@ __all__ = [
     "FAMILIES",
     "FAMILY_NAMES",
     "FILLERS",
+    "HEDGES",
     "NO_STOP_FACTOR",
     "PROMPT_SUFFIX",
+    "VISIBLE_FLAWS",
     "drop_trailing_fillers",
     "few_shot_examples",
     "few_shot_prompt",
@@ -58,5 +63,6 @@ __all__ = [
     "slip",
     "split_prompts",
     "synthetic_responses",
+    "visible_flaws",
     "write_world",
 ]

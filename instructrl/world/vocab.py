@@ -121,6 +121,7 @@ NAMES: tuple[str, ...] = ("tom", "ann", "sam", "mia", "ben", "lily", "max", "zoe
 # Words instructions operate on (reverse, case, count, repeat).
 WORD_POOL: tuple[str, ...] = OBJECTS + ANIMALS + COLOURS + FRUITS
 FILLERS: tuple[str, ...] = ("ok", "done", "thanks", "maybe", "yes", "so")
+HEDGES: tuple[str, ...] = ("sure", "well", "hmm", "right")  # a pleasantry before the answer
 
 
 def category_members(category: str, limit: int | None, exclude: str | None) -> list[str]:
@@ -156,7 +157,32 @@ def answer_words(response: str) -> tuple[list[str], bool]:
     return [w for w in words if w], bool(rest.strip())
 
 
-SLIP_KINDS: tuple[str, ...] = ("random", "filler")
+SLIP_KINDS: tuple[str, ...] = ("random", "filler", "visible")
+# The visible flaws of demo_slips="visible", as different human demonstrators slip: a trailing
+# pleasantry (a filler word after the answer), a leading hedge, and rambling past the answer
+# (saying it twice). Each is easy to see in a ranking; SFT copies them at their rate.
+VISIBLE_FLAWS: tuple[str, ...] = ("filler", "hedge", "ramble")
+
+
+def visible_flaws(response: str) -> dict[str, bool]:
+    """Which visible flaws a response shows: "filler" (ends in a FILLERS word), "hedge"
+    (starts with a HEDGES word), "ramble" (the words, with or without the hedge and filler,
+    are one answer said twice: flaws compound, so a hedge may be said twice too). A one-word
+    response has none."""
+    words = response.split()
+    out = dict.fromkeys(VISIBLE_FLAWS, False)
+    if len(words) < 2:
+        return out
+    out["filler"] = words[-1] in FILLERS
+    out["hedge"] = words[0] in HEDGES
+    lo, hi = int(out["hedge"]), len(words) - int(out["filler"])
+    out["ramble"] = any(_said_twice(words[a:b]) for a in {0, lo} for b in {len(words), hi})
+    return out
+
+
+def _said_twice(words: list[str]) -> bool:
+    half = len(words) // 2
+    return len(words) >= 2 and len(words) % 2 == 0 and words[:half] == words[half:]
 
 
 def drop_trailing_fillers(response: str) -> str:
@@ -175,11 +201,19 @@ def perturb_answer(answer: str, rng: np.random.Generator, kind: str = "random") 
 
     kind "random": swap, drop, duplicate, replace, off-by-one, case flip or a filler word.
     kind "filler": always a filler word appended, a flaw a reward model sees easily (it draws
-    as "random" does, then takes the filler branch).
+    as "random" does, then takes the filler branch). kind "visible": one of VISIBLE_FLAWS,
+    uniformly: a filler appended, a hedge prepended, or the answer said twice.
     """
     if kind not in SLIP_KINDS:
         raise ValueError(f"slip kind {kind!r}: expected one of {SLIP_KINDS}")
     words = answer.split()
+    if kind == "visible":
+        flaw = VISIBLE_FLAWS[int(rng.integers(len(VISIBLE_FLAWS)))]
+        if flaw == "hedge":
+            return " ".join([pick(rng, HEDGES), *words])
+        if flaw == "ramble" and words:
+            return " ".join(words + words)
+        return " ".join([*words, pick(rng, FILLERS)])
     for _ in range(8):
         w = list(words)
         op = rng.integers(7)

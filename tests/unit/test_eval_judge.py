@@ -131,3 +131,21 @@ def test_drop_trailing_fillers_cases():
     }
     for text, want in cases.items():
         assert world.drop_trailing_fillers(text) == want, text
+
+
+def test_response_metrics_count_each_visible_flaw_per_sample():
+    rng = np.random.default_rng(1)
+    records = [world.make_prompt(rng, family) for family in FAMILY_NAMES]
+    texts = [[" " + world.gold_answer(r), " sure " + world.gold_answer(r) + " ok"] for r in records]
+    stopped = [[True, True] for _ in records]
+
+    class Tok:
+        def encode(self, text):
+            return text.split()
+
+    metrics, _ = judge.response_metrics(records, texts, stopped, None, Tok())
+    flat = [t for ts in texts for t in ts]
+    for kind in world.VISIBLE_FLAWS:
+        want = np.mean([world.visible_flaws(t)[kind] for t in flat])
+        assert metrics["flaws"][kind] == pytest.approx(want)
+    assert metrics["flaws"]["hedge"] == pytest.approx(0.5)

@@ -130,3 +130,18 @@ def test_plots_without_ppo_and_json_safe(tmp_path):
     path.write_text('{"step": 1, "kl": 0.1}\n{"step": 2,\n')
     with pytest.raises(InputError, match=r"m.jsonl:2: not valid JSON"):
         eval_plots.read_metrics(str(path))
+
+
+def test_results_markdown_shows_visible_flaws_only_when_seen():
+    summary = _fake_summary()
+    assert "## Visible flaws" not in eval_plots.results_markdown(summary)  # older results
+    zero = dict.fromkeys(("filler", "hedge", "ramble"), 0.0)
+    for m in [summary["reference"], *summary["models"]]:
+        m["flaws"] = dict(zero)
+    assert "## Visible flaws" not in eval_plots.results_markdown(summary)  # none seen
+    summary["reference"]["flaws"] = {"filler": 0.1, "hedge": 0.125, "ramble": 0.0}
+    summary["models"][3]["flaws"] = {"filler": 0.0, "hedge": 0.02, "ramble": 0.0}
+    md = eval_plots.results_markdown(summary)
+    assert "## Visible flaws" in md and "| model | filler | hedge | ramble |" in md
+    assert "| sft_large (reference) | 0.100 | 0.125 | 0.000 |" in md
+    assert "| PPO [small (1K)] | 0.000 | 0.020 | 0.000 |" in md

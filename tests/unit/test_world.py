@@ -295,3 +295,51 @@ def test_filler_slips_are_gold_answers_with_fillers_appended(tmp_path):
                 assert a.read() == b.read(), name
     with open(fill["world"]) as f:
         assert json.load(f)["demo_slips"] == "filler"
+
+
+def test_visible_flaw_detector_by_cases():
+    cases = {
+        " cat dog": (),
+        " cat dog thanks": ("filler",),
+        " sure cat dog": ("hedge",),
+        " cat dog cat dog": ("ramble",),
+        " well 3 3 ok": ("filler", "hedge", "ramble"),
+        " ok": (),  # one word: no flaw to see
+        " yes yes": ("filler", "ramble"),  # a filler word said twice is both
+    }
+    for text, flaws in cases.items():
+        got = vocab.visible_flaws(text)
+        assert {k for k, v in got.items() if v} == set(flaws), text
+        assert list(got) == list(vocab.VISIBLE_FLAWS)
+
+
+def test_visible_slips_are_three_kinds_of_seen_flaw(tmp_path):
+    """demo_slips="visible": about demo_error_rate of the demonstrations score below 1, each
+    shows at least one visible flaw (the three kinds about equally often) and is a gold
+    answer once the flaws are undone; the others show none."""
+    paths = write_world(
+        str(tmp_path), seed=4, demo_slips="visible", **{**SMALL, "demo_error_rate": 0.6}
+    )
+    with open(paths["demonstrations"]) as f:
+        demos = [json.loads(line) for line in f]
+    bad = [d for d in demos if score(d, d["completion"]) < 1.0]
+    assert 0.45 < len(bad) / len(demos) < 0.75
+    counts = dict.fromkeys(vocab.VISIBLE_FLAWS, 0)
+    for d in demos:
+        flaws = vocab.visible_flaws(d["completion"])
+        if score(d, d["completion"]) == 1.0:
+            assert not any(flaws.values()) or len(d["completion"].split()) > 1, d
+            continue
+        assert any(flaws.values()), d
+        for k, v in flaws.items():
+            counts[k] += v
+        if sum(flaws.values()) > 1:  # compounded until it scored below 1: order unknown
+            continue
+        words = d["completion"].split()
+        words = words[1:] if flaws["hedge"] else words
+        words = words[:-1] if flaws["filler"] else words
+        if flaws["ramble"]:
+            words = words[: len(words) // 2]
+        assert score(d, " " + " ".join(words)) == 1.0, d  # one flaw on a gold answer
+    shares = np.array(list(counts.values())) / sum(counts.values())
+    assert np.all(shares > 0.2), counts
