@@ -11,6 +11,11 @@ Saves are asynchronous (the device->host copy happens before `save` returns, so 
 state can be donated right after). Orbax writes each step into a temporary folder and
 renames it when complete; a run killed mid-save leaves only a tmp folder, which is
 ignored (and removed on the next start), so restore always sees the previous step.
+A committed step that does not read back (a file cut short or garbled after the fact) is
+skipped for the newest one that does, and moved, never deleted, to
+`<stage_dir>/unreadable_checkpoints/<step>` (`restore_latest`). A save that the disk
+refuses (full, read-only, I/O error) raises StorageError naming the folder, the free space
+and the newest step that is saved and intact.
 Restores take an abstract state whose leaves carry the target `.sharding`, so a
 checkpoint saved on any mesh restores onto any other mesh or device count.
 
@@ -29,13 +34,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from instructrl.errors import InputError, StorageError, storage_error
 
 STATE, DATA, META = "state", "data", "meta"
 DONE_FILE = "DONE"
 CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"  # committed steps that failed to restore, kept
 PARAMS_DIR = "params"
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -123,11 +133,28 @@ def _abstract_with_shardings(tree: Any) -> Any:
 
 def _write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # writes to an open file name no file
+        e.filename = e.filename or path
+        raise
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the innermost cause of `exc` (what failed first), its type and message."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            break
+        exc = inner
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 def is_done(stage_dir: str) -> bool:
@@ -172,6 +199,32 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             epath.Path(self.directory), options=options, item_names=(STATE, DATA, META)
         )
+        self._saving: int | None = None  # the step of the latest save started
+        self._failure: StorageError | None = None  # a save the storage refused
+
+    def _storage_failure(self, exc: BaseException) -> StorageError | None:
+        """StorageError for a save the storage refused (None: `exc` is something else)."""
+        step = self._saving
+        path = os.path.join(self.directory, str(step)) if step is not None else self.directory
+        err = storage_error(exc, path, f"saving the checkpoint of step {step}")
+        if err is None:
+            return None
+        intact = [s for s in self._manager.all_steps() if s != step]
+        kept = f"step {max(intact)}, the newest saved, is intact" if intact else "none saved yet"
+        self._failure = StorageError(f"{err}; checkpoints: {kept}")
+        return self._failure
+
+    def _guarded(self, fn, *args, **kw):
+        """Runs an orbax call; a save that failed for want of storage -> StorageError."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return fn(*args, **kw)
+        except Exception as e:
+            err = self._storage_failure(e)
+            if err is None:
+                raise
+            raise err from e
 
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(step)
@@ -200,7 +253,9 @@ class Checkpointer:
                 META: ocp.args.JsonSave(dict(meta or {})),
             }
         )
-        return self._manager.save(step, args=args, force=force)
+        self._guarded(self._manager.wait_until_finished)  # a failure of the previous save
+        self._saving = step
+        return self._guarded(self._manager.save, step, args=args, force=force)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -230,14 +285,66 @@ class Checkpointer:
         )
 
     def restore_latest(self, abstract_state: Any, *, restore_data: bool = True) -> Restored | None:
-        """Restores the newest committed step, or returns None if there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.restore(step, abstract_state, restore_data=restore_data)
+        """Restores the newest committed step that reads cleanly, or returns None if there is
+        none.
+
+        A step that fails to restore is logged with the reason and the step before it tried;
+        once one restores, the newer unreadable ones are moved to
+        `<stage_dir>/unreadable_checkpoints/<step>` (kept for a look, never deleted; the run
+        saves those steps anew). InputError naming the folder when no step restores (e.g.
+        the config changed the model since): nothing is moved then.
+        """
+        steps = self.all_steps()
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                restored, reason = self.restore(step, abstract_state, restore_data=restore_data), ""
+            except Exception as e:  # any fault of the files: try the step before
+                restored, reason = None, _reason(e)
+            if jax.process_count() > 1:  # every process must resume from the same step
+                flags = multihost_utils.process_allgather(np.int32(restored is not None))
+                if restored is not None and not np.all(flags):
+                    restored, reason = None, "unreadable on another process"
+            if restored is not None:
+                break
+            logging.warning("%s/%d: cannot be read (%s); trying the step before", self.directory,
+                            step, reason)  # fmt: skip
+            skipped.append((step, reason))
+        else:
+            if not skipped:
+                return None
+            step, reason = skipped[0]
+            tried = ", ".join(str(s) for s, _ in skipped)
+            raise InputError(
+                f"{self.directory}: no checkpoint can be read (steps {tried}; step {step}: "
+                f"{reason}); none was moved or deleted"
+            )
+        if skipped:
+            self._set_aside([s for s, _ in skipped], restored.step)
+        return restored
+
+    def _set_aside(self, steps: list[int], resumed: int) -> None:
+        """Moves the unreadable `steps` out of orbax's folder (to UNREADABLE_DIR)."""
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("instructrl_checkpoint_set_aside_start")
+        if jax.process_index() == 0:
+            for step in steps:
+                src = epath.Path(self.directory) / str(step)
+                dst = epath.Path(self.stage_dir) / UNREADABLE_DIR / str(step)
+                k = 1
+                while dst.exists():
+                    k += 1
+                    dst = epath.Path(self.stage_dir) / UNREADABLE_DIR / f"{step}-{k}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src.rename(dst)
+                logging.warning("%s: unreadable, moved to %s (not deleted); resuming from step %d",
+                                src, dst, resumed)  # fmt: skip
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("instructrl_checkpoint_set_aside_end")
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        self._guarded(self._manager.wait_until_finished)
 
     def mark_done(self, info: Mapping[str, Any] | None = None) -> None:
         """Waits for pending saves, then writes <stage_dir>/DONE (JSON) on process 0."""
@@ -250,9 +357,19 @@ class Checkpointer:
             multihost_utils.sync_global_devices("instructrl_checkpoint_mark_done")
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases orbax's threads. After a failed save (already
+        raised) the same failure is not raised again."""
+        try:
+            if self._failure is None:
+                self.wait_until_finished()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:
+                if self._failure is None:  # else: reported already, or being raised now
+                    if self._storage_failure(e) is None:
+                        raise
+                    raise self._failure from e
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -275,9 +392,16 @@ def export_params(params: Any, model_config: Mapping[str, Any], out_dir: str) ->
     if jax.process_index() == 0 and os.path.exists(config_path):
         os.remove(config_path)
     json.dumps(dict(model_config))  # fail before writing anything if it is not JSON
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(epath.Path(out_dir) / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
+    path = epath.Path(out_dir) / PARAMS_DIR
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, params, force=True)
+            ckptr.wait_until_finished()
+    except Exception as e:
+        err = storage_error(e, str(path), "exporting params")
+        if err is None:
+            raise
+        raise err from e
     if jax.process_index() == 0:
         _write_json_atomic(config_path, dict(model_config))
     if jax.process_count() > 1:
@@ -291,20 +415,36 @@ def load_exported(out_dir: str, shardings: Any = None) -> tuple[Any, dict[str, A
     leaves, or a pytree of Shardings matching the params.
     """
     out_dir = os.path.abspath(out_dir)
+    model_config = read_model_config(out_dir)
+    path = epath.Path(out_dir) / PARAMS_DIR
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(path).item_metadata.tree
+            if shardings is None:
+                shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            if isinstance(shardings, jax.sharding.Sharding):
+                shardings = jax.tree.map(lambda _: shardings, tree)
+            abstract = jax.tree.map(
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
+            )
+            params = ckptr.restore(path, abstract)
+    except Exception as e:  # a file cut short, garbled or missing
+        raise InputError(f"{path}: exported params cannot be read ({_reason(e)})") from e
+    return params, model_config
+
+
+def read_model_config(out_dir: str) -> dict[str, Any]:
+    """`<out_dir>/model_config.json` as a dict; InputError naming the file if it is
+    missing (no complete export) or not a JSON object."""
     config_path = os.path.join(out_dir, MODEL_CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing (no complete export in {out_dir})")
     with open(config_path, encoding="utf-8") as f:
-        model_config = json.load(f)
-    path = epath.Path(out_dir) / PARAMS_DIR
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.metadata(path).item_metadata.tree
-        if shardings is None:
-            shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        if isinstance(shardings, jax.sharding.Sharding):
-            shardings = jax.tree.map(lambda _: shardings, tree)
-        abstract = jax.tree.map(
-            lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
-        )
-        params = ckptr.restore(path, abstract)
-    return params, model_config
+        try:
+            model_config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise InputError(f"{config_path}{line}: not valid JSON") from None
+    if not isinstance(model_config, dict):
+        raise InputError(f"{config_path}: not a JSON object")
+    return model_config

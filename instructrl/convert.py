@@ -16,10 +16,10 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 
-from instructrl import checkpoint, hf
+from instructrl import checkpoint, cli, hf
+from instructrl.errors import InputError, InstructrlError
 from instructrl.models.transformer import ModelConfig
 
 
@@ -41,16 +41,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hf_dir", required=True, help="config.json + *.safetensors")
     parser.add_argument("--out", required=True, help="export folder (params + model_config.json)")
     parser.add_argument("--dtype", default="float32", help="dtype of the exported params")
+    parser.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args = parser.parse_args(argv)
-    try:
-        config = convert(args.hf_dir, args.out, dtype=args.dtype)
-    except (ValueError, OSError) as e:  # InputError is a ValueError; OSError: unreadable files
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tokenizer = "with" if os.path.exists(os.path.join(args.out, hf.TOKENIZER_FILE)) else "without"
-    print(f"wrote {args.out} ({tokenizer} tokenizer.model): {config}")
-    return 0
+
+    def body() -> int:
+        try:
+            config = convert(args.hf_dir, args.out, dtype=args.dtype)
+        except ValueError as e:  # a checkpoint the readers reject (InputError is one too)
+            if isinstance(e, InstructrlError):
+                raise
+            raise InputError(f"{args.hf_dir}: {e}") from e
+        has = os.path.exists(os.path.join(args.out, hf.TOKENIZER_FILE))
+        print(f"wrote {args.out} ({'with' if has else 'without'} tokenizer.model): {config}")
+        return 0
+
+    return cli.run(body, argv, fallback_path=args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

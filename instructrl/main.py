@@ -4,8 +4,11 @@
         [--config.KEY=VALUE ...]
 
 Each stage writes `DIR/<stage>/`; a stage whose folder holds a `DONE` marker is skipped,
-so re-running the same command resumes where the last run stopped. Bad input ends with
-one line naming the file and line (or config key) and exit status 2.
+so re-running the same command resumes where the last run stopped. Bad input, a bad config
+value, an unreadable artifact or an OS error on the workdir ends with one line naming the
+file and line, config key or path and exit status 2; a NaN with 3; SIGTERM, at any moment,
+with 143 once the running stage has saved its state (instructrl/cli.py). `--verbose` adds
+the traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from instructrl import cli, ranges
 from instructrl import config as config_lib
-from instructrl.errors import InstructrlError, Preempted
+from instructrl.errors import ConfigError, InputError, Preempted
 from instructrl.stages import DONE_MARKER
 
 # Stage kind -> module holding `run(config, name, workdir)`. Imported lazily so that a
@@ -41,7 +45,7 @@ STAGE_MODULES = {
 }
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """A bad command line; the message says which flag."""
 
 
@@ -57,6 +61,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="call jax.distributed.initialize() (auto-detected settings on TPU pods)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the traceback of an expected failure too"
+    )
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -69,13 +76,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def build_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     config = config_lib.load_config(spec)
     config_lib.apply_overrides(config, overrides)
-    config_lib.stage_names(config)
+    ranges.check(config, config_lib.stage_names(config))
     return config
 
 
 def stage_runner(kind: str) -> Callable[[ml_collections.ConfigDict, str, str], None]:
     if kind not in STAGE_MODULES:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"stage kind '{kind}' is unknown (known: {', '.join(sorted(STAGE_MODULES))})"
         )
     module = importlib.import_module(STAGE_MODULES[kind])
@@ -83,39 +90,70 @@ def stage_runner(kind: str) -> Callable[[ml_collections.ConfigDict, str, str], N
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Runs every stage of `config.stages` not yet finished in `workdir`."""
+    """Runs every stage of `config.stages` not yet finished in `workdir`.
+
+    SIGTERM is recorded, not fatal: a training loop saves a checkpoint at its next step
+    and raises Preempted; a stage without checkpoints (or one past its last step) finishes,
+    and Preempted is raised before the next stage starts. DIR/config.json is written once a
+    stage has finished, so a run that fails at once leaves every earlier file as it was.
+    """
     import jax
+
+    from instructrl.stages import common
 
     if "://" not in workdir:  # orbax (tensorstore) writes only to absolute local paths
         workdir = os.path.abspath(workdir)
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise InputError(f"{workdir}: --workdir is a file, not a folder")
     names = config_lib.stage_names(config)
+    ranges.check(config, names)
     runners = {name: stage_runner(config[name].kind) for name in names}
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        _write_config(config, workdir)
-    for name in names:
-        stage_dir = os.path.join(workdir, name)
-        if os.path.exists(os.path.join(stage_dir, DONE_MARKER)):
-            logging.info("stage %s: finished earlier, skipped", name)
-            continue
-        logging.info("stage %s (%s): starting", name, config[name].kind)
-        new_dir = not os.path.exists(stage_dir)
-        if jax.process_index() == 0:  # the config this stage ran with (docs/design.md)
-            os.makedirs(stage_dir, exist_ok=True)
-            _write_config(config, stage_dir)
-        start = time.time()
-        try:
-            runners[name](config, name, workdir)
-        except BaseException:
-            # A stage that fails before writing anything (e.g. an input stage has not run)
-            # leaves no folder behind: the next run starts it afresh either way.
-            if jax.process_index() == 0 and new_dir and os.listdir(stage_dir) == ["config.json"]:
-                shutil.rmtree(stage_dir)
-            raise
+    with common.TerminationSignal() as term:
         if jax.process_index() == 0:
-            with open(os.path.join(stage_dir, DONE_MARKER), "w") as f:
-                f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
-        logging.info("stage %s: done in %.1f s", name, time.time() - start)
+            os.makedirs(workdir, exist_ok=True)
+        for i, name in enumerate(names):
+            if term.should_stop(0):
+                after = f"stage {names[i - 1]} finished; " if i else ""
+                raise Preempted(f"{after}stopped by SIGTERM before stage {name} started")
+            _run_stage(config, name, workdir, runners[name])
+        if term.should_stop(0):
+            raise Preempted(f"stage {names[-1]} finished; stopped by SIGTERM (no stage is left)")
+
+
+def _run_stage(config, name: str, workdir: str, runner) -> None:
+    import jax
+
+    stage_dir = os.path.join(workdir, name)
+    if os.path.exists(os.path.join(stage_dir, DONE_MARKER)):
+        logging.info("stage %s: finished earlier, skipped", name)
+        return
+    logging.info("stage %s (%s): starting", name, config[name].kind)
+    new_dir = not os.path.exists(stage_dir)
+    if jax.process_index() == 0:  # the config this stage ran with (docs/design.md)
+        os.makedirs(stage_dir, exist_ok=True)
+        _write_config(config, stage_dir)
+    start = time.time()
+    try:
+        runner(config, name, workdir)
+    except BaseException as e:
+        if isinstance(e, OSError) and not e.filename and e.errno is not None:
+            e.filename = stage_dir  # a write to an open file names no file: name the stage
+        _forget_empty(stage_dir, new_dir)
+        raise
+    if jax.process_index() == 0:
+        with open(os.path.join(stage_dir, DONE_MARKER), "w") as f:
+            f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+        _write_config(config, workdir)
+    logging.info("stage %s: done in %.1f s", name, time.time() - start)
+
+
+def _forget_empty(stage_dir: str, new_dir: bool) -> None:
+    """A stage that fails before writing anything (e.g. an input stage has not run) leaves
+    no folder behind: the next run starts it afresh either way."""
+    import jax
+
+    if jax.process_index() == 0 and new_dir and os.listdir(stage_dir) == ["config.json"]:
+        shutil.rmtree(stage_dir)
 
 
 def _write_config(config: ml_collections.ConfigDict, directory: str) -> None:
@@ -138,30 +176,14 @@ def _write_config(config: ml_collections.ConfigDict, directory: str) -> None:
     os.replace(tmp, path)
 
 
-class _QuietLibraries(logging.Filter):
-    """Drops INFO chatter of orbax and jax internals (each save logs ~30 lines); keeps
-    their warnings and errors, and every line of ours."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        noisy = any(
-            p in record.pathname
-            for p in ("/orbax/", "/jax/_src/", "/etils/", "/tensorflow_datasets/")
-        )
-        return record.levelno >= logging.WARNING or not noisy
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
-    try:
-        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        config = build_config(args.config, overrides)
-    except (InstructrlError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli.setup_logging(cli.wants_verbose(argv))
+    return cli.run(lambda: _main(sys.argv[1:] if argv is None else argv), argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args, overrides = parse_args(argv)
+    config = build_config(args.config, overrides)
     import jax
 
     if args.coordinator_address or args.distributed:
@@ -170,19 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    try:
-        run(config, args.workdir)
-    except InstructrlError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # NaN/inf in a logged metric (stages.common.check_finite)
-        print(f"error: {e}; the run stopped, its last checkpoint is intact", file=sys.stderr)
-        return 3
-    except Preempted as e:
-        print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as if the signal had ended the process
+    run(config, args.workdir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

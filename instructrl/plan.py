@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
+from instructrl import cli, losses, sharding, train_lib
 from instructrl import config as config_lib
-from instructrl import losses, sharding, train_lib
 from instructrl.costs import (
     CHIPS,
     GIB,
@@ -539,7 +539,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--analytic", action="store_true", help="lower only; estimate temporaries")
     mode.add_argument("--compile", action="store_true", help="compile on N virtual CPU devices")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args, rest = parser.parse_known_args(argv)
+    return cli.run(lambda: _plan(args, rest, argv), argv)
+
+
+def _plan(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     try:
         if any(not r.startswith("--config.") for r in rest):
             bad = next(r for r in rest if not r.startswith("--config."))
@@ -563,11 +568,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = plan(config, mesh, stages, chip=args.chip, mfu=args.mfu, mode=mode,
                       responses=args.responses)  # fmt: skip
     except ValueError as e:  # ConfigError, and sharding's "dim ... not divisible by mesh axis"
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from e
     print(json.dumps(report, indent=1) if args.json else format_report(report, args.config))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

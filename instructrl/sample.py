@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructrl import checkpoint as ckpt_lib
+from instructrl import cli
 from instructrl.errors import InputError
 from instructrl.models import ModelConfig, Transformer
 from instructrl.models.sampling import sample_jit
@@ -112,22 +112,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--max_new_tokens", type=int, default=0, help="0: up to the context")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _sample(args), argv, fallback_path=args.out)
+
+
+def _sample(args: argparse.Namespace) -> int:
     from instructrl.data import read_prompts
     from instructrl.tokenizer import Tokenizer
 
-    try:
-        model, params = load_stage_model(args.workdir, args.stage)
-        tokenizer = Tokenizer.load(os.path.join(args.workdir, "tokenizer", "tokenizer.model"))
-        records = [r.data for r in read_prompts(args.prompts)[0]]
-    except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, params = load_stage_model(args.workdir, args.stage)
+    tokenizer = Tokenizer.load(os.path.join(args.workdir, "tokenizer", "tokenizer.model"))
+    records = [r.data for r in read_prompts(args.prompts)[0]]
     max_len = model.config.max_len
     prompt_len = max(len(tokenizer.encode(r["prompt"])) + 1 for r in records)
     if prompt_len >= max_len:
-        print(f"error: {args.prompts}: a prompt of {prompt_len} tokens fills the context", file=sys.stderr)  # fmt: skip
-        return 2
+        raise InputError(f"{args.prompts}: a prompt of {prompt_len} tokens fills the context")
     new_tokens = args.max_new_tokens or max_len - prompt_len
     samples = [
         generate(
@@ -155,4 +155,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

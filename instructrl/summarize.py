@@ -46,6 +46,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from instructrl import cli
 from instructrl.errors import InputError
 from instructrl.eval.seeds import (
     Run,
@@ -213,36 +214,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--plot", default="", help="write a PNG of mean win rates (with --by: against KEY)"
     )
+    parser.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args = parser.parse_args(argv)
-    try:
-        runs = [load_run(d, args.eval_stage) for d in args.run_dirs]
-        dropped = []
-        if args.shared_models:
-            runs, dropped = keep_shared_models(runs)
-        check_consistent(runs)
-        groups = []
-        if args.by:
-            values = [config_value(r.run_dir, args.by, args.eval_stage) for r in runs]
-            groups = group_by_value(runs, values)
-        link = ""
-        if args.plot:
-            if groups:
-                plot_by(groups, args.by, args.plot)
-            else:
-                plot_mean_win_rates(runs, args.plot)
-            # The Markdown links the plot relative to where it is written.
-            base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
-            link = os.path.relpath(os.path.abspath(args.plot), base)
+    return cli.run(lambda: _summarize(args), argv, fallback_path=args.out or None)
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    runs = [load_run(d, args.eval_stage) for d in args.run_dirs]
+    dropped = []
+    if args.shared_models:
+        runs, dropped = keep_shared_models(runs)
+    check_consistent(runs)
+    groups = []
+    if args.by:
+        values = [config_value(r.run_dir, args.by, args.eval_stage) for r in runs]
+        groups = group_by_value(runs, values)
+    link = ""
+    if args.plot:
         if groups:
-            text = by_markdown(groups, args.by, args.eval_stage, plot=link)
+            plot_by(groups, args.by, args.plot)
         else:
-            text = summary_markdown(runs, args.eval_stage, plot=link, left_out=dropped)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text)
-    except (InputError, OSError) as e:  # OSError: unreadable input, unwritable --out/--plot
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            plot_mean_win_rates(runs, args.plot)
+        # The Markdown links the plot relative to where it is written.
+        base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
+        link = os.path.relpath(os.path.abspath(args.plot), base)
+    if groups:
+        text = by_markdown(groups, args.by, args.eval_stage, plot=link)
+    else:
+        text = summary_markdown(runs, args.eval_stage, plot=link, left_out=dropped)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
     if dropped:
         print(f"note: left out, not in every run: {'; '.join(dropped)}", file=sys.stderr)
     for _, group in groups or [(None, runs)]:
@@ -254,4 +256,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

@@ -20,9 +20,8 @@ Not here: chat templates and data formats (instructrl/data/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,8 +29,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-# Fields of the JSONL data formats (docs/design.md) that hold training text.
-TEXT_FIELDS = ("text", "prompt", "completion", "chosen", "rejected", "responses")
+from instructrl import cli
+from instructrl.errors import InputError
 
 DEFAULT_TRAIN_OPTIONS: dict[str, Any] = {
     "model_type": "bpe",
@@ -66,10 +65,13 @@ def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise ValueError(f"{source}: not a valid SentencePiece model ({msg})") from None
+        # SentencePiece's words start with a C++ source location: keep the reason only.
+        msg = re.sub(r"^\w+: \S+\.cc\(\d+\) ", "", " ".join(str(e).split()))
+        if "ParseFromArray" in msg:
+            msg = "the bytes do not parse as a model"
+        raise InputError(f"{source}: not a valid SentencePiece model ({msg})") from None
     if sp.vocab_size() <= 0:
-        raise ValueError(f"{source}: not a valid SentencePiece model (empty vocabulary)")
+        raise InputError(f"{source}: not a valid SentencePiece model (empty vocabulary)")
     return sp
 
 
@@ -198,14 +200,17 @@ class Tokenizer:
 
     @staticmethod
     def train(input_files: Sequence[str] | str, vocab_size: int, out_prefix: str, **kw: Any) -> str:
-        """Trains a model on .txt (one text per line) and .jsonl files; returns `out_prefix.model`.
+        """Trains a model on .txt and .jsonl files; returns `out_prefix.model`.
 
+        Files are read by the data record readers (`records.iter_texts`): each JSONL record's
+        text fields, .txt files whole; newlines inside texts are split off (they become byte
+        pieces). A bad line is an InputError "path:line: ..." and nothing is written.
         `kw` overrides DEFAULT_TRAIN_OPTIONS (any SentencePieceTrainer flag, e.g. pad_id=-1).
         """
         if isinstance(input_files, str):
             input_files = [f for f in input_files.split(",") if f]
         if not input_files:
-            raise ValueError("tokenizer.train: no input files")
+            raise InputError("tokenizer.train: no input files")
         for f in input_files:
             if not epath.Path(f).exists():
                 raise FileNotFoundError(f"{f}: tokenizer training input not found")
@@ -213,50 +218,44 @@ class Tokenizer:
         out_dir = os.path.dirname(out_prefix)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
+        # SentencePiece wraps an error raised by the iterator into its own message (with a
+        # C++ stack); the iterator keeps it and ends instead, and it is raised as it was.
+        failed: list[BaseException] = []
+
+        def lines() -> Iterator[str]:
+            try:
+                yield from _training_lines(input_files)
+            except Exception as e:
+                failed.append(e)
+
+        outputs = [out_prefix + ext for ext in (".model", ".vocab")]
+        existed = {p: os.path.exists(p) for p in outputs}
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=_training_lines(input_files),
+                sentence_iterator=lines(),
                 model_prefix=out_prefix,
                 vocab_size=vocab_size,
                 **options,
             )
         except RuntimeError as e:
-            # SentencePiece prefixes its message with a C++ source location; keep the reason.
-            reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
-            raise ValueError(f"tokenizer.train(vocab_size={vocab_size}): {reason}") from None
+            if not failed:
+                # SentencePiece prefixes its message with a C++ source location; keep the reason.
+                reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
+                raise InputError(f"tokenizer.train(vocab_size={vocab_size}): {reason}") from None
+        if failed:
+            for p in outputs:  # a model of part of the input: not the one asked for
+                if not existed[p] and os.path.exists(p):
+                    os.remove(p)
+            raise failed[0]
         return out_prefix + ".model"
 
 
-def _texts_of_record(obj: Any, where: str) -> list[str]:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    texts = []
-    for field in TEXT_FIELDS:
-        value = obj.get(field)
-        values = value if isinstance(value, list) else [value]
-        texts.extend(v for v in values if isinstance(v, str))
-    if not texts:
-        raise ValueError(f"{where}: no text field (expected one of {', '.join(TEXT_FIELDS)})")
-    return texts
-
-
 def _training_lines(input_files: Sequence[str]) -> Iterator[str]:
-    """Yields non-empty lines; newlines inside texts are split off (they become byte pieces)."""
-    for path in input_files:
-        with epath.Path(path).open("r") as f:
-            for lineno, line in enumerate(f, start=1):
-                if path.endswith(".jsonl"):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    texts = _texts_of_record(obj, f"{path}:{lineno}")
-                else:
-                    texts = [line.rstrip("\n")]
-                for text in texts:
-                    yield from (s for s in text.split("\n") if s)
+    """Yields the non-empty lines of every text (a text's newlines become piece boundaries)."""
+    from instructrl.data.records import iter_texts  # the data package imports grain, tfds
+
+    for text in iter_texts(input_files):
+        yield from (s for s in text.split("\n") if s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=True,
         help="one piece per digit (default); --no-split_digits lets BPE merge numbers",
     )
+    train.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         path = Tokenizer.train(
             args.input,
             args.vocab_size,
@@ -284,13 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             character_coverage=args.character_coverage,
             split_digits=args.split_digits,
         )
-        tok = Tokenizer.load(path)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}: {tok!r}")
-    return 0
+        print(f"wrote {path}: {Tokenizer.load(path)!r}")
+        return 0
+
+    return cli.run(body, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

@@ -27,12 +27,12 @@ import glob
 import gzip
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from etils import epath
 
+from instructrl import cli
 from instructrl.data.records import InvalidRecord, LoadStats, check_record
 from instructrl.errors import InputError
 
@@ -147,7 +147,10 @@ def _items(path: str) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             yield (
                 f"{path}:{lineno}",
-                InvalidRecord("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"),
+                InvalidRecord(
+                    "invalid_json",
+                    f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})",
+                ),
             )
 
 
@@ -214,19 +217,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--skip_invalid", action="store_true", help="skip bad records, report counts"
     )
+    parser.add_argument("--verbose", action="store_true", help="print a failure's traceback")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         stats = convert(args.format, args.input, args.out, skip_invalid=args.skip_invalid)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    skipped = ", ".join(f"{r}={n}" for r, n in sorted(stats.skipped.items()))
-    print(
-        f"wrote {stats.records} {stats.kind} to {args.out}"
-        + (f"; skipped {skipped}" if skipped else "")
-    )
-    return 0
+        skipped = ", ".join(f"{r}={n}" for r, n in sorted(stats.skipped.items()))
+        print(
+            f"wrote {stats.records} {stats.kind} to {args.out}"
+            + (f"; skipped {skipped}" if skipped else "")
+        )
+        return 0
+
+    return cli.run(body, argv, fallback_path=args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main)

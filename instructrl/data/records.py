@@ -370,7 +370,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidRecord(
-            "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"
+            "invalid_json", f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
         ) from None
     if not isinstance(obj, dict):
         raise InvalidRecord("not_object", f"expected a JSON object, got {_json_type(obj)}")
@@ -397,6 +397,43 @@ def _txt_pieces(path: str) -> Iterator[tuple[int, dict[str, Any] | InvalidRecord
         size += len(line)
     if "".join(piece).strip():
         yield lineno, {"text": "".join(piece)}
+
+
+# Fields of the four kinds that hold text (what a tokenizer trains on).
+TEXT_FIELDS = ("text", "prompt", "completion", "chosen", "rejected", "responses")
+
+
+def _texts(obj: dict[str, Any]) -> list[str]:
+    texts = []
+    for field in TEXT_FIELDS:
+        value = obj.get(field)
+        texts.extend(
+            v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)
+        )
+    if not texts:
+        raise InvalidRecord(
+            "missing_field", f"no text field (expected one of {', '.join(TEXT_FIELDS)})"
+        )
+    return texts
+
+
+def iter_texts(paths: Iterable[str]) -> Iterator[str]:
+    """The texts of `paths` for tokenizer training: every text field (TEXT_FIELDS) of each
+    record of a JSONL file of any kind, and plain .txt files, read as the record readers
+    read them (byte-order mark, CRLF, blank lines and UTF-8 checks alike). Raises
+    InputError "path:line: what is wrong" at the first line without text."""
+    for path in paths:
+        if not epath.Path(path).exists():
+            raise InputError(f"{path}: file not found")
+        items = _txt_pieces(path) if path.endswith(".txt") else _jsonl_lines(path)
+        for lineno, item in items:
+            try:
+                if isinstance(item, InvalidRecord):
+                    raise item
+                texts = _texts(item if isinstance(item, dict) else _parse(item))
+            except InvalidRecord as e:
+                raise InputError(f"{path}:{lineno}: {e.message}") from None
+            yield from texts
 
 
 def iter_records(

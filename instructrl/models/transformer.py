@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from instructrl.errors import ConfigError
+
 Cache = dict[str, Any]  # {"index": int32 [], "mask": int32 [B,S], "layers": ({"k","v"}, ...)}
 
 _CHOICES = {
@@ -70,25 +72,27 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"model.{key}: must be a positive int, got {getattr(self, key)!r}")
+                raise ConfigError(
+                    f"model.{key}: must be a positive int, got {getattr(self, key)!r}"
+                )
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}: {getattr(self, key)!r} not in {allowed}")
+                raise ConfigError(f"model.{key}: {getattr(self, key)!r} not in {allowed}")
         for key in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, key))
             except TypeError as e:
-                raise ValueError(f"model.{key}: unknown dtype {getattr(self, key)!r}") from e
+                raise ConfigError(f"model.{key}: unknown dtype {getattr(self, key)!r}") from e
         if self.num_heads % self.kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_kv_heads: {self.kv_heads} must divide num_heads={self.num_heads}"
             )
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_heads: {self.num_heads} must divide d_model={self.d_model}"
             )
         if self.position == "rope" and self.dim_head % 2:
-            raise ValueError(f"model.head_dim: rope needs an even head_dim, got {self.dim_head}")
+            raise ConfigError(f"model.head_dim: rope needs an even head_dim, got {self.dim_head}")
 
     @property
     def kv_heads(self) -> int:
@@ -100,15 +104,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Builds a config from a dict or ConfigDict; ValueError names unknown/missing keys."""
+        """Builds a config from a dict or ConfigDict; ConfigError names unknown/missing keys."""
         d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in d:
             if key not in fields:
-                raise ValueError(f"model.{key}: unknown key")
+                raise ConfigError(f"model.{key}: unknown key")
         for name, f in fields.items():
             if f.default is dataclasses.MISSING and name not in d:
-                raise ValueError(f"model.{name}: missing required key")
+                raise ConfigError(f"model.{name}: missing required key")
         return cls(**d)
 
 

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from instructrl.errors import InputError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -75,10 +77,8 @@ class MetricsWriter:
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        from tensorboardX import SummaryWriter  # heavy import; only on the writing process
-
         purge = None if resume_step is None else resume_step + 1
-        self._tb = SummaryWriter(logdir=workdir, purge_step=purge, flush_secs=10)
+        self._tb = _EventFile(workdir, purge_step=purge)
 
     def _truncate_after(self, resume_step: int) -> None:
         with open(self.path, encoding="utf-8") as f:
@@ -92,7 +92,7 @@ class MetricsWriter:
             except json.JSONDecodeError:
                 if lineno == len(lines):  # a line cut short by a kill mid-write
                     break
-                raise ValueError(f"{self.path}:{lineno}: not valid JSON") from None
+                raise InputError(f"{self.path}:{lineno}: not valid JSON") from None
             if record.get("step", -1) <= resume_step:
                 kept.append(line)
         tmp = self.path + ".tmp"
@@ -105,24 +105,71 @@ class MetricsWriter:
         if not self.enabled:
             return
         values = {k: _to_python(k, v) for k, v in jax.device_get(dict(metrics)).items()}
-        self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-        self._file.flush()
-        for name, value in values.items():
-            self._tb.add_scalar(name, value, int(step))
+        try:
+            self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+            self._file.flush()
+        except OSError as e:  # a write to an open file names no file: name it
+            e.filename = e.filename or self.path
+            raise
+        self._tb.write(int(step), values)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+        finally:
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            if self._tb is not None:
+                tb, self._tb = self._tb, None
+                tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _EventFile:
+    """TensorBoard scalars, written and flushed in the calling thread (tensorboardX's
+    SummaryWriter writes from a thread of its own, which dies on a full disk and then
+    blocks the next call forever). `purge_step` hides events of an interrupted run from
+    that step on, as SummaryWriter's does."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter  # heavy; the writing process only
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        # The pid keeps a resumed run's file apart from one started in the same second.
+        self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+        self.path = self._writer._file_name
+        if purge_step is not None:
+            self._put([Event(step=purge_step, session_log=SessionLog(status=SessionLog.START))])
+
+    def _put(self, events) -> None:
+        try:
+            for event in events:
+                event.wall_time = time.time()
+                self._writer.write_event(event)
+            self._writer.flush()
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self._put([self._event(step=step, summary=self._scalar(k, v)) for k, v in values.items()])
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
 
 
 def _format_seconds(seconds: float) -> str:
@@ -195,7 +242,10 @@ class TerminationSignal:
                 if term.should_stop(step):
                     ckpt.save(step, state, force=True); break
 
-    The previous handlers are restored on exit. Must be entered in the main thread.
+    The previous handlers are restored on exit. Must be entered in the main thread. Nested
+    ones share what they saw: an inner one (a stage's training loop) starts with a signal
+    the outer one (main's, around all stages) already received, and passes on the signals
+    it receives, so a SIGTERM that arrives after a loop's last check is still seen by main.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
@@ -203,22 +253,29 @@ class TerminationSignal:
         self.received = False
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._outer: TerminationSignal | None = None
 
     def _handle(self, signum, frame) -> None:
-        del frame
         self.received = True
         self.signum = signum
+        if self._outer is not None:
+            self._outer._handle(signum, frame)
 
     def __enter__(self) -> TerminationSignal:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("TerminationSignal must be entered in the main thread")
         self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        outers = [getattr(h, "__self__", None) for h in self._previous.values()]
+        self._outer = next((o for o in outers if isinstance(o, TerminationSignal)), None)
+        if self._outer is not None and self._outer.received:
+            self.received, self.signum = True, self._outer.signum
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        self._outer = None
 
     def should_stop(self, step: int, *, sync_every: int = 1) -> bool:
         """True once a signal arrived (on any process: all processes must stop together).

@@ -9,7 +9,6 @@ calls these in order; see `lm.run_lm_stage` for the shape of a driver.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -85,8 +84,7 @@ def setup_model(
     rules = sharding.rules_from_config(config.get("rules"))
     init_dir = inputs.export_dir(config, name, init_key, workdir) if c.get(init_key) else None
     if init_dir:
-        with open(os.path.join(init_dir, ckpt_lib.MODEL_CONFIG_FILE)) as f:
-            model_dict = json.load(f)
+        model_dict = ckpt_lib.read_model_config(init_dir)
         # Compute dtype and rematerialisation are how this run executes, not part of the
         # weights: the experiment's config.model decides them (e.g. bf16 + remat on a TPU
         # for a checkpoint converted in f32).

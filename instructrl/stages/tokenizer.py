@@ -2,7 +2,9 @@
 
 Writes `DIR/<name>/tokenizer.model`; other stages name it with `tokenizer_from="<name>"`.
 `input` is a comma-separated list of .txt/.jsonl files (`@stage/file` for another stage's
-output); `model_path` instead copies a ready model (Llama-, Gemma-style or your own).
+output), read by the data record readers: every text field of a JSONL record of any of the
+four kinds, a .txt file whole; a bad line stops the stage with "file:line: ..." and nothing
+is written. `model_path` instead copies a ready model (Llama-, Gemma-style or your own).
 """
 
 from __future__ import annotations

@@ -140,3 +140,26 @@ def test_train_loop_stops_on_nan_and_on_sigterm_naming_the_unit(tmp_path):
         Preempted, match=r"^stage toy: stopped by signal at iteration 2; checkpoint"
     ):
         _loop(tmp_path / "term", 6, term_at_2, unit="iteration")
+
+
+def test_a_sigterm_after_the_loops_last_check_reaches_the_outer_signal(tmp_path):
+    """Main holds a TerminationSignal around all stages, the loop its own: a SIGTERM that
+    arrives while the last step is logged (after the loop's last check) ends the loop
+    normally, with its final checkpoint, and main still sees it; one that arrived before the
+    loop started stops the loop at its first step."""
+    from instructrl.stages import common
+
+    def term_while_logging_last(state, step, batch, aux):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with common.TerminationSignal() as outer:
+        final, rows, ckpt = _loop(tmp_path / "last", 4, _toy_step, on_log=term_while_logging_last)
+        assert outer.received and int(final.step) == 4 and rows[-1]["step"] == 4
+    assert ckpt.latest_step() == 4
+
+    with common.TerminationSignal() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Preempted, match=r"stopped by signal at step 1;"):
+            _loop(tmp_path / "early", 6, _toy_step)

@@ -59,3 +59,58 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path):
     steps = sorted(os.listdir(tmp_path / "runs" / "rel" / "pretrain" / "checkpoints"))
     assert steps and all(s.isdigit() for s in steps) and "6" in steps
     assert "stage pretrain: finished earlier, skipped" in proc.stderr
+
+
+def _two_stage_config():
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        dict(seed=0, stages=["one", "two"], one=dict(kind="a"), two=dict(kind="b"))
+    )
+
+
+def test_sigterm_between_stages_ends_with_143_once_the_stage_is_done(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while a stage finishes (here: in its last instruction) is never
+    dropped: the stage completes (DONE), the next one does not start, status 143; the same
+    command then runs the rest."""
+    import signal
+
+    import pytest
+
+    from instructrl import main as main_lib
+    from instructrl.errors import Preempted
+
+    ran = []
+
+    def runner(kind):
+        def stage(config, name, workdir):
+            ran.append(name)
+            if name == "one" and len(ran) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return stage
+
+    monkeypatch.setattr(main_lib, "stage_runner", runner)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(
+        Preempted, match=r"^stage one finished; stopped by SIGTERM before stage two"
+    ):
+        main_lib.run(_two_stage_config(), workdir)
+    assert ran == ["one"] and os.path.exists(os.path.join(workdir, "one", "DONE"))
+    assert not os.path.exists(os.path.join(workdir, "two"))
+    main_lib.run(_two_stage_config(), workdir)
+    assert ran == ["one", "two"]
+
+    def late(kind):  # after the last stage: still 143, nothing is left to run
+        def stage(config, name, workdir):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        return stage
+
+    monkeypatch.setattr(main_lib, "stage_runner", late)
+    two = _two_stage_config()
+    two.stages = ["one", "two", "three"]
+    two.three = dict(kind="c")
+    with pytest.raises(Preempted, match=r"^stage three finished; stopped by SIGTERM"):
+        main_lib.run(two, workdir)
+    assert os.path.exists(os.path.join(workdir, "three", "DONE"))

@@ -5,6 +5,8 @@ The runs, the tiny config and the shared base run (fixture `env`) are in conftes
 What each test shows (the stage "must show" list of the issue):
   SIGKILL at a random step, re-run -> bit-identical     test_sigkill_then_rerun_is_bit_identical
   SIGTERM -> exit 143 with a checkpoint, re-run ends    test_sigterm_exits_143_and_rerun_completes
+  SIGKILL, newest checkpoint damaged, re-run ->         test_sigkill_then_corrupt_newest_checkpoint_resumes_from_the_older_bit_identically
+    resumes from the older one, bit-identical
   bad key / missing input stage -> one line, exit 2     test_bad_key_and_missing_input_stage_exit_2
   malformed data -> file:line, exit 2, finished         test_malformed_data_exits_2_and_damages_nothing
     stages untouched
@@ -36,6 +38,7 @@ from tests.stages.conftest import (
     metrics,
     rule_comparisons,
 )
+from tests.stages.test_faults import _corrupt
 
 
 def _finish(proc, timeout=300) -> int:
@@ -137,6 +140,42 @@ def test_sigterm_exits_143_and_rerun_completes(env, kill_ref, tmp_path):
     assert f"resumed from step {stopped}" in proc.stderr
     assert os.path.exists(os.path.join(workdir, "sft", "DONE"))
     _assert_same_as_reference(workdir, kill_ref, f"SIGTERM at step {stopped}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "metadata"])
+def test_sigkill_then_corrupt_newest_checkpoint_resumes_from_the_older_bit_identically(
+    env, kill_ref, tmp_path, how
+):
+    """A SIGKILL once two checkpoints are committed, then the newest one damaged (its array
+    files cut short, or its _METADATA garbled): the re-run names the step it skips and why,
+    resumes from the older one, and ends bit-identical to the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    kill_at = random.Random().randint(4, 15)
+    proc = env.start(workdir, *KILL_ARGS, mode="traj")
+    try:
+        reached = wait_for_logged_step(
+            proc, workdir, "sft", kill_at, also=lambda: len(_committed_steps(workdir)) >= 2
+        )
+        if reached:
+            proc.send_signal(signal.SIGKILL)
+        code = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if not reached:
+        pytest.fail(f"run ended (exit {code}) before step {kill_at}:\n{_log_of(workdir)[-5000:]}")
+    assert code == -signal.SIGKILL
+    *_, older, newest = _committed_steps(workdir)
+    ckpts = os.path.join(workdir, "sft", "checkpoints")
+    _corrupt(os.path.join(ckpts, str(newest)), how)
+    kept = tree_digest(os.path.join(ckpts, str(newest)))
+    proc = env.run(workdir, *KILL_ARGS, mode="traj")
+    what = f"killed after step {kill_at}, step {newest} {how}, step {older} intact"
+    assert f"{ckpts}/{newest}: cannot be read (" in proc.stderr, what
+    assert f"resumed from step {older}" in proc.stderr, what
+    assert tree_digest(os.path.join(workdir, "sft", "unreadable_checkpoints", str(newest))) == kept
+    _assert_same_as_reference(workdir, kill_ref, what)
 
 
 # ------------------------------------------------------------------ errors and re-runs

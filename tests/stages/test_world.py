@@ -34,7 +34,8 @@ def test_bad_slip_kind_is_an_error(tmp_path):
         perturb_answer("a b", np.random.default_rng(0), "typo")
     for override, message in (
         ("demo_slips=typo", "error: config key 'world.demo_slips' ('typo') must be one of"),
-        ("demo_error_rate=1.5", "error: config key 'world.demo_error_rate' (1.5) is not in [0, 1]"),
+        # Numbers are range-checked before any stage runs (instructrl/ranges.py).
+        ("demo_error_rate=1.5", "error: config key 'world.demo_error_rate' = 1.5: must be >= 0"),
     ):
         proc = _world_stage(tmp_path / "run", "smoke", f"--config.world.{override}")
         assert proc.returncode == 2, proc.stderr[-2000:]

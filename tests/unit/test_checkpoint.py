@@ -5,8 +5,10 @@ Resume after kill/SIGTERM of a real training process: tests/stages/test_checkpoi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from instructrl import checkpoint, train_lib
-from tests.conftest import run_in_subprocess
+from instructrl.errors import InputError, StorageError
+from tests.conftest import run_in_subprocess, tree_digest
 
 
 def _mesh1():
@@ -129,6 +132,122 @@ def test_tmp_dir_of_interrupted_save_is_ignored(tmp_path):
     with checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1) as ckpt:
         assert ckpt.latest_step() == 3
         _assert_trees_equal(ckpt.restore_latest(abstract).state, state)
+
+
+def _cut_array_files(folder: str, size: int = 10) -> None:
+    """Cuts every data file of the OCDBT stores under `folder` to `size` bytes (small arrays
+    live inline in the btree files, big ones in data files: both are under `d/`)."""
+    for root, _, names in os.walk(folder):
+        if os.path.basename(root) == "d":
+            for name in names:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(size)
+
+
+def _corrupt_newest(stage: str, how: str, step: int) -> str:
+    """What a kill or a bad disk can leave in a committed step: its array files cut short,
+    or its tree metadata garbled. Returns the step folder."""
+    folder = os.path.join(stage, "checkpoints", str(step))
+    if how == "truncated":
+        _cut_array_files(folder)
+    else:
+        with open(os.path.join(folder, "state", "_METADATA"), "w") as f:
+            f.write("{garbled")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["truncated", "metadata"])
+def test_restore_falls_back_to_the_newest_readable_step_and_keeps_the_bad_one(
+    tmp_path, how, caplog
+):
+    states = [_make_state(seed=s, extras={})[0] for s in (1, 2, 3)]
+    abstract = _make_state(extras={})[1]
+    stage = str(tmp_path / "sft")
+    with checkpoint.Checkpointer(stage, save_interval_steps=1, max_to_keep=3) as ckpt:
+        for step, state in enumerate(states, start=1):
+            ckpt.save(step, state, data_state={"position": step})
+    bad = _corrupt_newest(stage, how, 3)
+    before = tree_digest(bad)
+    with checkpoint.Checkpointer(stage, save_interval_steps=1, max_to_keep=3) as ckpt:
+        restored = ckpt.restore_latest(abstract)
+        assert restored.step == 2 and restored.data_state == {"position": 2}
+        _assert_trees_equal(restored.state, states[1])
+        assert ckpt.all_steps() == [1, 2]
+        ckpt.save(3, states[2], data_state={"position": 3})  # the step is saved anew
+    skipped = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad}: cannot be read (")
+    moved = os.path.join(stage, checkpoint.UNREADABLE_DIR, "3")
+    assert tree_digest(moved) == before  # kept as it was, not deleted
+    with checkpoint.Checkpointer(stage, save_interval_steps=1, max_to_keep=3) as ckpt:
+        restored = ckpt.restore_latest(abstract)
+        assert restored.step == 3
+        _assert_trees_equal(restored.state, states[2])
+
+
+def test_no_readable_step_is_one_line_naming_the_folder_and_moves_nothing(tmp_path):
+    state, abstract = _make_state(extras={})
+    stage = str(tmp_path / "sft")
+    with checkpoint.Checkpointer(stage, save_interval_steps=1) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    for step in (1, 2):
+        _corrupt_newest(stage, "metadata", step)
+    before = tree_digest(stage)
+    folder = os.path.join(stage, "checkpoints")
+    with (
+        checkpoint.Checkpointer(stage, save_interval_steps=1) as ckpt,
+        pytest.raises(InputError, match=f"^{folder}: no checkpoint can be read \\(steps 2, 1;"),
+    ):
+        ckpt.restore_latest(abstract)
+    assert tree_digest(stage) == before
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_the_last_good_step_stays(tmp_path, monkeypatch):
+    """Disk full while an async save writes: StorageError naming the step folder, the free
+    space and the newest intact step, raised once (closing does not raise it again); the
+    intact step restores."""
+    state, abstract = _make_state(extras={})
+    stage = str(tmp_path / "sft")
+    write = checkpoint.DataStateHandler.save
+
+    def full_disk(self, directory, args):
+        if "/checkpoints/2" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return write(self, directory, args)
+
+    monkeypatch.setattr(checkpoint.DataStateHandler, "save", full_disk)
+    ckpt = checkpoint.Checkpointer(stage, save_interval_steps=1)
+    ckpt.save(1, state, data_state={"position": 1})
+    path = os.path.join(stage, "checkpoints", "2")
+    with pytest.raises(StorageError) as e:  # at once, or when the next call finds it
+        ckpt.save(2, state, data_state={"position": 2})
+        ckpt.wait_until_finished()
+    assert re.fullmatch(
+        re.escape(f"{path}: no space left on device while saving the checkpoint of step 2 (")
+        + r"[\d.]+ [KMGT]?B free\); checkpoints: step 1, the newest saved, is intact",
+        str(e.value),
+    ), str(e.value)
+    with pytest.raises(StorageError):  # later calls report the same failure
+        ckpt.save(3, state, data_state={"position": 3})
+    ckpt.close()  # reported already: closing does not raise it again
+    monkeypatch.setattr(checkpoint.DataStateHandler, "save", write)
+    with checkpoint.Checkpointer(stage, save_interval_steps=1) as again:
+        assert again.all_steps() == [1]
+        assert again.restore_latest(abstract).data_state == {"position": 1}
+
+
+def test_unreadable_export_is_one_line(tmp_path):
+    state, _ = _make_state(extras={})
+    out = str(tmp_path / "export")
+    checkpoint.export_params(state.params, {"d_model": 4}, out)
+    with open(os.path.join(out, checkpoint.MODEL_CONFIG_FILE), "w") as f:
+        f.write('{"d_model": 4,\n')
+    with pytest.raises(InputError, match=f"^{out}/model_config.json:2: not valid JSON$"):
+        checkpoint.load_exported(out)
+    checkpoint.export_params(state.params, {"d_model": 4}, out)
+    _cut_array_files(out)
+    with pytest.raises(InputError, match=f"^{out}/params: exported params cannot be read \\("):
+        checkpoint.load_exported(out)
 
 
 def test_done_marker(tmp_path):

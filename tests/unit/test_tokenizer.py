@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from instructrl.errors import InputError
 from instructrl.tokenizer import Tokenizer
 from tests.conftest import REPO
 
@@ -153,22 +154,47 @@ def test_missing_and_corrupt_model(tmp_path):
         bad = tmp_path / name
         bad.write_bytes(content)
         with pytest.raises(
-            ValueError, match=re.escape(f"{bad}: not a valid SentencePiece model")
+            InputError, match=re.escape(f"{bad}: not a valid SentencePiece model")
         ) as e:
             Tokenizer.load(bad)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and ".cc(" not in str(e.value)
 
 
 def test_bad_training_input(tmp_path):
+    """Read by the data record readers: the first bad line is "path:line: what", with none
+    of SentencePiece's own words (its C++ stack), and no model is left behind."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"label": 1}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: no text field"):
-        Tokenizer.train([str(bad)], 300, str(tmp_path / "t"))
-    bad.write_text('{"text": "ok"}\n\n{not json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
-        Tokenizer.train([str(bad)], 300, str(tmp_path / "t"))
+    cases = [
+        ('{"text": "ok"}\n{"label": 1}\n', r"bad.jsonl:2: no text field"),
+        ('{"text": "ok"}\n\n{not json\n', r"bad.jsonl:3: not valid JSON"),
+        ('{"text": "ok"}\n{"text": "cut sh', r"bad.jsonl:2: not valid JSON \(Unterminated string"),
+        ('{"text": "ok"}\n["an", "array"]\n', r"bad.jsonl:2: expected a JSON object, got array"),
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"bad.jsonl:2: not valid UTF-8 \(byte 14 of"),
+    ]
+    for content, message in cases:
+        if isinstance(content, bytes):
+            bad.write_bytes(content)
+        else:
+            bad.write_text(content)
+        with pytest.raises(InputError, match=message) as e:
+            Tokenizer.train([str(bad)], 300, str(tmp_path / "t"))
+        assert "INTERNAL" not in str(e.value) and "\n" not in str(e.value)
+        assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         Tokenizer.train([str(tmp_path / "missing.txt")], 300, str(tmp_path / "t"))
+
+
+def test_training_text_with_bom_crlf_and_blank_lines_is_fine(corpus, tmp_path):
+    """The README's own-data files may have a byte-order mark, Windows line ends and blank
+    lines (docs/design.md): the tokenizer learns exactly what it learns from the clean file."""
+    with open(corpus[1], encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    messy = tmp_path / "messy.jsonl"
+    messy.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(lines).encode() + b"\r\n\n")
+    clean = Tokenizer.load(Tokenizer.train([corpus[1]], 400, str(tmp_path / "clean")))
+    got = Tokenizer.load(Tokenizer.train([str(messy)], 400, str(tmp_path / "messy")))
+    pieces = [got.id_to_piece(i) for i in range(got.vocab_size)]
+    assert pieces == [clean.id_to_piece(i) for i in range(clean.vocab_size)]
 
 
 def test_vocab_too_small_is_clear(corpus, tmp_path):
@@ -225,7 +251,7 @@ def test_cli_train(corpus, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path}/missing.txt: tokenizer training input not found"
     ]
