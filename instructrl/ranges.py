@@ -146,6 +146,7 @@ LM = {
     **_TRAINING,
     "dropout": Range(lt=1, note="< 0 keeps the model's"),
     "ptx_fraction": PROB,
+    "ptx_rows": zero_means("round(ptx_fraction x batch_size)"),
     "select_num_prompts": POSITIVE,
     "eval_every_epochs": POSITIVE,
 }
@@ -179,7 +180,10 @@ PPO = {
     "vf_coef": NONNEG,
     "ptx_coef": zero_means("plain PPO"),
     "ptx_ratio": NONNEG,
-    "ema_decay": Range(ge=0, lt=1, note="0 = export the last policy"),
+    "ema_decay": Range(
+        ge=0, lt=1, also=(-1.0,), note="0 = export the last policy, -1 = from ema_horizon"
+    ),
+    "ema_horizon": zero_means("no EMA"),
     "warmup_iterations": NONNEG,
     # the stage driver (stages/ppo.py)
     "num_iterations": POSITIVE,
