@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,25 @@ class Selection:
         return value < self.best if self.metric == "val_loss" else value > self.best
 
 
+def schedule(
+    train_iter: Callable[[int], Iterator], num_epochs: int, num_steps: int
+) -> tuple[int, int, Iterator]:
+    """(steps per epoch, total steps, the training batches) of an LM stage: `num_steps` steps
+    of a stream that repeats forever when num_steps > 0, else num_epochs times one epoch's
+    batches (counted on `train_iter(1)`).
+
+    The stream then runs one epoch past the steps it needs: packing runs on across epoch
+    boundaries and each epoch drops or keeps a partial batch, so E epochs pack into a few more
+    or a few fewer batches than E times one epoch's (e.g. 34 for 5 x 7 in the unit test). The
+    extra epoch's batches only fill such a shortfall, which otherwise ends the run a few steps
+    early with an exhausted iterator.
+    """
+    if num_steps > 0:
+        return num_steps, num_steps, train_iter(0)
+    steps_per_epoch = sum(1 for _ in train_iter(1))
+    return steps_per_epoch, steps_per_epoch * num_epochs, train_iter(num_epochs + 1)
+
+
 def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
     kind = c.kind
@@ -126,17 +146,12 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
         )
         return MixedIterator(it, ptx, c.ptx_fraction)
 
-    if c.num_steps > 0:
-        total_steps = steps_per_epoch = c.num_steps
-    else:
-        steps_per_epoch = sum(1 for _ in train_iter(1))
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"config key '{name}.batch_size' ({c.batch_size}) is larger than one epoch of "
-                f"{data_kind} data"
-            )
-        total_steps = steps_per_epoch * c.num_epochs
-    data_iter = train_iter(0 if c.num_steps > 0 else c.num_epochs)
+    steps_per_epoch, total_steps, data_iter = schedule(train_iter, c.num_epochs, c.num_steps)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config key '{name}.batch_size' ({c.batch_size}) is larger than one epoch of "
+            f"{data_kind} data"
+        )
     logging.info("%s: %d steps (%d per epoch), batch %d", name, total_steps, steps_per_epoch,
                  c.batch_size)  # fmt: skip
 

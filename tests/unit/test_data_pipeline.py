@@ -412,3 +412,32 @@ def test_rm_rows_respect_stopped_and_use_the_sampled_ids(env):
         check_record("comparisons", {**two, "stopped": [True, True]})
     with pytest.raises(InvalidRecord, match="'stopped' must be a list of 2 booleans"):
         check_record("comparisons", {**two, "stopped": [True]})
+
+
+@pytest.mark.parametrize("batch_size,num_epochs", [(2, 5), (8, 5)])
+def test_lm_schedule_never_runs_out_of_packed_batches(env, batch_size, num_epochs):
+    """Packing runs on across epoch boundaries, so E epochs give a few batches more or fewer
+    than E x one epoch's (here 34 vs 35 at batch 2, 8 vs 5 at batch 8); the stage's stream
+    must still hold every scheduled step (an SFT run at visible_flaws=0.5 once stopped with
+    StopIteration a few steps before its end)."""
+    from instructrl.stages import lm
+
+    tok, c, built = env
+
+    def train_iter(epochs):
+        return sft_pipeline(
+            built["demonstrations"], tok, c, batch_size=batch_size, num_epochs=epochs, pack=True
+        )
+
+    one = sum(1 for _ in train_iter(1))
+    exact = sum(1 for _ in train_iter(num_epochs))
+    per_epoch, total, it = lm.schedule(train_iter, num_epochs, 0)
+    assert (per_epoch, total) == (one, one * num_epochs)
+    batches = list(it)
+    assert len(batches) >= total
+    if batch_size == 2:
+        assert exact < total  # the case that ran out before
+    want = list(train_iter(num_epochs))  # the scheduled steps see the E-epoch stream's batches
+    for got, ref in zip(batches[: min(exact, total) - 1], want, strict=False):
+        np.testing.assert_array_equal(got["tokens"], ref["tokens"])
+    assert lm.schedule(train_iter, num_epochs, 7)[:2] == (7, 7)
