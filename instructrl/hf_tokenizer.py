@@ -27,7 +27,6 @@ rendering chat templates (chat_template.py).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -192,11 +191,11 @@ class HFTokenizer(TokenizerBase):
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
         try:
             text = chat_template.render(self.chat_template, messages, **self.special_tokens)
-        except jinja2.TemplateError as e:
-            logging.warning(
-                "%s: chat template fails on a probe (%s); stop_id = eos", self._source, e
-            )
-            return self.eos_id
+        except jinja2.TemplateError as e:  # a template that cannot render one user/assistant turn
+            raise InputError(
+                f"{self._source}/tokenizer_config.json: chat_template fails on a one-turn "
+                f"conversation ({e}); fix it or remove the key"
+            ) from e
         after = text[text.find(_PROBE) + len(_PROBE) :].lstrip() if _PROBE in text else ""
         specials = sorted(
             self._tok.get_added_tokens_decoder().items(), key=lambda t: -len(t[1].content)

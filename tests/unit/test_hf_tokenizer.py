@@ -424,6 +424,23 @@ def test_missing_and_corrupt_tokenizer_json(folders, tmp_path):
         tokenizer.load(folder)
 
 
+def test_a_chat_template_that_cannot_render_one_turn_is_an_error(folders, tmp_path):
+    """No silent stop-token fallback: the end-of-turn token comes from the template, and a
+    template that fails on one user/assistant turn is named with its file."""
+    raw = RawTokenizer.from_file(f"{folders['gpt2']}/tokenizer.json")
+    broken = "{{ raise_exception('no assistant turns here') }}"
+    folder = _save(
+        tmp_path / "badtpl",
+        raw,
+        tokenizer_config__json={"chat_template": broken, "eos_token": "<|endoftext|>"},
+    )
+    with pytest.raises(
+        InputError, match=r"badtpl/tokenizer_config.json: chat_template fails on a one-turn"
+    ) as e:
+        tokenizer.load(folder)
+    assert "\n" not in str(e.value)
+
+
 def test_stages_accept_either_backend(folders, sp_model, tmp_path):
     """tokenizer_from: a stage, a .model, a tokenizer.json or a folder; the tokenizer stage
     copies a Hugging Face tokenizer (model_path) and later stages find its tokenizer.json."""
