@@ -3,8 +3,10 @@
     python -m instructrl.convert --hf_dir=DIR --out=DIR [--dtype=float32]
 
 Writes what `checkpoint.export_params` writes (OUT/params + OUT/model_config.json, the config
-last), which a stage's `init_from` and `checkpoint.load_exported` read, plus a copy of
-DIR/tokenizer.model when there is one (HF `tokenizer.json` files are not converted).
+last), which a stage's `init_from` and `checkpoint.load_exported` read, plus a copy of the
+checkpoint's tokenizer files when it has any: `tokenizer.model` (SentencePiece) and/or
+`tokenizer.json` with tokenizer_config.json, special_tokens_map.json, generation_config.json
+and chat_template.jinja (see `tokenizer.tokenizer_files`); `tokenizer_from=OUT` reads them.
 Bad input ends with one line on stderr and exit status 2.
 
 Not here: the weight mapping itself (hf.py).
@@ -19,6 +21,7 @@ import shutil
 from collections.abc import Sequence
 
 from instructrl import checkpoint, cli, hf
+from instructrl import tokenizer as tokenizer_lib
 from instructrl.errors import InputError, InstructrlError
 from instructrl.models.transformer import ModelConfig
 
@@ -29,9 +32,8 @@ def convert(hf_dir: str, out: str, *, dtype: str = "float32") -> ModelConfig:
     model, params = hf.from_pretrained(hf_dir, dtype=dtype)
     os.makedirs(out, exist_ok=True)
     if tokenizer is not None:
-        shutil.copyfile(
-            os.path.join(hf_dir, hf.TOKENIZER_FILE), os.path.join(out, hf.TOKENIZER_FILE)
-        )
+        for name, src in tokenizer_lib.tokenizer_files(hf_dir).items():
+            shutil.copyfile(src, os.path.join(out, name))
     checkpoint.export_params(params, dataclasses.asdict(model.config), out)
     return model.config
 
@@ -51,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(e, InstructrlError):
                 raise
             raise InputError(f"{args.hf_dir}: {e}") from e
-        has = os.path.exists(os.path.join(args.out, hf.TOKENIZER_FILE))
-        print(f"wrote {args.out} ({'with' if has else 'without'} tokenizer.model): {config}")
+        has = [n for n in hf.TOKENIZER_FILES if os.path.exists(os.path.join(args.out, n))]
+        print(f"wrote {args.out} (tokenizer: {', '.join(has) or 'none'}): {config}")
         return 0
 
     return cli.run(body, argv, fallback_path=args.out)

@@ -18,8 +18,11 @@ HF layouts: GPT-2 `Conv1D` weights are [in, out] with q/k/v fused in `c_attn`; L
 torch `Linear`) weights are [out, in]. HF Llama's q/k projections already use the
 "rotate_half" RoPE layout that `apply_rope` implements, so no permutation is needed.
 
-Not here: the `python -m instructrl.convert` command (convert.py), HF tokenizers other than
-SentencePiece `tokenizer.model` files.
+Tokenizers: a checkpoint's `tokenizer.model` (SentencePiece) or `tokenizer.json` with its
+config files (Hugging Face tokenizers) loads through `tokenizer.load`.
+
+Not here: the `python -m instructrl.convert` command (convert.py), the tokenizers themselves
+(tokenizer.py, hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -41,15 +44,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from instructrl import sharding as sharding_lib
+from instructrl import tokenizer as tokenizer_lib
 from instructrl.errors import InputError
 from instructrl.models.transformer import ModelConfig, Transformer
-from instructrl.tokenizer import Tokenizer
 
 SUPPORTED = ("gpt2", "llama")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")  # either backend's (see tokenizer.load)
 
 # safetensors dtype names -> numpy (bfloat16 and float8 via ml_dtypes, which jax uses too).
 _ST_DTYPES = {
@@ -394,10 +398,12 @@ def _tree_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 # ---- import -------------------------------------------------------------------------------
 
 
-def load_tokenizer(hf_dir: str) -> Tokenizer | None:
-    """The SentencePiece `tokenizer.model` in `hf_dir`, or None if there is none."""
-    path = os.path.join(hf_dir, TOKENIZER_FILE)
-    return Tokenizer.load(path) if os.path.exists(path) else None
+def load_tokenizer(hf_dir: str) -> tokenizer_lib.TokenizerBase | None:
+    """The tokenizer in `hf_dir` (`tokenizer.model`, else `tokenizer.json`), or None if there
+    is none."""
+    if not any(os.path.exists(os.path.join(hf_dir, n)) for n in TOKENIZER_FILES):
+        return None
+    return tokenizer_lib.load(hf_dir)
 
 
 def _abstract_and_shardings(model: Transformer, mesh, rules) -> tuple[Any, Any]:
@@ -487,8 +493,9 @@ def to_pretrained(
 
     model: a head="lm" Transformer of GPT-2 or Llama numerics (see `family`); params: its
     "params" tree (host or sharded arrays; every process must call this, process 0 writes).
-    dtype: of the saved weights (default: the params'). tokenizer_path: a `tokenizer.model`
-    copied next to the weights; its bos/eos/pad ids go into config.json.
+    dtype: of the saved weights (default: the params'). tokenizer_path: a `.model` file, a
+    `tokenizer.json` or a folder holding either (see `tokenizer.load`), copied next to the
+    weights (`tokenizer_files`); its bos/eos/pad ids go into config.json.
     """
     if model.head != "lm":
         raise ValueError(f"to_pretrained: head={model.head!r}; only LM models have an HF format")
@@ -503,7 +510,7 @@ def to_pretrained(
         e.view(tensors[e.name])[...] = np.asarray(_tree_get(host, e.path)).astype(out_dtype)
     hf = hf_config_from(config, dtype=str(jnp.dtype(out_dtype)))
     if tokenizer_path is not None:
-        tok = Tokenizer.load(tokenizer_path)
+        tok = tokenizer_lib.load(tokenizer_path)
         ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
         ids["pad_token_id"] = tok.pad_id if tok.has_pad else -1
         hf.update({k: v for k, v in ids.items() if v >= 0})
@@ -514,4 +521,5 @@ def to_pretrained(
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_FILE))
+        for name, src in tokenizer_lib.tokenizer_files(tokenizer_path).items():
+            shutil.copyfile(src, os.path.join(out_dir, name))

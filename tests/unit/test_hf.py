@@ -416,3 +416,50 @@ def test_convert_cli_writes_a_loadable_export(tmp_path, tokenizer_model, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "config.json: missing" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_copies_a_hugging_face_tokenizer(tmp_path, capsys):
+    """A checkpoint with tokenizer.json (no tokenizer.model): convert copies it with its
+    config files, the export loads it, and to_pretrained writes its special ids back."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from instructrl import tokenizer as tokenizer_lib
+    from instructrl.hf_tokenizer import HFTokenizer
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,  # the tokenizer need not fit the model's vocabulary here
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(["the quick brown fox 🤖 jumps"] * 20, trainer)
+    src = tmp_path / "tok"
+    src.mkdir()
+    raw.save(str(src / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": "{{ 1 }}"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+
+    model, params = _random_model("llama")
+    hf_dir, out = tmp_path / "hf", tmp_path / "export"
+    hf.to_pretrained(model, params, str(hf_dir), tokenizer_path=str(src))
+    assert sorted(os.listdir(hf_dir)) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+    written = json.loads((hf_dir / hf.CONFIG_FILE).read_text())
+    tok = hf.load_tokenizer(str(hf_dir))
+    assert isinstance(tok, HFTokenizer) and tok.chat_template == "{{ 1 }}"
+    assert (written["eos_token_id"], written["pad_token_id"]) == (tok.eos_id, tok.pad_id)
+    assert "bos_token_id" not in written  # the tokenizer has none
+
+    capsys.readouterr()
+    assert convert.main([f"--hf_dir={hf_dir}", f"--out={out}"]) == 0
+    assert "(tokenizer: tokenizer.json)" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not (out / hf.TOKENIZER_FILE).exists()
+    loaded = tokenizer_lib.load(str(out))
+    assert loaded.encode("the fox 🤖") == tok.encode("the fox 🤖") and loaded.stop_id == tok.eos_id
