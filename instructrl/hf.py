@@ -498,6 +498,8 @@ def from_pretrained(
     params: the unboxed "params" tree in `dtype` (weights are cast). With `mesh`, each param
     is built shard by shard on its NamedSharding (from `rules`, default DEFAULT_RULES); each
     device's shard is read from the memory-mapped file alone. Without, on the first device.
+    A bf16 file loaded with dtype="bfloat16" is never widened: host memory holds one shard's
+    bf16 copy at a time, not an f32 copy of the model.
     A tensor that is missing, unexpected or of the wrong shape raises InputError naming it.
     """
     where = os.path.join(hf_dir, CONFIG_FILE)
