@@ -296,7 +296,7 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
         return inv_freq
     factor, old_len = config.rope_factor, config.rope_original_max_len
     low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
-    # scalar / tensor as torch evaluates it (reciprocal, then multiply): same f32 bits.
+    # scalar / tensor written as torch evaluates it (reciprocal, then multiply).
     wavelen = (1.0 / inv_freq) * (2 * math.pi)
     scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = ((1.0 / wavelen) * old_len - low) / (high - low)
