@@ -1,4 +1,4 @@
-"""Converts a Hugging Face checkpoint (GPT-2, Llama) into an instructrl params export.
+"""Converts a Hugging Face checkpoint (GPT-2, Llama, Qwen; hf.SUPPORTED) into a params export.
 
     python -m instructrl.convert --hf_dir=DIR --out=DIR [--dtype=float32]
 

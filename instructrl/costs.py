@@ -38,6 +38,8 @@ def param_count(mc: ModelConfig, head: str = "lm") -> int:
     n_mlp, bias = (3 if mc.mlp == "swiglu" else 2), int(mc.use_bias)
     layer = d * (2 * hd + 2 * kd) + n_mlp * d * f + 2 * norm
     layer += bias * (hd + 2 * kd + d + (n_mlp - 1) * f + d)  # q, k, v, o, up (+ gate), down
+    layer += int(mc.qkv_bias) * (hd + 2 * kd)
+    layer += int(mc.qk_norm) * 2 * mc.dim_head * (1 if mc.norm == "rmsnorm" else 2)
     total = mc.vocab_size * d + (mc.max_len * d if mc.position == "learned" else 0)
     total += mc.num_layers * layer + norm
     if head == "scalar":

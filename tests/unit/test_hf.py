@@ -351,17 +351,15 @@ def test_missing_and_unexpected_tensors(llama_dir):
 
 
 def test_unsupported_configs(llama_dir, tmp_path):
-    _edit_config(
-        llama_dir, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-    )
-    assert "rope_parameters.rope_type='llama3' is not supported" in _error(llama_dir)
+    _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0})
+    assert "rope_parameters.rope_type='yarn' is not supported" in _error(llama_dir)
     _edit_config(llama_dir, rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
     assert "rope_scaling.rope_type='linear'" in _error(llama_dir)
     _edit_config(llama_dir, rope_scaling=None, hidden_act="gelu")
     assert "hidden_act='gelu' is not supported" in _error(llama_dir)
-    _edit_config(llama_dir, hidden_act="silu", model_type="mistral")
+    _edit_config(llama_dir, hidden_act="silu", model_type="gemma")
     message = _error(llama_dir)
-    assert "config.json: model_type='mistral' is not supported (supported: gpt2, llama)" in message
+    assert "config.json: model_type='gemma' is not supported (supported: gpt2, llama," in message
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / hf.CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2"}))
     assert "config.json: missing key 'vocab_size'" in _error(tmp_path / "empty")
