@@ -461,3 +461,29 @@ def test_convert_copies_a_hugging_face_tokenizer(tmp_path, capsys):
     assert not (out / hf.TOKENIZER_FILE).exists()
     loaded = tokenizer_lib.load(str(out))
     assert loaded.encode("the fox 🤖") == tok.encode("the fox 🤖") and loaded.stop_id == tok.eos_id
+
+
+def test_convert_to_hf_writes_a_trained_export_back(tmp_path, tokenizer_model, capsys):
+    """`convert --to_hf`: an export (what every stage writes, e.g. PPO's policy) becomes a
+    checkpoint transformers loads with the same logits, with the tokenizer and its ids; a
+    folder that is not an export is one line and exit 2, with nothing written."""
+    model, params = _random_model("llama")
+    export, out = tmp_path / "ppo_ptx" / "export", tmp_path / "hf_out"
+    checkpoint.export_params(params, dataclasses.asdict(model.config), str(export))
+    capsys.readouterr()
+    argv = ["--to_hf", f"--export={export}", f"--out={out}", f"--tokenizer={tokenizer_model}"]
+    assert convert.main(argv) == 0
+    assert f"wrote {out} (llama; tokenizer: {tokenizer_model})" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens, mask = _left_padded_batch(seed=5)
+    ours, ref = _our_logits(model, params, tokens, mask), _hf_logits(loaded, tokens, mask)
+    assert np.abs(ours - ref)[mask == 1].max() < 1e-4
+    written = json.loads((out / hf.CONFIG_FILE).read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (2, 3, 0)
+    assert (out / hf.TOKENIZER_FILE).read_bytes() == Path(tokenizer_model).read_bytes()
+
+    capsys.readouterr()  # transformers' loading progress
+    assert convert.main(["--to_hf", f"--export={tmp_path}", f"--out={tmp_path / 'y'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model_config.json (not an export folder)" in err and "\n" not in err
+    assert not (tmp_path / "y").exists()
