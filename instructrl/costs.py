@@ -27,6 +27,7 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 197e12, 16, 0.82e12),
     "v5p": Chip("TPU v5p", 459e12, 95, 2.77e12),
     "h100": Chip("H100 SXM", 989e12, 80, 3.35e12),
+    "h200": Chip("H200 SXM", 989e12, 139, 4.8e12),  # H100 compute; 141 GB HBM3e, ~139 GiB usable
 }
 
 
