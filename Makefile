@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
-DEMO_ARG ?=  # e.g. make demo DEMO_ARG=flawed_demos,seed=1 (experiments/tiny_instructgpt.py)
+DEMO_ARG ?=  # e.g. make demo DEMO_ARG=near_perfect,seed=1 (experiments/tiny_instructgpt.py)
 
 .PHONY: demo test lint format bench clean
 

@@ -1,24 +1,21 @@
 r"""GPT-2 124M from the Hugging Face checkpoint through SFT, RM and PPO-ptx (paper settings).
 
-    python -m instructrl.main --config=experiments/gpt2_124m.py:data=DATA,init=checkpoints/gpt2,tokenizer=TOK.model --workdir=DIR
+    python -m instructrl.main --config=experiments/gpt2_124m.py:data=DATA,init=checkpoints/gpt2,tokenizer=TOK --workdir=DIR
 
 First convert the checkpoint (config.json + model.safetensors of `gpt2` from the Hub):
 
     python -m instructrl.convert --hf_dir=HF_GPT2 --out=checkpoints/gpt2
 
 Arguments: data=DIR (JSONL files, see experiments/paper.py), init=DIR (the converted export;
-the policy, the RM and the value network all start from it), tokenizer=PATH.model, smoke,
-seed=N. Shape: 12 layers, d 768, 12 heads, d_ff 3072, context 1024, learned positions,
+the policy, the RM and the value network all start from it), tokenizer=PATH (default INIT),
+smoke, seed=N. Shape: 12 layers, d 768, 12 heads, d_ff 3072, context 1024, learned positions,
 LayerNorm, GELU (tanh), tied embeddings, vocab 50257 (kept: the converted embedding has 50257
 rows; an odd vocabulary cannot be split over a tensor axis, hence pure data parallelism).
 
-Tokenizer: GPT-2's tokenizer is a byte-level BPE (vocab.json + merges.txt), not SentencePiece,
-and instructrl's Tokenizer reads only SentencePiece `.model` files, so `convert` writes no
-tokenizer for GPT-2. The converted weights are indexed by GPT-2 token ids: with any other
-tokenizer (e.g. one trained by a `tokenizer` stage) the pretrained embeddings no longer mean
-their tokens and SFT has to relearn them. Use a SentencePiece model only if it reproduces
-GPT-2's ids; otherwise prefer experiments/llama_1b.py, whose checkpoint ships its
-SentencePiece tokenizer.
+Tokenizer: GPT-2's byte-level BPE is read from the checkpoint's `tokenizer.json` (Hugging
+Face tokenizers backend); `convert` copies it (with tokenizer_config.json etc.) into the
+export, where `tokenizer` defaults to. Checkpoints that ship only vocab.json + merges.txt
+need a tokenizer.json first (`AutoTokenizer.from_pretrained(d).save_pretrained(d)`).
 
 Stages and hyperparameters are the paper's (experiments/paper.py) with lengths halved to the
 1024-token context (prompts up to 512 tokens, responses up to 512).

@@ -9,15 +9,15 @@ into the export, which is where this config looks for it:
     python -m instructrl.convert --hf_dir=HF_TINYLLAMA --out=checkpoints/llama_1b
 
 Arguments: data=DIR (JSONL files, see experiments/paper.py), init=DIR (the converted export;
-policy, RM and value network start from it), tokenizer=PATH.model (default
-INIT/tokenizer.model), smoke, seed=N.
+policy, RM and value network start from it), tokenizer=PATH (default INIT, whose
+tokenizer.model convert copied), smoke, seed=N.
 
 Shape (TinyLlama-1.1B, read back from the export at run time; `config.model` is what
 `python -m instructrl.plan` uses): 22 layers, d 2048, 32 heads of 64, 4 kv heads (GQA),
 d_ff 5632, SwiGLU, RMSNorm (eps 1e-5), RoPE (theta 10000), no biases, untied embeddings,
 vocab 32000 (the Llama-2 SentencePiece vocabulary), context 2048. Llama-3.2-1B (16 layers,
-8 kv heads, theta 500000) is the better-known 1B, but its tokenizer is not SentencePiece and
-its RoPE scaling is not supported by instructrl/hf.py, so it cannot be converted.
+8 kv heads, theta 500000, rope_type "llama3", tokenizer.json) converts the same way; the
+model is read from the export, so only `config.model` (for `plan`) would differ.
 
 Mesh: pure FSDP over the slice (fsdp=-1); the vocabulary 32000 = 250 x 128 also allows a
 tensor axis. Stages and hyperparameters are the paper's (experiments/paper.py).

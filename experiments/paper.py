@@ -29,10 +29,10 @@ llama_1b.py reuse `pipeline()` with Hugging Face checkpoints. Run from the repos
                      policy size (and the value function starts from it), so this is a 6B
                      export for all sizes (default: `base` for size=6b, else
                      checkpoints/gpt3_6b); `config.reward_model` holds its shape.
-  tokenizer=PATH     a SentencePiece .model; default BASE/tokenizer.model (convert copies it
-                     there). It must be the tokenizer the base model was trained with.
-                     GPT-2/3's BPE is not SentencePiece and instructrl cannot read it, so a
-                     GPT-2-vocabulary checkpoint needs your own SentencePiece-trained base.
+  tokenizer=PATH     a SentencePiece .model, a Hugging Face tokenizer.json or a folder holding
+                     either; default BASE (convert copies the checkpoint's tokenizer.model
+                     or tokenizer.json there). It must be the tokenizer the base model was
+                     trained with.
   smoke              a tiny model, short sequences and a few steps (config tests, plan tests).
   seed=N
 
@@ -158,7 +158,7 @@ def pipeline(
     config.data.max_prompt_len = 96 if s else max_prompt_len
     config.data.max_response_len = 32 if s else seq_len - max_prompt_len
     config.data.seed = seed
-    tokenizer = tokenizer or f"{base}/tokenizer.model"
+    tokenizer = tokenizer or base  # tokenizer.load: its tokenizer.model, else tokenizer.json
 
     config.rm = reward.default_config()  # 1 epoch, LR 9e-6 cosine to 10%, 64 prompts
     # Deviation (paper: the RM starts from the 6B SFT model, docs/method.md §2): it starts

@@ -27,6 +27,7 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 197e12, 16, 0.82e12),
     "v5p": Chip("TPU v5p", 459e12, 95, 2.77e12),
     "h100": Chip("H100 SXM", 989e12, 80, 3.35e12),
+    "h200": Chip("H200 SXM", 989e12, 139, 4.8e12),  # H100 compute; 141 GB HBM3e, ~139 GiB usable
 }
 
 
@@ -38,6 +39,8 @@ def param_count(mc: ModelConfig, head: str = "lm") -> int:
     n_mlp, bias = (3 if mc.mlp == "swiglu" else 2), int(mc.use_bias)
     layer = d * (2 * hd + 2 * kd) + n_mlp * d * f + 2 * norm
     layer += bias * (hd + 2 * kd + d + (n_mlp - 1) * f + d)  # q, k, v, o, up (+ gate), down
+    layer += int(mc.qkv_bias) * (hd + 2 * kd)
+    layer += int(mc.qk_norm) * 2 * mc.dim_head * (1 if mc.norm == "rmsnorm" else 2)
     total = mc.vocab_size * d + (mc.max_len * d if mc.position == "learned" else 0)
     total += mc.num_layers * layer + norm
     if head == "scalar":

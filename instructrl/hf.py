@@ -1,11 +1,17 @@
-"""Import and export of Hugging Face checkpoints (GPT-2, Llama), without torch.
+"""Import and export of Hugging Face checkpoints (GPT-2, Llama, Qwen2, Qwen3), without torch.
 
     model, params = from_pretrained("path/to/hf_dir", mesh=mesh)   # config.json + *.safetensors
     to_pretrained(model, params, "path/to/out")                     # transformers loads it back
 
-Supported: `GPT2LMHeadModel` (model_type "gpt2") and `LlamaForCausalLM` (model_type "llama",
-plain RoPE, GQA, tied or untied embeddings). Anything else (Mistral, Qwen, rope scaling, ...)
-fails with one line naming config.json and the key.
+Supported (import and export; GQA, tied or untied embeddings throughout):
+  `GPT2LMHeadModel` (model_type "gpt2");
+  `LlamaForCausalLM` ("llama"): plain RoPE or Llama 3.1+'s rope_type "llama3" scaling;
+  `Qwen2ForCausalLM` ("qwen2", Qwen2/Qwen2.5): q/k/v biases (`qkv_bias`), no sliding window;
+  `Qwen3ForCausalLM` ("qwen3"): per-head q/k RMSNorm (`qk_norm`), free head_dim;
+  `MistralForCausalLM` ("mistral"), import only, with sliding_window null: it is a Llama and
+  exports as one.
+Anything else (sliding windows, other rope types, Gemma, ...) fails with one line naming
+config.json and the key.
 
 Safetensors files are read with our own small reader (the format is an 8-byte header length,
 a JSON header, raw little-endian data): `safetensors.numpy` cannot represent bfloat16, and a
@@ -15,11 +21,14 @@ table maps weights in both directions: import reads `view[index]` per device sha
 writes our params into views of freshly allocated HF tensors.
 
 HF layouts: GPT-2 `Conv1D` weights are [in, out] with q/k/v fused in `c_attn`; Llama (and
-torch `Linear`) weights are [out, in]. HF Llama's q/k projections already use the
+torch `Linear`) weights are [out, in]. HF Llama's (and Qwen's) q/k projections use the
 "rotate_half" RoPE layout that `apply_rope` implements, so no permutation is needed.
 
-Not here: the `python -m instructrl.convert` command (convert.py), HF tokenizers other than
-SentencePiece `tokenizer.model` files.
+Tokenizers: a checkpoint's `tokenizer.model` (SentencePiece) or `tokenizer.json` with its
+config files (Hugging Face tokenizers) loads through `tokenizer.load`.
+
+Not here: the `python -m instructrl.convert` command (convert.py), the tokenizers themselves
+(tokenizer.py, hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -41,15 +50,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from instructrl import sharding as sharding_lib
-from instructrl.errors import InputError
+from instructrl import tokenizer as tokenizer_lib
+from instructrl.errors import ConfigError, InputError
 from instructrl.models.transformer import ModelConfig, Transformer
-from instructrl.tokenizer import Tokenizer
 
-SUPPORTED = ("gpt2", "llama")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")  # HF model_type values we import
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")  # either backend's (see tokenizer.load)
 
 # safetensors dtype names -> numpy (bfloat16 and float8 via ml_dtypes, which jax uses too).
 _ST_DTYPES = {
@@ -138,23 +148,53 @@ def _read_json(path: str) -> dict[str, Any]:
             raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
-    """Plain RoPE's base from old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`) keys."""
-    for key in ("rope_scaling", "rope_parameters"):
-        params = hf.get(key) or {}
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise InputError(
-                f"{where}: {key}.rope_type={kind!r} is not supported (plain RoPE only)"
-            )
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise InputError(f"{where}: {key}.partial_rotary_factor is not supported")
-    params = hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+# The llama3 rope_type's parameters: (ModelConfig field, key in rope_parameters/rope_scaling).
+_LLAMA3_ROPE = (
+    ("rope_factor", "factor"),
+    ("rope_low_freq_factor", "low_freq_factor"),
+    ("rope_high_freq_factor", "high_freq_factor"),
+    ("rope_original_max_len", "original_max_position_embeddings"),
+)
+
+
+def _rope(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """RoPE fields of ModelConfig from old (`rope_theta`, `rope_scaling`) or new
+    (`rope_parameters`) keys; as in transformers 5, `rope_scaling` wins when both are set."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(key) or {}
+    if not isinstance(params, Mapping):
+        raise InputError(f"{where}: {key}={params!r} is not supported (expected an object)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise InputError(
+            f"{where}: {key}.rope_type={kind!r} is not supported (only 'default', 'llama3')"
+        )
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise InputError(f"{where}: {key}.partial_rotary_factor is not supported")
+    out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "llama3":
+        out["rope_scaling"] = "llama3"
+        for ours, name in _LLAMA3_ROPE:
+            if name not in params:
+                raise InputError(f"{where}: missing key '{key}.{name}' (rope_type 'llama3')")
+            out[ours] = params[name]
+    return out
 
 
 # (ModelConfig field, HF config.json key, HF's default when the key is absent). Dropout is a
 # training choice, not part of a checkpoint: imports get none (set it in the stage config).
+_LLAMA_KEYS = (
+    ("vocab_size", "vocab_size", None),
+    ("max_len", "max_position_embeddings", None),
+    ("num_layers", "num_hidden_layers", None),
+    ("d_model", "hidden_size", None),
+    ("num_heads", "num_attention_heads", None),
+    ("d_ff", "intermediate_size", None),
+    ("num_kv_heads", "num_key_value_heads", None),
+    ("head_dim", "head_dim", None),
+    ("tie_embeddings", "tie_word_embeddings", False),
+    ("norm_eps", "rms_norm_eps", 1e-6),
+)
 _KEYS = {
     "gpt2": (
         ("vocab_size", "vocab_size", None),
@@ -166,23 +206,20 @@ _KEYS = {
         ("tie_embeddings", "tie_word_embeddings", True),
         ("norm_eps", "layer_norm_epsilon", 1e-5),
     ),
-    "llama": (
-        ("vocab_size", "vocab_size", None),
-        ("max_len", "max_position_embeddings", None),
-        ("num_layers", "num_hidden_layers", None),
-        ("d_model", "hidden_size", None),
-        ("num_heads", "num_attention_heads", None),
-        ("d_ff", "intermediate_size", None),
-        ("num_kv_heads", "num_key_value_heads", None),
-        ("head_dim", "head_dim", None),
-        ("tie_embeddings", "tie_word_embeddings", False),
-        ("norm_eps", "rms_norm_eps", 1e-6),
-        ("use_bias", "attention_bias", False),
-    ),
+    "llama": (*_LLAMA_KEYS, ("use_bias", "attention_bias", False)),
+    "mistral": _LLAMA_KEYS,
+    "qwen2": _LLAMA_KEYS,  # no head_dim in Qwen2Config, but its attention reads one if set
+    # Qwen3Config's head_dim defaults to 128, not hidden_size / heads.
+    "qwen3": tuple(k if k[0] != "head_dim" else ("head_dim", "head_dim", 128) for k in _LLAMA_KEYS),
 }
+_OPTIONAL = ("d_ff", "num_kv_heads", "head_dim")  # HF derives these when absent or null
+_LLAMA_FIXED = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 _FIXED = {
     "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "use_bias": True},
-    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    "llama": _LLAMA_FIXED,
+    "mistral": dict(_LLAMA_FIXED, use_bias=False),
+    "qwen2": dict(_LLAMA_FIXED, use_bias=False, qkv_bias=True),
+    "qwen3": dict(_LLAMA_FIXED, use_bias=False, qk_norm=True),
 }
 # HF keys whose other values change the numerics: (key, HF default, values we implement).
 _CHECKS = {
@@ -193,6 +230,20 @@ _CHECKS = {
         ("add_cross_attention", False, (False,)),
     ),
     "llama": (("hidden_act", "silu", ("silu",)),),
+    # MistralConfig's sliding_window defaults to 4096: only an explicit null is plain attention.
+    "mistral": (("hidden_act", "silu", ("silu",)), ("sliding_window", 4096, (None,))),
+    "qwen2": (("hidden_act", "silu", ("silu",)), ("use_sliding_window", False, (False,))),
+    "qwen3": (
+        ("hidden_act", "silu", ("silu",)),
+        ("use_sliding_window", False, (False,)),
+        ("attention_bias", False, (False,)),  # Qwen3's bias is on q, k, v and o, not the MLP
+    ),
+}
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
@@ -206,6 +257,7 @@ def config_from_hf(
     """ModelConfig from a HF config.json dict; InputError naming `where` and the key if unsupported.
 
     dtype: param dtype; compute_dtype (default: dtype) the model's activation dtype.
+    A Mistral config (sliding_window null) becomes the Llama config it is numerically.
     """
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
@@ -213,11 +265,12 @@ def config_from_hf(
             f"{where}: model_type={kind!r} is not supported (supported: {', '.join(SUPPORTED)})"
         )
     for key, default, allowed in _CHECKS[kind]:
-        if hf.get(key, default) not in allowed:
-            raise InputError(f"{where}: {key}={hf[key]!r} is not supported (only {allowed})")
+        value = hf.get(key, default)
+        if value not in allowed:
+            raise InputError(f"{where}: {key}={value!r} is not supported (only {allowed})")
     fields = dict(_FIXED[kind], dtype=compute_dtype or dtype, param_dtype=dtype)
     for ours, key, default in _KEYS[kind]:
-        if default is None and key not in hf and ours not in ("d_ff", "num_kv_heads", "head_dim"):
+        if default is None and key not in hf and ours not in _OPTIONAL:
             raise InputError(f"{where}: missing key {key!r}")
         fields[ours] = hf.get(key, default)
     if kind == "gpt2":
@@ -228,27 +281,36 @@ def config_from_hf(
             fields["num_kv_heads"] = None
         if fields["head_dim"] == fields["d_model"] // fields["num_heads"]:
             fields["head_dim"] = None
-        if hf.get("mlp_bias", False) != fields["use_bias"]:
+        if kind == "llama" and hf.get("mlp_bias", False) != fields["use_bias"]:
             raise InputError(
                 f"{where}: attention_bias={fields['use_bias']} with mlp_bias="
                 f"{hf.get('mlp_bias')} is not supported (one use_bias for all projections)"
             )
-        fields["rope_theta"] = _rope_theta(hf, where)
-    return ModelConfig(**fields)
+        fields.update(_rope(hf, where))
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:  # a value of the file that our model rejects
+        raise InputError(f"{where}: {e}") from None
 
 
 def family(config: ModelConfig) -> str:
-    """The HF model_type ("gpt2" or "llama") with exactly this config's numerics."""
+    """The HF model_type ("gpt2", "llama", "qwen2", "qwen3") with exactly this config's numerics."""
     c = config
     if (c.position, c.norm, c.mlp, c.use_bias) == ("learned", "layernorm", "gelu", True):
         if c.kv_heads != c.num_heads or c.dim_head * c.num_heads != c.d_model:
             raise ValueError("model.num_kv_heads/head_dim: GPT-2 has no GQA and no free head_dim")
+        if c.qk_norm:
+            raise ValueError("model.qk_norm: GPT-2 has no q/k norm")
         return "gpt2"
     if (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
+        if c.qk_norm:
+            if c.use_bias or c.qkv_bias:
+                raise ValueError("model.qk_norm: Qwen3 (q/k norm) has no projection biases here")
+            return "qwen3"
+        return "qwen2" if c.qkv_bias else "llama"
     raise ValueError(
         f"model: position={c.position}, norm={c.norm}, mlp={c.mlp}, use_bias={c.use_bias} is "
-        "neither GPT-2 (learned, layernorm, gelu, bias) nor Llama (rope, rmsnorm, swiglu)"
+        "neither GPT-2 (learned, layernorm, gelu, bias) nor Llama/Qwen (rope, rmsnorm, swiglu)"
     )
 
 
@@ -258,17 +320,23 @@ def hf_config_from(config: ModelConfig, *, dtype: str | None = None) -> dict[str
     hf = {key: getattr(config, ours) for ours, key, _ in _KEYS[kind]}
     hf.update(model_type=kind, dtype=dtype or config.param_dtype)
     hf.update({key: allowed[0] for key, _, allowed in _CHECKS[kind]})
+    hf["architectures"] = [_ARCHITECTURES[kind]]
     if kind == "gpt2":
-        hf["architectures"] = ["GPT2LMHeadModel"]
         hf.update(resid_pdrop=config.dropout, embd_pdrop=config.dropout)
         hf["attn_pdrop"] = config.attention_dropout
-    else:
-        hf["architectures"] = ["LlamaForCausalLM"]
-        hf.update(num_key_value_heads=config.kv_heads, head_dim=config.dim_head)
-        hf.update(mlp_bias=config.use_bias, attention_dropout=config.attention_dropout)
-        # transformers >= 5 reads rope_parameters, older versions rope_theta.
-        hf["rope_theta"] = config.rope_theta
-        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
+        return hf
+    hf.update(num_key_value_heads=config.kv_heads, head_dim=config.dim_head)
+    hf["attention_dropout"] = config.attention_dropout
+    if kind == "llama":
+        hf["mlp_bias"] = config.use_bias
+    # transformers >= 5 reads rope_parameters, older versions rope_theta and rope_scaling.
+    hf["rope_theta"] = config.rope_theta
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling == "llama3":
+        rope["rope_type"] = "llama3"
+        rope.update({key: getattr(config, ours) for ours, key in _LLAMA3_ROPE})
+        hf["rope_scaling"] = dict(rope)
+    hf["rope_parameters"] = rope
     return hf
 
 
@@ -345,9 +413,12 @@ def _llama_entries(c: ModelConfig) -> list[Entry]:
                 else (lambda w, n=n: _reshape(w.T, (d, n, dh)))
             )
             add(f"{ours}attn/{name}/kernel", f"{hf}self_attn.{name}_proj.weight", shape, view)
-            if c.use_bias:
+            if c.use_bias or (c.qkv_bias and name != "o"):
                 b_view = _identity if name == "o" else (lambda b, n=n: _reshape(b, (n, dh)))
                 add(f"{ours}attn/{name}/bias", f"{hf}self_attn.{name}_proj.bias", shape[:1], b_view)
+        if c.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                add(f"{ours}attn/{name}/scale", f"{hf}self_attn.{name}.weight", (dh,))
         for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
             add(f"{ours}mlp/{name}/kernel", f"{hf}mlp.{name}_proj.weight", shape, np.transpose)
             if c.use_bias:
@@ -394,10 +465,12 @@ def _tree_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 # ---- import -------------------------------------------------------------------------------
 
 
-def load_tokenizer(hf_dir: str) -> Tokenizer | None:
-    """The SentencePiece `tokenizer.model` in `hf_dir`, or None if there is none."""
-    path = os.path.join(hf_dir, TOKENIZER_FILE)
-    return Tokenizer.load(path) if os.path.exists(path) else None
+def load_tokenizer(hf_dir: str) -> tokenizer_lib.TokenizerBase | None:
+    """The tokenizer in `hf_dir` (`tokenizer.model`, else `tokenizer.json`), or None if there
+    is none."""
+    if not any(os.path.exists(os.path.join(hf_dir, n)) for n in TOKENIZER_FILES):
+        return None
+    return tokenizer_lib.load(hf_dir)
 
 
 def _abstract_and_shardings(model: Transformer, mesh, rules) -> tuple[Any, Any]:
@@ -419,12 +492,14 @@ def from_pretrained(
     dtype: str = "float32",
     compute_dtype: str | None = None,
 ) -> tuple[Transformer, dict]:
-    """Loads a GPT-2/Llama HF checkpoint directory -> (Transformer(head="lm"), params).
+    """Loads an HF checkpoint directory (see SUPPORTED) -> (Transformer(head="lm"), params).
 
     hf_dir: config.json + model.safetensors (or model.safetensors.index.json and its shards).
     params: the unboxed "params" tree in `dtype` (weights are cast). With `mesh`, each param
     is built shard by shard on its NamedSharding (from `rules`, default DEFAULT_RULES); each
     device's shard is read from the memory-mapped file alone. Without, on the first device.
+    A bf16 file loaded with dtype="bfloat16" is never widened: host memory holds one shard's
+    bf16 copy at a time, not an f32 copy of the model.
     A tensor that is missing, unexpected or of the wrong shape raises InputError naming it.
     """
     where = os.path.join(hf_dir, CONFIG_FILE)
@@ -485,10 +560,11 @@ def to_pretrained(
 ) -> None:
     """Writes `out_dir/config.json` and `model.safetensors` that transformers loads.
 
-    model: a head="lm" Transformer of GPT-2 or Llama numerics (see `family`); params: its
+    model: a head="lm" Transformer of GPT-2, Llama or Qwen numerics (see `family`); params: its
     "params" tree (host or sharded arrays; every process must call this, process 0 writes).
-    dtype: of the saved weights (default: the params'). tokenizer_path: a `tokenizer.model`
-    copied next to the weights; its bos/eos/pad ids go into config.json.
+    dtype: of the saved weights (default: the params'). tokenizer_path: a `.model` file, a
+    `tokenizer.json` or a folder holding either (see `tokenizer.load`), copied next to the
+    weights (`tokenizer_files`); its bos/eos/pad ids go into config.json.
     """
     if model.head != "lm":
         raise ValueError(f"to_pretrained: head={model.head!r}; only LM models have an HF format")
@@ -503,7 +579,7 @@ def to_pretrained(
         e.view(tensors[e.name])[...] = np.asarray(_tree_get(host, e.path)).astype(out_dtype)
     hf = hf_config_from(config, dtype=str(jnp.dtype(out_dtype)))
     if tokenizer_path is not None:
-        tok = Tokenizer.load(tokenizer_path)
+        tok = tokenizer_lib.load(tokenizer_path)
         ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
         ids["pad_token_id"] = tok.pad_id if tok.has_pad else -1
         hf.update({k: v for k, v in ids.items() if v >= 0})
@@ -514,4 +590,5 @@ def to_pretrained(
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_FILE))
+        for name, src in tokenizer_lib.tokenizer_files(tokenizer_path).items():
+            shutil.copyfile(src, os.path.join(out_dir, name))

@@ -1,7 +1,7 @@
 r"""Ahead-of-time plan: per-device memory, FLOPs and step time of a config's stages on a mesh.
 
     python -m instructrl.plan --config=experiments/instructgpt_6b.py[:ARGS] \
-        --mesh=data:1,fsdp:32,tensor:2 [--stage=sft|rm|ppo|NAME] [--chip=v4|v5e|v5p|h100] \
+        --mesh=data:1,fsdp:32,tensor:2 [--stage=sft|rm|ppo|NAME] [--chip=v4|v5e|v5p|h100|h200] \
         [--mfu=0.4] [--analytic | --compile] [--json] [--config.KEY=VALUE ...]
 
 Builds each stage's compiled programs as its driver does (SFT/RM: the train_lib step via

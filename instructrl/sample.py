@@ -118,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from instructrl import tokenizer as tokenizer_lib
     from instructrl.data import read_prompts
-    from instructrl.tokenizer import Tokenizer
 
     model, params = load_stage_model(args.workdir, args.stage)
-    tokenizer = Tokenizer.load(os.path.join(args.workdir, "tokenizer", "tokenizer.model"))
+    # The tokenizer stage's folder: tokenizer.model, or tokenizer.json copied from a checkpoint.
+    tokenizer = tokenizer_lib.load(os.path.join(args.workdir, "tokenizer"))
     records = [r.data for r in read_prompts(args.prompts)[0]]
     max_len = model.config.max_len
     prompt_len = max(len(tokenizer.encode(r["prompt"])) + 1 for r in records)

@@ -11,8 +11,11 @@ Each RUN_DIR is the workdir of one run of `instructrl.main`; its `<eval_stage>/r
   - win rate against the reference: a row per model type, a column per size, each cell
     "mean ± sd (n runs)" with sd the sample standard deviation over runs (n - 1; "—" for
     one run), then the per-seed values in the order the runs were given;
-  - per model, the mean over runs of gold score, constraint rate, stop rate, held-out NLL
-    and public-task accuracy (blank where missing; "(k/n)" where only k of n runs have it);
+  - per model, the mean over runs of gold score, constraint rate, stop rate, held-out NLL,
+    public-task accuracy and KL to the reference (blank where missing; "(k/n)" where only k
+    of n runs have it);
+  - when the evals counted the demonstrators' visible flaws (world.demo_slips=visible), the
+    share of samples with each flaw, per model and for the reference, mean over runs;
   - RM validation accuracy, RM accuracy against the gold judge and inter-labeler
     agreement, mean ± sd over runs;
   - best-of-n from the reference against each RM and the gold judge (when the evals have

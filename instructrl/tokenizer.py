@@ -1,4 +1,12 @@
-"""A small SentencePiece tokenizer wrapper: train, load, encode/decode, pad into batches.
+"""Tokenizers: a SentencePiece wrapper (train, load, encode/decode, pad into batches) and
+`load`, which picks the backend for a path:
+
+    load("DIR/tokenizer.model")       # SentencePiece (`Tokenizer`)
+    load("DIR/tokenizer.json")        # Hugging Face tokenizers (`hf_tokenizer.HFTokenizer`)
+    load("DIR")                       # whichever DIR holds (tokenizer.model wins if both)
+
+Both backends share `TokenizerBase` (encode, decode, encode_batch, decode_batch, special ids,
+pickling).
 
 Any SentencePiece `.model` loads (our own, Llama-style, Gemma-style). Models trained here use
 
@@ -12,7 +20,8 @@ Models without a pad id (Llama: pad = -1) pad with `unk_id` instead; `has_pad` s
 The unk id is chosen over eos because left-padded prompts would otherwise look like they end
 immediately; real unk tokens are rare and `decode` drops pad ids either way.
 
-Not here: chat templates and data formats (instructrl/data/).
+Not here: the tokenizer.json backend (hf_tokenizer.py), chat templates (chat_template.py),
+data formats (instructrl/data/).
 
     python -m instructrl.tokenizer train --input=a.txt,b.jsonl --vocab_size=512 --out=DIR/tok
 """
@@ -75,50 +84,38 @@ def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
     return sp
 
 
-class Tokenizer:
-    """SentencePiece tokenizer. Picklable: pickles the model proto and rebuilds on unpickle.
+class TokenizerBase:
+    """What every backend shares: ids of the special tokens, bos/eos wrapping, padding into
+    batches and decoding up to EOS. A backend sets the attributes in its __init__ and
+    implements `_encode_many`, `_decode_ids`, `encode` and `id_to_piece`.
 
-    Attributes: vocab_size, pad_id, bos_id, eos_id, unk_id (bos/eos may be -1 when the model
-    has none), has_pad (False when pad_id is the unk fallback).
+    Attributes: vocab_size, pad_id, bos_id, eos_id, unk_id (bos/eos/unk may be -1 when the
+    model has none), has_pad (False when pad_id is a fallback), stop_id (the token that ends
+    an assistant turn: eos for SentencePiece models, e.g. <|im_end|> or <|eot_id|> for chat
+    checkpoints), stop_ids (every id that ends generation, stop_id first).
     """
 
-    def __init__(self, proto: bytes, *, source: str = "<proto>", pad_id: int | None = None):
-        self._proto = proto
-        self._source = source
-        self._pad_override = pad_id
-        self._sp = _processor(proto, source)
-        sp = self._sp
-        self.vocab_size: int = sp.vocab_size()
-        self.bos_id: int = sp.bos_id()
-        self.eos_id: int = sp.eos_id()
-        self.unk_id: int = sp.unk_id()
-        self.has_pad: bool = sp.pad_id() >= 0
-        if pad_id is not None:
-            if not 0 <= pad_id < self.vocab_size:
-                raise ValueError(f"{source}: pad_id={pad_id} outside [0, {self.vocab_size})")
-            self.pad_id: int = pad_id
-        else:
-            self.pad_id = sp.pad_id() if self.has_pad else self.unk_id
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    has_pad: bool
+    stop_id: int
+    stop_ids: tuple[int, ...]
+    _source: str
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, pad_id: int | None = None) -> Tokenizer:
-        """Loads a `.model` file (local or any etils.epath path, e.g. gs://)."""
-        path = os.fspath(path)
-        return cls(_read_bytes(path), source=path, pad_id=pad_id)
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"proto": self._proto, "source": self._source, "pad_id": self._pad_override}
+    def _decode_ids(self, ids: list[int]) -> str:
+        raise NotImplementedError
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["proto"], source=state["source"], pad_id=state["pad_id"])
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return (
-            f"Tokenizer({self._source!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
-            f"bos={self.bos_id}, eos={self.eos_id}, unk={self.unk_id})"
-        )
-
-    # ---- encode / decode ------------------------------------------------------------------
+    def id_to_piece(self, i: int) -> str:
+        raise NotImplementedError
 
     def _special(self, name: str) -> int:
         i = getattr(self, f"{name}_id")
@@ -133,9 +130,6 @@ class Tokenizer:
             ids = [*ids, self._special("eos")]
         return ids
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._wrap(self._sp.encode(text, out_type=int), add_bos, add_eos)
-
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Decodes up to (not including) the first EOS; pad and bos ids are dropped."""
         out = []
@@ -145,7 +139,7 @@ class Tokenizer:
             if i in (self.pad_id, self.bos_id):
                 continue
             out.append(i)
-        return self._sp.decode(out)
+        return self._decode_ids(out)
 
     def decode_batch(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """tokens [B, T] -> B strings; with `mask`, only positions where mask > 0 are kept."""
@@ -180,7 +174,7 @@ class Tokenizer:
             raise ValueError(f"max_len={max_len}: must be positive")
         tokens = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(texts), max_len), dtype=np.int32)
-        encoded = self._sp.encode(list(texts), out_type=int) if texts else []
+        encoded = self._encode_many(list(texts)) if texts else []
         for b, ids in enumerate(encoded):
             ids = self._wrap(ids, add_bos, add_eos)
             if len(ids) > max_len:
@@ -192,6 +186,62 @@ class Tokenizer:
             tokens[b, sl] = ids
             mask[b, sl] = 1
         return tokens, mask
+
+
+class Tokenizer(TokenizerBase):
+    """SentencePiece tokenizer. Picklable: pickles the model proto and rebuilds on unpickle.
+
+    Attributes: see TokenizerBase; stop_id is eos_id.
+    """
+
+    def __init__(self, proto: bytes, *, source: str = "<proto>", pad_id: int | None = None):
+        self._proto = proto
+        self._source = source
+        self._pad_override = pad_id
+        self._sp = _processor(proto, source)
+        sp = self._sp
+        self.vocab_size: int = sp.vocab_size()
+        self.bos_id: int = sp.bos_id()
+        self.eos_id: int = sp.eos_id()
+        self.unk_id: int = sp.unk_id()
+        self.stop_id: int = self.eos_id
+        self.stop_ids: tuple[int, ...] = (self.eos_id,) if self.eos_id >= 0 else ()
+        self.has_pad: bool = sp.pad_id() >= 0
+        if pad_id is not None:
+            if not 0 <= pad_id < self.vocab_size:
+                raise ValueError(f"{source}: pad_id={pad_id} outside [0, {self.vocab_size})")
+            self.pad_id: int = pad_id
+        else:
+            self.pad_id = sp.pad_id() if self.has_pad else self.unk_id
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, pad_id: int | None = None) -> Tokenizer:
+        """Loads a `.model` file (local or any etils.epath path, e.g. gs://)."""
+        path = os.fspath(path)
+        return cls(_read_bytes(path), source=path, pad_id=pad_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"proto": self._proto, "source": self._source, "pad_id": self._pad_override}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["proto"], source=state["source"], pad_id=state["pad_id"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({self._source!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, unk={self.unk_id})"
+        )
+
+    # ---- encode / decode ------------------------------------------------------------------
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self._wrap(self._sp.encode(text, out_type=int), add_bos, add_eos)
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -256,6 +306,53 @@ def _training_lines(input_files: Sequence[str]) -> Iterator[str]:
 
     for text in iter_texts(input_files):
         yield from (s for s in text.split("\n") if s)
+
+
+SP_FILE = "tokenizer.model"
+
+
+def _resolve(path: str) -> tuple[str, str]:
+    """("sp" | "hf", file) for a tokenizer path (see `load`)."""
+    p = epath.Path(path)
+    if p.is_dir():
+        for backend, name in (("sp", SP_FILE), ("hf", "tokenizer.json")):
+            if (p / name).exists():
+                return backend, os.fspath(p / name)
+        raise FileNotFoundError(f"{path}: no {SP_FILE} or tokenizer.json in this folder")
+    return ("hf" if path.endswith(".json") else "sp"), path
+
+
+def load(path: str | os.PathLike, *, pad_id: int | None = None) -> TokenizerBase:
+    """The tokenizer at `path`: a SentencePiece `.model` file, a Hugging Face `tokenizer.json`
+    (its folder's tokenizer_config.json etc. give the special tokens) or a folder holding
+    either (tokenizer.model first). Missing files: FileNotFoundError; corrupt: InputError,
+    one line naming the file."""
+    backend, path = _resolve(os.fspath(path))
+    if backend == "sp":
+        return Tokenizer.load(path, pad_id=pad_id)
+    from instructrl.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.load(path, pad_id=pad_id)
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
+    """{file name in a checkpoint folder: source path} of the tokenizer at `path` (see `load`):
+    a `.model` file becomes "tokenizer.model"; a tokenizer.json comes with the config files
+    next to it. A folder holding both backends' files gives all of them."""
+    from instructrl.hf_tokenizer import CONFIG_FILES, FILES
+
+    path = os.fspath(path)
+    p = epath.Path(path)
+    if not p.is_dir():
+        if _resolve(path)[0] == "sp":
+            return {SP_FILE: path}
+        files = {"tokenizer.json": path}
+        for name in CONFIG_FILES:
+            if (p.parent / name).exists():
+                files[name] = os.fspath(p.parent / name)
+        return files
+    _resolve(path)  # a folder without a tokenizer: FileNotFoundError
+    return {n: os.path.join(path, n) for n in (SP_FILE, *FILES) if (p / n).exists()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

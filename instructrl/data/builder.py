@@ -284,6 +284,14 @@ def build_dataset(
         raise ConfigError("config key 'data.tfds_dir' is empty and no data_dir was given")
     if kind != "pretrain" and tokenizer is None:
         raise ValueError(f"build_dataset({kind!r}) needs the tokenizer (length limits)")
+    template = config.get("chat_template", "none")
+    if template != "none":
+        # Rendering prompts is easy; the loss mask, stop token and length limits of every
+        # pipeline (SFT, RM, PPO, sampling) must follow the template too, and do not yet.
+        raise ConfigError(
+            f"config key 'data.chat_template' = {template!r}: chat templates are not wired "
+            "into the data pipelines yet; use 'none'"
+        )
     train, validation = resolve_files(kind, config)
     inputs = build_inputs(kind, config, tokenizer, train, validation)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

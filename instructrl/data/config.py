@@ -11,6 +11,12 @@ Lengths (tokens; see instructrl/data/records.py): sequences are `[BOS] prompt re
 of at most `seq_len` tokens. Prompts with more than `max_prompt_len` tokens (BOS included)
 are dropped and counted, as the paper drops prompts over 1k tokens; responses are cut to
 `max_response_len` tokens (and to the room left by the prompt) and counted.
+
+Chat templates (`chat_template`): "none" (the default: sequences are `[BOS] prompt response
+[EOS]` as above), "model" (the checkpoint's template: tokenizer_config.json's chat_template
+or chat_template.jinja next to tokenizer.json) or a path to a `.jinja` file; rendered by
+instructrl/chat_template.py as transformers' apply_chat_template does. Not wired into the
+pipelines yet: any value but "none" stops the build with a ConfigError (see builder.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         c[kind] = ""  # explicit comma-separated files or globs (overrides `dir`)
         c[f"{kind}_validation"] = ""
     c.tfds_dir = ""  # where the array_record datasets are built; "" -> the stage passes one
+    c.chat_template = "none"  # "none" | "model" | path/to/template.jinja (see the docstring)
     c.validation_fraction = 0.05  # hash split when no *_validation files exist
     c.skip_invalid = False  # True: skip bad records and report counts per reason
     c.max_prompt_len = 1024  # tokens incl. BOS; longer prompts are dropped (paper: 1k)

@@ -17,6 +17,7 @@ METRICS = (
     ("stopped_rate", "stopped"),
     ("heldout_nll", "held-out NLL"),
     ("public_task_accuracy", "public task"),
+    ("kl_to_reference", "KL to reference"),
 )
 
 
@@ -186,6 +187,7 @@ def summary_markdown(
         for m in first["models"]
     ]
     out += [eval_plots.markdown_table(["model", *(h for _, h in METRICS)], rows), ""]
+    out += flaws_markdown(runs, heads)
 
     rm = list_stats(runs, "reward_models", "val_accuracy")
     gold = list_stats(runs, "reward_models", "gold_accuracy")
@@ -205,6 +207,35 @@ def summary_markdown(
     if plot:
         out += ["", f"![mean win rate]({plot})"]
     return "\n".join(out) + "\n"
+
+
+def flaws_markdown(runs: Sequence[Run], heads: Mapping[str, str]) -> list[str]:
+    """Mean over runs of each visible flaw's share of samples (world.visible_flaws), per
+    model and for the reference's own samples; nothing when the evals did not count them."""
+    first = runs[0].summary
+    kinds = list(first["reference"].get("flaws") or {})
+    if not kinds:
+        return []
+
+    def cells(get) -> list[str]:
+        return [_mean_cell(stat([get(run, k) for run in runs]), len(runs)) for k in kinds]
+
+    ref = first["reference"]["stage"]
+    rows = [[f"{ref} (reference)", *cells(lambda run, k: run.summary["reference"]["flaws"][k])]]
+    for m in first["models"]:
+        key = model_key(m)
+
+        def get(run, k, key=key):
+            found = next((x for x in run.summary["models"] if model_key(x) == key), {})
+            return (found.get("flaws") or {}).get(k)
+
+        rows.append([f"{m['label']} [{heads[m['size']]}]", *cells(get)])
+    return [
+        "## Visible flaws (share of samples, mean over runs)",
+        "",
+        eval_plots.markdown_table(["model", *kinds], rows),
+        "",
+    ]
 
 
 def _model_names(summary: Mapping[str, Any]) -> dict[tuple[str, str], str]:

@@ -1,15 +1,19 @@
-"""Decoder-only transformer: GPT-2/GPT-3 and Llama styles in one Flax Linen module.
+"""Decoder-only transformer: GPT-2/GPT-3, Llama and Qwen styles in one Flax Linen module.
 
-One `Transformer` covers both families through `ModelConfig`:
+One `Transformer` covers these families through `ModelConfig`:
   GPT-2/3: position="learned", norm="layernorm", mlp="gelu" (tanh approximation), use_bias=True.
   Llama:   position="rope" (HF "rotate_half" layout), norm="rmsnorm", mlp="swiglu",
-           use_bias=False, num_kv_heads < num_heads (grouped-query attention).
+           use_bias=False, num_kv_heads < num_heads (grouped-query attention);
+           Llama 3.1+ adds rope_scaling="llama3" (rescaled RoPE frequencies).
+  Qwen2:   Llama + qkv_bias=True (biases on q/k/v only).
+  Qwen3:   Llama + qk_norm=True (RMSNorm of each q/k head over head_dim, before RoPE).
 Numerics follow the Hugging Face implementations so converted checkpoints match them.
 
 Parameter tree (Linen, under "params"; D=d_model, H=heads, K=kv heads, Dh=head_dim, F=d_ff):
   embed/token [V, D]            embed/position [max_len, D]    (learned positions only)
   block_{i}/ln_1/{scale, bias}  block_{i}/ln_2/{scale, bias}   (bias only for layernorm)
-  block_{i}/attn/{q,k,v}/kernel [D, H|K, Dh], bias [H|K, Dh]   (bias only if use_bias)
+  block_{i}/attn/{q,k,v}/kernel [D, H|K, Dh], bias [H|K, Dh]   (bias if use_bias or qkv_bias)
+  block_{i}/attn/{q_norm,k_norm}/scale [Dh]                      (qk_norm only)
   block_{i}/attn/o/kernel [H, Dh, D], bias [D]
   block_{i}/mlp/{up,gate}/kernel [D, F], bias [F]  (gate only for swiglu)
   block_{i}/mlp/down/kernel [F, D], bias [D]
@@ -27,6 +31,7 @@ Not here: sampling and the KV-cache decode loop (sampling.py), sharding rules (s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +48,14 @@ _CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
+    "rope_scaling": ("none", "llama3"),
+}
+# The llama3 RoPE fields' values when rope_scaling="none" (they are unused then).
+_ROPE_SCALING_DEFAULTS = {
+    "rope_factor": 1.0,
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_max_len": None,
 }
 
 
@@ -60,8 +73,18 @@ class ModelConfig:
     norm: str = "layernorm"
     mlp: str = "gelu"
     use_bias: bool = True
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); use_bias=True already has them
+    qk_norm: bool = False  # norm of each q/k head over head_dim before RoPE (Qwen3)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # rope_scaling="llama3": HF's "llama3" rope_type (Llama 3.1+), which divides the low
+    # frequencies by rope_factor and interpolates between low_freq_factor and high_freq_factor
+    # (wavelengths relative to rope_original_max_len, the pretraining context).
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int | None = None
     norm_eps: float = 1e-5
     dropout: float = 0.0  # residual + embedding dropout
     attention_dropout: float = 0.0
@@ -93,6 +116,29 @@ class ModelConfig:
             )
         if self.position == "rope" and self.dim_head % 2:
             raise ConfigError(f"model.head_dim: rope needs an even head_dim, got {self.dim_head}")
+        if self.qkv_bias and self.use_bias:
+            raise ConfigError("model.qkv_bias: only with use_bias=False (use_bias has all biases)")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self):
+        if self.rope_scaling == "none":
+            for key, default in _ROPE_SCALING_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    raise ConfigError(f"model.{key}: only with rope_scaling='llama3'")
+            return
+        if self.position != "rope":
+            raise ConfigError(f"model.rope_scaling: {self.rope_scaling!r} needs position='rope'")
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        if not self.rope_factor >= 1:
+            raise ConfigError(f"model.rope_factor: must be >= 1, got {self.rope_factor!r}")
+        if not 0 < low < high:
+            raise ConfigError(
+                f"model.rope_low_freq_factor: need 0 < rope_low_freq_factor < "
+                f"rope_high_freq_factor, got {low!r} and {high!r}"
+            )
+        n = self.rope_original_max_len
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"model.rope_original_max_len: must be a positive int, got {n!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -236,13 +282,40 @@ class Norm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dt)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """RoPE's inverse frequencies f32 [Dh/2], rescaled for rope_scaling="llama3".
+
+    The llama3 rule (as transformers' `_compute_llama3_parameters`, in f32): with wavelength
+    w = 2 pi / f and L = rope_original_max_len, keep f where w < L / high_freq_factor, use
+    f / factor where w > L / low_freq_factor, and in between (1 - s) f / factor + s f with
+    s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    dh = config.dim_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if config.rope_scaling == "none":
+        return inv_freq
+    factor, old_len = config.rope_factor, config.rope_original_max_len
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    # scalar / tensor written as torch evaluates it (reciprocal, then multiply).
+    wavelen = (1.0 / inv_freq) * (2 * math.pi)
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = ((1.0 / wavelen) * old_len - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float, inv_freq: jax.Array | None = None
+) -> jax.Array:
     """Rotary embedding on x [B,T,N,Dh] at positions [B,T], HF "rotate_half" layout.
 
     Dimension i pairs with i + Dh/2 (first half / second half), not interleaved pairs.
+    inv_freq [Dh/2] (see `rope_inv_freq`) replaces the plain frequencies of base `theta`.
     """
     dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
@@ -271,16 +344,20 @@ class Attention(nn.Module):
         cfg = self.config
         h, kvh, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_head, cfg.d_model
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        proj = lambda shape, names, name, n_in=1, std=0.02: Proj(  # noqa: E731
-            shape, names, n_in, cfg.use_bias, std, dt, pdt, name=name
+        proj = lambda shape, names, name, n_in=1, std=0.02, bias=cfg.use_bias: Proj(  # noqa: E731
+            shape, names, n_in, bias, std, dt, pdt, name=name
         )
-        q = proj((d, h, dh), ("embed", "heads", "head_dim"), "q")(x)
-        k = proj((d, kvh, dh), ("embed", "kv_heads", "head_dim"), "k")(x)
-        v = proj((d, kvh, dh), ("embed", "kv_heads", "head_dim"), "v")(x)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = proj((d, h, dh), ("embed", "heads", "head_dim"), "q", bias=qkv_bias)(x)
+        k = proj((d, kvh, dh), ("embed", "kv_heads", "head_dim"), "k", bias=qkv_bias)(x)
+        v = proj((d, kvh, dh), ("embed", "kv_heads", "head_dim"), "v", bias=qkv_bias)(x)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        if cfg.qk_norm:
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if cfg.position == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_inv_freq(cfg)
+            q = apply_rope(q, positions, cfg.rope_theta, inv_freq)
+            k = apply_rope(k, positions, cfg.rope_theta, inv_freq)
         # Keys/values live as [B,K,S,Dh] (heads before length): the attention dots then read
         # the cache without a per-step transpose of all of it.
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)

@@ -30,13 +30,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instructrl import tokenizer as tokenizer_lib
 from instructrl import world
 from instructrl.data import read_prompts
 from instructrl.data.records import tokenizer_fingerprint
 from instructrl.errors import ConfigError, InputError
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
-from instructrl.tokenizer import Tokenizer
 from instructrl.world import labelers
 
 LABELERS = ("pool", "gold")
@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     for p in policies:
         if not inputs.is_done(workdir, p):
             raise InputError(f"config key '{name}.policies': stage '{p}' has not finished")
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     records = [r.data for r in read_prompts(inputs.resolve_path(c.prompts, workdir))[0]]
     rng = np.random.default_rng(c.seed)
     ks = rng.integers(c.k_min, c.k_max + 1, size=len(records))

@@ -52,6 +52,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from instructrl import tokenizer as tokenizer_lib
 from instructrl import world
 from instructrl.config import stage_names
 from instructrl.data import read_pretrain, read_prompts
@@ -66,7 +67,6 @@ from instructrl.eval.metrics import (
 from instructrl.models.reward import RewardModel
 from instructrl.sample import generate, load_stage_model
 from instructrl.stages import inputs
-from instructrl.tokenizer import Tokenizer
 from instructrl.train_lib import count_params
 from instructrl.world import labelers
 
@@ -439,7 +439,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     check_input_stages(config, name, workdir, named)
 
     # ---- data
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     data = load_data(config, name, workdir, tokenizer, any(s.fewshot for s in specs))
     prompts = [r["prompt"] for r in data.records]
     logging.info(

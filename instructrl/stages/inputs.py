@@ -2,6 +2,7 @@
 
 A stage names each input by the name of the stage that produced it (`init_from="sft"`,
 `reward_from="rm"`, `tokenizer_from="tokenizer"`); nothing is found by convention alone.
+`tokenizer_from` may also name a tokenizer file or folder (`tokenizer.load` reads either backend).
 A missing or unfinished input stage is an `InputError` naming the config key.
 """
 
@@ -18,6 +19,7 @@ from instructrl.stages import DONE_MARKER
 
 EXPORT_DIR = "export"
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"  # a tokenizer stage that copied a Hugging Face tokenizer
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -58,13 +60,22 @@ def input_stage(
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, name: str, workdir: str) -> str:
-    """The sentencepiece model for stage `name`: `tokenizer_from` names a stage or a .model file."""
+    """The tokenizer for stage `name` (for `tokenizer.load`): `tokenizer_from` names a stage, a
+    SentencePiece `.model` file, a Hugging Face `tokenizer.json` or a folder holding either
+    (one that is not a stage name and has a "/" or exists, e.g. a `convert` export)."""
     source = config[name].get("tokenizer_from", "tokenizer")
-    if source.endswith(".model"):
-        if not os.path.isfile(source):
+    is_path = source.endswith((".model", ".json")) or (
+        source not in config and (os.sep in source or os.path.isdir(source))
+    )
+    if is_path:
+        if not os.path.exists(source):
             raise InputError(f"config key '{name}.tokenizer_from': {source} not found")
         return source
     folder = input_stage(config, name, "tokenizer_from", workdir, default="tokenizer")
+    if not os.path.exists(os.path.join(folder, TOKENIZER_FILE)) and os.path.exists(
+        os.path.join(folder, HF_TOKENIZER_FILE)
+    ):
+        return os.path.join(folder, HF_TOKENIZER_FILE)
     return os.path.join(folder, TOKENIZER_FILE)
 
 

@@ -28,10 +28,10 @@ import numpy as np
 
 from instructrl import checkpoint as ckpt_lib
 from instructrl import losses, sharding, train_lib
+from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import pretrain_pipeline, sft_pipeline
 from instructrl.errors import ConfigError
 from instructrl.stages import driver, inputs
-from instructrl.tokenizer import Tokenizer
 
 SELECT_BY = ("last", "val_loss", "rm_score")
 
@@ -110,7 +110,7 @@ def run_lm_stage(config: ml_collections.ConfigDict, name: str, workdir: str) -> 
     model, mesh, rules = setup.model, setup.mesh, setup.rules
 
     # ---- data
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     data_cfg = driver.data_config(config, workdir, name)
     shard_index, shard_count = sharding.data_shard_info(mesh)
     data_kind = "demonstrations" if kind == "sft" else "pretrain"

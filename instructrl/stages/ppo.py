@@ -35,6 +35,7 @@ from absl import logging
 
 from instructrl import checkpoint as ckpt_lib
 from instructrl import sharding, world
+from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import ppo_pipeline, prompt_record
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig, Transformer
@@ -42,7 +43,7 @@ from instructrl.models.reward import Normalization, RewardModel
 from instructrl.rl import ppo
 from instructrl.sample import decode_response
 from instructrl.stages import driver, inputs
-from instructrl.tokenizer import Tokenizer
+from instructrl.tokenizer import TokenizerBase
 
 DRIVER_KEYS = (
     "kind",
@@ -105,7 +106,7 @@ def ppo_config(
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
     stage_dir = inputs.stage_dir(workdir, name)
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     rm_dir = inputs.export_dir(config, name, "reward_from", workdir)
     norm = Normalization.load(rm_dir)
     penalty_unit = float(c.gold_reward_scale) if c.gold_reward else norm.score_std
@@ -263,7 +264,7 @@ def gold_scores(records, response_tokens, response_mask, tokenizer) -> np.ndarra
     return np.array([world.score(r, *decode_response(t, m, tokenizer)) for r, t, m in rows])
 
 
-def gold_score_fn(prompts, tokenizer: Tokenizer, name: str) -> ppo.ScoreFn:
+def gold_score_fn(prompts, tokenizer: TokenizerBase, name: str) -> ppo.ScoreFn:
     """A rollout `score_fn` (instructrl/rl/rollout.py) that scores episodes with the synthetic
     world's gold scorer: a host callback decodes each left-padded prompt, finds its record
     (family and params) by text among `prompts`, and decodes the response."""

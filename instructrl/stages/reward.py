@@ -21,13 +21,13 @@ from absl import logging
 
 from instructrl import checkpoint as ckpt_lib
 from instructrl import losses, sharding, train_lib
+from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import rm_pipeline
 from instructrl.errors import ConfigError
 from instructrl.models import positions_from_mask
 from instructrl.models.reward import NORMALIZATION_FILE, NORMALIZE_MODES, Normalization
 from instructrl.models.sampling import sample_jit
 from instructrl.stages import driver, inputs
-from instructrl.tokenizer import Tokenizer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,7 +74,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     model, mesh, rules = setup.model, setup.mesh, setup.rules
 
     # ---- data
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     data_cfg = driver.data_config(config, workdir, name)
     shard_index, shard_count = sharding.data_shard_info(mesh)
     built = inputs.build_data("comparisons", data_cfg, tokenizer)
@@ -248,7 +248,7 @@ def mean_greedy_score(config, name, workdir, setup, params) -> float:
 
     c = config[name]
     rm_dir = inputs.export_dir(config, name, "select_reward_from", workdir)
-    tokenizer = Tokenizer.load(inputs.tokenizer_path(config, name, workdir))
+    tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     rm = RewardModel.load(rm_dir, tokenizer)
     data_cfg = driver.data_config(config, workdir, name)
     data_cfg.ptx_ratio = 0.0

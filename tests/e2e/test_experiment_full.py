@@ -20,6 +20,10 @@ What each test shows:
     controller (adaptive) in ppo and ppo_ptx, and their large
     and first-round copies under `full` / `rounds=2`; the
     oracle keeps the paper's fixed beta
+  the default world is the visible-flaws one (3 kinds at       test_default_world_is_visible_
+    VISIBLE_FLAW_RATE); `near_perfect` changes exactly the       flaws_and_near_perfect_differs_
+    world's error rate and slip kind back to 0.1 "random",      only_in_the_world
+    the same as `visible_flaws=0`; it excludes `flawed_demos`
   `smoke,full` runs end to end through the CLI: DONE in      test_smoke_full_end_to_end_and_reuse
     every stage, results.json with reference sft_large,
     10 models in 2 size groups (large > small params),
@@ -167,6 +171,28 @@ def test_flawed_demos_changes_only_demonstrations_and_kl_control(extra):
         assert not base[stage].adaptive_kl, stage
     if "ppo_gold" in flawed:  # the oracle stays at the paper's fixed beta
         assert not flawed.ppo_gold.adaptive_kl
+
+
+@pytest.mark.parametrize("extra", ["", "smoke", "full", "rounds=2"])
+def test_default_world_is_visible_flaws_and_near_perfect_differs_only_in_the_world(extra):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_instructgpt_for_test", EXPERIMENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = _config(extra)
+    near = _config(f"{extra},near_perfect" if extra else "near_perfect")
+    zero = _config(f"{extra},visible_flaws=0" if extra else "visible_flaws=0")
+    assert (base.world.demo_error_rate, base.world.demo_slips) == (
+        module.VISIBLE_FLAW_RATE,
+        "visible",
+    )
+    assert 0.0 < module.VISIBLE_FLAW_RATE <= 1.0
+    assert (near.world.demo_error_rate, near.world.demo_slips) == (0.1, "random")
+    assert _diff(near.to_dict(), base.to_dict()) == {"world.demo_error_rate", "world.demo_slips"}
+    assert near.to_dict() == zero.to_dict()
+    with pytest.raises(config_lib.ConfigError, match="exclude each other"):
+        _config(f"{extra},near_perfect,flawed_demos" if extra else "near_perfect,flawed_demos")
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["default", "smoke"])

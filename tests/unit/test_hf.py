@@ -351,17 +351,15 @@ def test_missing_and_unexpected_tensors(llama_dir):
 
 
 def test_unsupported_configs(llama_dir, tmp_path):
-    _edit_config(
-        llama_dir, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-    )
-    assert "rope_parameters.rope_type='llama3' is not supported" in _error(llama_dir)
+    _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0})
+    assert "rope_parameters.rope_type='yarn' is not supported" in _error(llama_dir)
     _edit_config(llama_dir, rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
     assert "rope_scaling.rope_type='linear'" in _error(llama_dir)
     _edit_config(llama_dir, rope_scaling=None, hidden_act="gelu")
     assert "hidden_act='gelu' is not supported" in _error(llama_dir)
-    _edit_config(llama_dir, hidden_act="silu", model_type="mistral")
+    _edit_config(llama_dir, hidden_act="silu", model_type="gemma")
     message = _error(llama_dir)
-    assert "config.json: model_type='mistral' is not supported (supported: gpt2, llama)" in message
+    assert "config.json: model_type='gemma' is not supported (supported: gpt2, llama," in message
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / hf.CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2"}))
     assert "config.json: missing key 'vocab_size'" in _error(tmp_path / "empty")
@@ -416,3 +414,76 @@ def test_convert_cli_writes_a_loadable_export(tmp_path, tokenizer_model, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "config.json: missing" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_copies_a_hugging_face_tokenizer(tmp_path, capsys):
+    """A checkpoint with tokenizer.json (no tokenizer.model): convert copies it with its
+    config files, the export loads it, and to_pretrained writes its special ids back."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from instructrl import tokenizer as tokenizer_lib
+    from instructrl.hf_tokenizer import HFTokenizer
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,  # the tokenizer need not fit the model's vocabulary here
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(["the quick brown fox 🤖 jumps"] * 20, trainer)
+    src = tmp_path / "tok"
+    src.mkdir()
+    raw.save(str(src / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": "{{ 1 }}"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+
+    model, params = _random_model("llama")
+    hf_dir, out = tmp_path / "hf", tmp_path / "export"
+    hf.to_pretrained(model, params, str(hf_dir), tokenizer_path=str(src))
+    assert sorted(os.listdir(hf_dir)) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+    written = json.loads((hf_dir / hf.CONFIG_FILE).read_text())
+    tok = hf.load_tokenizer(str(hf_dir))
+    assert isinstance(tok, HFTokenizer) and tok.chat_template == "{{ 1 }}"
+    assert (written["eos_token_id"], written["pad_token_id"]) == (tok.eos_id, tok.pad_id)
+    assert "bos_token_id" not in written  # the tokenizer has none
+
+    capsys.readouterr()
+    assert convert.main([f"--hf_dir={hf_dir}", f"--out={out}"]) == 0
+    assert "(tokenizer: tokenizer.json)" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not (out / hf.TOKENIZER_FILE).exists()
+    loaded = tokenizer_lib.load(str(out))
+    assert loaded.encode("the fox 🤖") == tok.encode("the fox 🤖") and loaded.stop_id == tok.eos_id
+
+
+def test_convert_to_hf_writes_a_trained_export_back(tmp_path, tokenizer_model, capsys):
+    """`convert --to_hf`: an export (what every stage writes, e.g. PPO's policy) becomes a
+    checkpoint transformers loads with the same logits, with the tokenizer and its ids; a
+    folder that is not an export is one line and exit 2, with nothing written."""
+    model, params = _random_model("llama")
+    export, out = tmp_path / "ppo_ptx" / "export", tmp_path / "hf_out"
+    checkpoint.export_params(params, dataclasses.asdict(model.config), str(export))
+    capsys.readouterr()
+    argv = ["--to_hf", f"--export={export}", f"--out={out}", f"--tokenizer={tokenizer_model}"]
+    assert convert.main(argv) == 0
+    assert f"wrote {out} (llama; tokenizer: {tokenizer_model})" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens, mask = _left_padded_batch(seed=5)
+    ours, ref = _our_logits(model, params, tokens, mask), _hf_logits(loaded, tokens, mask)
+    assert np.abs(ours - ref)[mask == 1].max() < 1e-4
+    written = json.loads((out / hf.CONFIG_FILE).read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (2, 3, 0)
+    assert (out / hf.TOKENIZER_FILE).read_bytes() == Path(tokenizer_model).read_bytes()
+
+    capsys.readouterr()  # transformers' loading progress
+    assert convert.main(["--to_hf", f"--export={tmp_path}", f"--out={tmp_path / 'y'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model_config.json (not an export folder)" in err and "\n" not in err
+    assert not (tmp_path / "y").exists()

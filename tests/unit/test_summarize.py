@@ -25,6 +25,7 @@ from tests.conftest import REPO, subprocess_env
 
 # size -> params; label -> (stage, fewshot). "large" has no prompted GPT.
 SIZES = {"small": 1_500, "large": 24_000}
+FLAWS = ("filler", "hedge", "ramble")
 MODELS = {
     "GPT": ("pretrain", False),
     "GPT (prompted)": ("pretrain", True),
@@ -63,6 +64,8 @@ def _model(size: str, params: int, label: str, rng: np.random.Generator) -> dict
         "heldout_tokens": None if fewshot else 1234,
         "public_task_accuracy": None if fewshot else u(),
         "public_choice_accuracy": None if fewshot else u(),
+        "kl_to_reference": None if fewshot else 3 * u(),
+        "flaws": {k: u() / 4 for k in FLAWS},
     }
 
 
@@ -86,6 +89,7 @@ def _results(seed: int, sizes=SIZES, reference: str = "sft_large") -> dict:
             "length_words": 3.0,
             "length_tokens": 8.0,
             "families": {},
+            "flaws": {k: 0.1 * (i + 1) + seed / 100 for i, k in enumerate(FLAWS)},
         },
         "settings": {
             "num_prompts": 40,
@@ -136,6 +140,10 @@ def three_runs(tmp_path) -> tuple[list[str], list[dict]]:
         for i, r in enumerate(results)
     ]
     return dirs, results
+
+
+def _model_of(results: dict, size: str, label: str) -> dict:
+    return next(m for m in results["models"] if (m["size"], m["label"]) == (size, label))
 
 
 def _value(results: dict, size: str, label: str, key: str):
@@ -217,12 +225,26 @@ def test_metrics_table_means_and_missing_fields(three_runs, capsys):
             for key, cell in zip(keys, cells, strict=True):
                 values = [_value(r, size, label, key) for r in results]
                 present = np.array([v for v in values if v is not None], np.float64)
-                if label == "GPT (prompted)" and key in ("heldout_nll", "public_task_accuracy"):
+                nullable = ("heldout_nll", "public_task_accuracy", "kl_to_reference")
+                if label == "GPT (prompted)" and key in nullable:
                     assert cell == ""  # null in every run: blank
                 elif (size, label, key) == ("small", "SFT", "public_task_accuracy"):
                     assert len(present) == 2 and cell == f"{present.mean():.3f} (2/3)"
                 else:
                     assert cell == f"{present.mean():.3f}"
+
+
+def test_visible_flaws_table_means_over_runs(three_runs, capsys):
+    dirs, results = three_runs
+    rows = _rows(_main(capsys, *dirs), "| model | filler")
+    ref = np.array([[r["reference"]["flaws"][k] for k in FLAWS] for r in results]).mean(0)
+    assert rows["sft_large (reference)"] == [f"{x:.3f}" for x in ref]
+    for size, head in (("small", "small (1.5K)"), ("large", "large (24K)")):
+        for label in ("SFT", "PPO-ptx"):
+            want = [
+                np.mean([_model_of(r, size, label)["flaws"][k] for r in results]) for k in FLAWS
+            ]
+            assert rows[f"{label} [{head}]"] == [f"{x:.3f}" for x in want]
 
 
 def test_rm_and_labeler_line(three_runs, capsys):
