@@ -13,19 +13,9 @@ import pytest
 
 from instructrl import losses
 from instructrl.rl import objectives as obj
+from tests.unit.test_losses import random_ties
 
 RTOL = 1e-5
-
-
-def random_ties(rng, k):
-    """Disjoint tie groups of size >= 2 over range(k) (possibly none)."""
-    perm = list(rng.permutation(k))
-    groups = []
-    while len(perm) >= 2 and rng.random() < 0.5:
-        size = int(rng.integers(2, min(3, len(perm)) + 1))
-        groups.append([int(i) for i in perm[:size]])
-        perm = perm[size:]
-    return groups
 
 
 def preference_batch(rng, b=7, k_max=6):
