@@ -36,7 +36,8 @@ The same export by hand: `python -m instructrl.convert --to_hf --export=DIR/ppo_
 
 scale=paper: experiments/paper.py's settings (prompts up to 1024 tokens, sequences of 2048;
 compute in bfloat16 with remat). scale=tiny: the same stages at toy sizes in seconds (no
-ppo_init, PPO-ptx starts from SFT, SFT keeps its last step; 64-token sequences; float32), for
+ppo_init, PPO-ptx starts from SFT, SFT keeps its last step; 128-token sequences, no
+validation split; float32), for
 tests and a first try on a CPU. `config.model`, what `python -m instructrl.plan` reads, is
 HF_DIR/config.json's shape when the folder exists (the stages read the imported export).
 """
@@ -116,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def tiny_sizes(config: ml_collections.ConfigDict) -> None:
     """Toy sizes on top of paper.pipeline's smoke settings: a few steps of every stage."""
-    config.data.update(seq_len=64, max_prompt_len=40, max_response_len=23)
+    config.data.validation_fraction = 0.0  # no validation passes (their compiles) at toy sizes
     config.rm.update(batch_size=4, normalize_num=8)
     config.sft.update(batch_size=4, select_by="last", select_reward_from="")
     config.ppo_ptx.update(

@@ -82,6 +82,7 @@ def test_hf_model_experiment_round_trip(tmp_path):
         command, env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "16 comparisons records kept" in proc.stderr  # the multi-turn HH prompts fit too
     for stage in STAGES:
         assert (workdir / stage / "DONE").exists(), stage
     for stage in ("rm", "ppo_ptx"):
@@ -95,7 +96,7 @@ def test_hf_model_experiment_round_trip(tmp_path):
     generation = json.loads((workdir / "export_hf" / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"][0] == chat.stop_id
     assert tok.id_to_piece(chat.stop_id) == "<|im_end|>"
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     params, model_dict = checkpoint.load_exported(str(workdir / "ppo_ptx" / "export"))
     model = Transformer(ModelConfig.from_dict(model_dict))
     for prompt in prompts[:2]:
@@ -104,6 +105,11 @@ def test_hf_model_experiment_round_trip(tmp_path):
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
         )
         tokens = np.asarray([ids], np.int32)
+        with torch.no_grad():
+            logits = ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        positions = np.arange(len(ids), dtype=np.int32)[None]
+        got = model.apply({"params": params}, tokens, positions, np.ones_like(tokens))
+        np.testing.assert_allclose(np.asarray(got), logits, atol=1e-4, rtol=1e-4)
         ours = sample_jit(model, params, tokens, np.ones_like(tokens), jax.random.key(0),
                           max_new_tokens=NEW_TOKENS, greedy=True, stop_token=chat.stop_id,
                           pad_id=tok.pad_id)  # fmt: skip
