@@ -71,8 +71,10 @@ def _import_hf(config, name: str, workdir: str, stage_dir: str) -> None:
         raise ConfigError(f"config key '{name}.hf_dir' is empty: give a transformers checkpoint")
     if not os.path.isdir(c.hf_dir):
         raise ConfigError(f"config key '{name}.hf_dir': {c.hf_dir} is not a folder")
-    if not tokenizer_lib.tokenizer_files(c.hf_dir):
-        raise InputError(f"{c.hf_dir}: no tokenizer.model or tokenizer.json to import")
+    try:
+        tokenizer_lib.tokenizer_files(c.hf_dir)  # the stages need the checkpoint's tokenizer
+    except FileNotFoundError:
+        raise InputError(f"{c.hf_dir}: no tokenizer.model or tokenizer.json to import") from None
     out = os.path.join(stage_dir, inputs.EXPORT_DIR)
     try:
         model_config = convert.convert(c.hf_dir, out, dtype=c.dtype)
