@@ -35,7 +35,7 @@ The same export by hand: `python -m instructrl.convert --to_hf --export=DIR/ppo_
 --tokenizer=DIR/import_hf/export --out=OUT`.
 
 scale=paper: experiments/paper.py's settings (prompts up to 1024 tokens, sequences of 2048;
-compute in bfloat16 with remat). scale=tiny: the same stages at toy sizes in seconds (no
+compute in bfloat16 with remat; PPO log-probs 128 positions at a time, ppo_ptx.logprob_chunk). scale=tiny: the same stages at toy sizes in seconds (no
 ppo_init, PPO-ptx starts from SFT, SFT keeps its last step; 128-token sequences, no
 validation split; float32), for
 tests and a first try on a CPU. `config.model`, what `python -m instructrl.plan` reads, is
@@ -108,6 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.ppo_init.ptx_fraction = 0.0
         config.ppo_init.ptx_rows = 0
         config.ppo_ptx.ptx_coef = 0.0
+    # Vocabularies of 128k-152k tokens: [64, 1024, V] f32 logits would be ~40 GB per
+    # minibatch; score 128 response positions at a time instead (same numbers).
+    config.ppo_ptx.logprob_chunk = 0 if tiny else 128
     if tiny:
         tiny_sizes(config)
         stages = [s for s in stages if s != "ppo_init"]
