@@ -120,7 +120,7 @@ def template_from(setting: str, tokenizer: Any, *, key: str = "data.chat_templat
         if template is None:
             raise ConfigError(
                 f"config key '{key}' = 'model': {tokenizer!r} has no chat template "
-                "(SentencePiece models never have one; give a .jinja file)"
+                "(give a .jinja file; SentencePiece models never have one)"
             )
         return template
     if not setting.endswith(".jinja"):

@@ -188,13 +188,19 @@ class HFTokenizer(TokenizerBase):
         """The special token the chat template writes after an assistant message, else eos."""
         if self.chat_template is None:
             return self.eos_id
+        return self.turn_end(self.chat_template, f"{self._source}/tokenizer_config.json")
+
+    def turn_end(self, template: str, where: str) -> int:
+        """The special token `template` writes right after an assistant message's content,
+        else eos; `where` names the template in the error when it cannot render one
+        user/assistant turn."""
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
         try:
-            text = chat_template.render(self.chat_template, messages, **self.special_tokens)
+            text = chat_template.render(template, messages, **self.special_tokens)
         except jinja2.TemplateError as e:  # a template that cannot render one user/assistant turn
             raise InputError(
-                f"{self._source}/tokenizer_config.json: chat_template fails on a one-turn "
-                f"conversation ({e}); fix it or remove the key"
+                f"{where}: chat_template fails on a one-turn conversation ({e}); fix it or "
+                "remove the key"
             ) from e
         after = text[text.find(_PROBE) + len(_PROBE) :].lstrip() if _PROBE in text else ""
         specials = sorted(

@@ -42,6 +42,9 @@ STAGE_MODULES = {
     "rm": "instructrl.stages.reward",
     "ppo": "instructrl.stages.ppo",
     "eval": "instructrl.stages.evaluate",
+    "import_hf": "instructrl.stages.hf_io",
+    "convert_data": "instructrl.stages.hf_io",
+    "export_hf": "instructrl.stages.hf_io",
 }
 
 

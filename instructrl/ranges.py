@@ -170,6 +170,7 @@ PPO = {
     "max_new_tokens": POSITIVE,
     "temperature": GT0,
     "top_k": zero_means("off"),
+    "logprob_chunk": zero_means("off: all response positions in one pass"),
     "top_p": Range(gt=0, le=1, note="1 = off"),
     "stop_token": ANY,  # set by the driver from the tokenizer
     "pad_id": ANY,  # set by the driver from the tokenizer

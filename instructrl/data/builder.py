@@ -11,7 +11,8 @@ pipelines tokenise at read time (pipeline.py).
 
 Versioning and reuse: the builder config's name is `<kind>-<hash>`, the hash covering the
 content of every input file, the options that change which records are kept (validation
-split, skip_invalid, length limits, tokenizer, max_responses) and FORMAT_VERSION. The same
+split, skip_invalid, length limits, tokenizer, max_responses, the chat template's text and
+stop token when data.chat_template is not "none") and FORMAT_VERSION. The same
 inputs find the prepared dataset and reuse it; a changed file or option gives a new name
 and a fresh build beside the old one (never overwritten; delete old ones by hand). Stats of
 the build (skipped/dropped/truncated counts) are stored in the dataset's metadata and logged
@@ -41,6 +42,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from instructrl import chat_format
 from instructrl.data.config import KINDS
 from instructrl.data.records import LengthLimits, LoadStats, iter_records, tokenizer_fingerprint
 from instructrl.errors import ConfigError, InputError
@@ -188,12 +190,14 @@ def _file_hash(path: str) -> str:
 
 
 def length_limits(config: ml_collections.ConfigDict, tokenizer: Any) -> LengthLimits:
+    """The length policy of config.data, with its chat format (data.chat_template)."""
     return LengthLimits(
         tokenizer=tokenizer,
         max_prompt_len=config.max_prompt_len,
         max_response_len=config.max_response_len,
         seq_len=config.seq_len,
         min_response_len=config.min_response_len,
+        chat=chat_format.for_data(tokenizer, config),
     )
 
 
@@ -216,8 +220,15 @@ def build_inputs(
     }
     if kind != "pretrain":
         inputs["tokenizer"] = tokenizer_fingerprint(tokenizer)
-        limits = dataclasses.asdict(length_limits(config, tokenizer))
-        inputs["limits"] = {k: v for k, v in limits.items() if k != "tokenizer"}
+        limits = length_limits(config, tokenizer)
+        inputs["limits"] = {
+            f.name: getattr(limits, f.name)
+            for f in dataclasses.fields(limits)
+            if f.name not in ("tokenizer", "chat")
+        }
+        chat = limits.chat.fingerprint()
+        if chat is not None:  # plain records keep the names they had before templates
+            inputs["chat_template"] = chat
     return inputs
 
 
@@ -284,14 +295,6 @@ def build_dataset(
         raise ConfigError("config key 'data.tfds_dir' is empty and no data_dir was given")
     if kind != "pretrain" and tokenizer is None:
         raise ValueError(f"build_dataset({kind!r}) needs the tokenizer (length limits)")
-    template = config.get("chat_template", "none")
-    if template != "none":
-        # Rendering prompts is easy; the loss mask, stop token and length limits of every
-        # pipeline (SFT, RM, PPO, sampling) must follow the template too, and do not yet.
-        raise ConfigError(
-            f"config key 'data.chat_template' = {template!r}: chat templates are not wired "
-            "into the data pipelines yet; use 'none'"
-        )
     train, validation = resolve_files(kind, config)
     inputs = build_inputs(kind, config, tokenizer, train, validation)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,8 +15,10 @@ are dropped and counted, as the paper drops prompts over 1k tokens; responses ar
 Chat templates (`chat_template`): "none" (the default: sequences are `[BOS] prompt response
 [EOS]` as above), "model" (the checkpoint's template: tokenizer_config.json's chat_template
 or chat_template.jinja next to tokenizer.json) or a path to a `.jinja` file; rendered by
-instructrl/chat_template.py as transformers' apply_chat_template does. Not wired into the
-pipelines yet: any value but "none" stops the build with a ConfigError (see builder.py).
+instructrl/chat_template.py as transformers' apply_chat_template does. With a template the
+prompt is the rendered user turn(s) + generation prompt and EOS is the template's stop token
+(instructrl/chat_format.py); lengths count those tokens. The collect and eval stages and
+`python -m instructrl.sample` know only "none" (they stop with a ConfigError otherwise).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Layouts (model conventions of models/transformer.py: `mask` 0 = pad, > 0 = segme
              and padding excluded; losses.pairs_from_ranking).
   prompts    [BOS] prompt, LEFT-padded to [P] (pads first), as sampling expects.
 
+"[BOS] prompt" is the prompt's ids and EOS the stop token of the data's ChatFormat
+(instructrl/chat_format.py, `LengthLimits.chat`): with a chat template, the rendered user
+turn + generation prompt and the template's end-of-turn token (<|im_end|>, <|eot_id|>).
 A response longer than its room (LengthLimits.response_room) is cut and gets no EOS: a
 model must not learn to stop where the cut happened. Prompts are never cut here; the
 builder already dropped those over max_prompt_len.
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from instructrl.chat_format import ChatFormat
 from instructrl.data.records import LengthLimits, tokenizer_fingerprint
 from instructrl.losses import pairs_from_ranking
 
@@ -42,10 +46,10 @@ def _response(ids: list[int], room: int, eos: int, stopped: bool = True) -> list
 
 
 def sft_example(
-    prompt_ids: list[int], completion_ids: list[int], limits: LengthLimits, bos: int, eos: int
+    prompt: list[int], completion_ids: list[int], limits: LengthLimits, eos: int
 ) -> Example:
-    """Unpadded tokens/targets/loss_mask int32 [n], n <= seq_len - 1."""
-    prompt = [bos, *prompt_ids]
+    """Unpadded tokens/targets/loss_mask int32 [n], n <= seq_len - 1; `prompt` holds its
+    BOS (or the rendered turn), `eos` is the stop token."""
     seq = prompt + _response(completion_ids, limits.response_room(len(prompt)), eos)
     loss_mask = np.zeros(len(seq) - 1, np.int32)
     loss_mask[len(prompt) - 1 :] = 1  # targets from the first completion token on
@@ -57,8 +61,9 @@ def sft_example(
 
 
 def lm_example(text_ids: list[int], bos: int, eos: int) -> Example:
-    """Pretraining document: unpadded tokens/targets/loss_mask int32 [len(text) + 1]."""
-    seq = [bos, *text_ids, eos]
+    """Pretraining document: unpadded tokens/targets/loss_mask int32 [len(text) + 1] (no BOS
+    when bos < 0: a tokenizer without one, e.g. Qwen's)."""
+    seq = [bos, *text_ids, eos] if bos >= 0 else [*text_ids, eos]
     n = len(seq) - 1
     return {
         "tokens": np.asarray(seq[:-1], np.int32),
@@ -106,13 +111,12 @@ class FromPacked:
 
 
 def rm_example(
-    prompt_ids: list[int],
+    prompt: list[int],
     responses_ids: list[list[int]],
     ranking: list[int],
     ties: list[list[int]],
     limits: LengthLimits,
     k_max: int,
-    bos: int,
     eos: int,
     pad_id: int,
     stopped: list[bool] | None = None,
@@ -120,11 +124,11 @@ def rm_example(
     """tokens/mask/positions int32 [K_max, seq_len], response_mask int32 [K_max],
     pair_mask float32 [K_max, K_max]. stopped [K]: whether each response ended with the stop
     token (None: all did); one that did not gets no EOS, as the policy's cut-off samples in
-    PPO have none, so the RM reads it at its last token there and here alike."""
+    PPO have none, so the RM reads it at its last token there and here alike. `prompt`
+    holds its BOS (or the rendered turn); `eos` is the stop token."""
     k, t = len(responses_ids), limits.seq_len
     if k > k_max:
         raise ValueError(f"comparison has {k} responses but K_max={k_max} (data.max_responses)")
-    prompt = [bos, *prompt_ids]
     room = limits.response_room(len(prompt))
     tokens = np.full((k_max, t), pad_id, np.int32)
     mask = np.zeros((k_max, t), np.int32)
@@ -143,11 +147,9 @@ def rm_example(
     }
 
 
-def prompt_example(
-    prompt_ids: list[int], prompt_len: int, bos: int, pad_id: int, index: int
-) -> Example:
-    """prompt_tokens/prompt_mask int32 [prompt_len] left-padded; index int64 [] (source row)."""
-    seq = [bos, *prompt_ids]
+def prompt_example(seq: list[int], prompt_len: int, pad_id: int, index: int) -> Example:
+    """prompt_tokens/prompt_mask int32 [prompt_len] left-padded; index int64 [] (source row).
+    `seq` holds the prompt's BOS (or is the rendered turn)."""
     if len(seq) > prompt_len:
         raise ValueError(
             f"prompt of {len(seq)} tokens > max_prompt_len={prompt_len}; rebuild the dataset"
@@ -167,18 +169,19 @@ class _Tokenizing:
     def __init__(self, tokenizer: Any, limits: LengthLimits | None = None):
         self.tok = tokenizer
         self.limits = limits
+        chat = limits.chat if limits is not None else None
+        self.chat = chat if chat is not None else ChatFormat(tokenizer)
 
 
 class SFTMap(_Tokenizing):
     def __call__(self, element: dict[str, Any]) -> Example:
         r = _decode(element)
-        tok = self.tok
+        chat = self.chat
         return sft_example(
-            tok.encode(r["prompt"]),
-            tok.encode(r["completion"]),
+            chat.prompt_ids(r["prompt"]),
+            chat.response_ids(r["prompt"], r["completion"]),
             self.limits,
-            tok.bos_id,
-            tok.eos_id,
+            chat.stop_id,
         )
 
 
@@ -200,21 +203,20 @@ class RMMap(_Tokenizing):
 
     def __call__(self, element: dict[str, Any]) -> Example:
         r = _decode(element)
-        tok = self.tok
+        chat = self.chat
         if "response_ids" in r and r.get("tokenizer") == self.fingerprint:
             responses = r["response_ids"]
         else:
-            responses = [tok.encode(x) for x in r["responses"]]
+            responses = [chat.response_ids(r["prompt"], x) for x in r["responses"]]
         return rm_example(
-            tok.encode(r["prompt"]),
+            chat.prompt_ids(r["prompt"]),
             responses,
             r["ranking"],
             r.get("ties", []),
             self.limits,
             self.k_max,
-            tok.bos_id,
-            tok.eos_id,
-            tok.pad_id,
+            chat.stop_id,
+            self.tok.pad_id,
             r.get("stopped"),
         )
 
@@ -222,10 +224,8 @@ class RMMap(_Tokenizing):
 class PromptMap(_Tokenizing):
     def __call__(self, indexed: tuple[int, dict[str, Any]]) -> Example:
         index, element = indexed
-        ids = self.tok.encode(_decode(element)["prompt"])
-        return prompt_example(
-            ids, self.limits.max_prompt_len, self.tok.bos_id, self.tok.pad_id, index
-        )
+        ids = self.chat.prompt_ids(_decode(element)["prompt"])
+        return prompt_example(ids, self.limits.max_prompt_len, self.tok.pad_id, index)
 
 
 class WithIndex:

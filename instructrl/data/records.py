@@ -80,6 +80,19 @@ class LengthLimits:
     max_response_len: int  # response tokens (without EOS); longer ones are truncated
     seq_len: int  # [BOS] prompt response [EOS] fits in this many tokens
     min_response_len: int = 1
+    # A chat_format.ChatFormat: the prompt's and responses' ids (a chat template's rendered
+    # prompt, its stop token for EOS). None: [BOS] + encode(prompt), encode(response).
+    chat: Any = None
+
+    def prompt_len(self, prompt: str) -> int:
+        if self.chat is None:
+            return 1 + len(self.tokenizer.encode(prompt))
+        return len(self.chat.prompt_ids(prompt))
+
+    def response_len(self, prompt: str, response: str) -> int:
+        if self.chat is None:
+            return len(self.tokenizer.encode(response))
+        return len(self.chat.response_ids(prompt, response))
 
     def response_room(self, prompt_len: int) -> int:
         """Response tokens a prompt of `prompt_len` tokens (with BOS) leaves, before EOS."""
@@ -326,8 +339,7 @@ def _apply_limits(
         stats.tied_pairs_dropped += tied
     if limits is None or kind == "pretrain":
         return True
-    tok = limits.tokenizer
-    prompt_len = 1 + len(tok.encode(data["prompt"]))
+    prompt_len = limits.prompt_len(data["prompt"])
     if prompt_len > limits.max_prompt_len:
         stats.dropped_long_prompts += 1
         return False
@@ -340,7 +352,7 @@ def _apply_limits(
     responses = {"demonstrations": [data.get("completion")], "comparisons": data.get("responses")}
     room = limits.response_room(prompt_len)
     for r in responses.get(kind) or ():
-        if len(tok.encode(r)) > room:
+        if limits.response_len(data["prompt"], r) > room:
             stats.truncated_responses += 1
     return True
 

@@ -473,6 +473,7 @@ class Transformer(nn.Module):
         per_token: bool = False,
         cache: Cache | None = None,
         last_only: bool = False,
+        hidden_only: bool = False,
     ):
         """tokens/positions/mask int32 [B,T]; mask 0 = pad, >0 = segment id.
 
@@ -480,7 +481,8 @@ class Transformer(nn.Module):
         cache slots; the T new tokens go to slots index..index+T-1).
         Returns head="lm": logits f32 [B,T,V] ([B,V] at index T-1 if last_only);
         head="scalar": f32 [B] at the last index with mask != 0, or [B,T] if per_token.
-        With `cache`: (out, new_cache).
+        hidden_only: the final-norm output [B,T,D] instead (no cache; `lm_logits` of it are
+        the logits, e.g. a chunk of positions at a time). With `cache`: (out, new_cache).
         """
         cfg = self.config
         if self.head not in ("lm", "scalar"):
@@ -516,6 +518,8 @@ class Transformer(nn.Module):
                 )
                 new_layers.append(layer_cache)
         x = Norm(cfg, name="final_norm")(x)
+        if hidden_only and cache is None:
+            return x
 
         if self.head == "lm":
             if last_only:
@@ -572,3 +576,13 @@ class Transformer(nn.Module):
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
         x, _ = lax.scan(body, x, (stacked, rngs))
         return x
+
+
+def lm_logits(config: ModelConfig, params: Any, x: jax.Array) -> jax.Array:
+    """The LM head of `Transformer` on hidden states x [B,T,D] (its `hidden_only` output):
+    logits f32 [B,T,V], the same operations as the model's own head."""
+    if config.tie_embeddings:
+        table = nn.unbox(params["embed"]["token"]).astype(x.dtype)
+        return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+    kernel = nn.unbox(params["unembed"]).astype(x.dtype)
+    return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)

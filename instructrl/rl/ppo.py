@@ -356,8 +356,9 @@ def ppo_loss(
     seq = (mb["prompt_tokens"], mb["prompt_mask"], mb["response_tokens"], mb["response_mask"])
     head = params["value"] if cfg.value_head_on_policy else None
     logp, entropy, values = policy_forward(
-        models.policy, params["policy"], *seq, cfg.temperature, value_head=head
-    )
+        models.policy, params["policy"], *seq, cfg.temperature, value_head=head,
+        chunk=cfg.logprob_chunk,
+    )  # fmt: skip
     if values is None:
         values = value_forward(models.value, params["value"], *seq)
     mask = mb["response_mask"]

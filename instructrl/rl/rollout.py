@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from instructrl import losses, sharding
 from instructrl.errors import ConfigError
 from instructrl.models import Transformer, positions_from_mask, sample
+from instructrl.models.transformer import lm_logits
 
 PyTree = Any
 ScoreFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -60,7 +61,10 @@ class PPOConfig:
     temperature: float = 1.0  # sampling AND log-prob temperature
     top_k: int = 0  # 0 = off (filtering during rollouts is a known failure mode)
     top_p: float = 1.0  # 1.0 = off
-    stop_token: int = -1  # must be set: the tokenizer's EOS id
+    # > 0: policy/reference log-probs and entropy over this many response positions at a
+    # time, so [B, N, V] logits never exist at once (large vocabularies); 0 = one pass.
+    logprob_chunk: int = 0
+    stop_token: int = -1  # must be set: the tokenizer's EOS id (or a template's end of turn)
     pad_id: int = 0
     penalize_no_stop: bool = True
     # Score of a response without a stop token (Ziegler et al.), in the rollout's normalised
@@ -260,6 +264,7 @@ def policy_forward(
     temperature: float,
     *,
     value_head: PyTree | None = None,
+    chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """One forward pass over prompt [B,P] + response [B,N] (the response's last token is not fed).
 
@@ -268,6 +273,8 @@ def policy_forward(
     With `value_head` ({"kernel" [D,1], "bias" [1]}: the head on the policy trunk) the values
     are read from the same pass: the final-norm output (captured, so gradients reach the
     trunk) projected like the scalar head. All [B,N] outputs are 0 where response_mask == 0.
+    chunk > 0: the logits of `chunk` response positions at a time (`chunked_logprobs`), the
+    same numbers without [B,N,V] logits in memory.
     """
     p_len = prompt_tokens.shape[1]
     tokens, mask, positions = join_prompt_response(
@@ -275,8 +282,10 @@ def policy_forward(
     )
     # Response token j is predicted at index P-1+j; the last index predicts nothing we need.
     args = (tokens[:, :-1], positions[:, :-1], mask[:, :-1])
-    values = None
-    if value_head is None:
+    values = logits = None
+    if chunk > 0:
+        hidden = model.apply({"params": params}, *args, hidden_only=True)[:, p_len - 1 :]
+    elif value_head is None:
         logits = model.apply({"params": params}, *args)
     else:
         logits, state = model.apply(
@@ -286,16 +295,53 @@ def policy_forward(
             mutable=["intermediates"],
         )
         hidden = state["intermediates"]["final_norm"]["__call__"][0][:, p_len - 1 :]
+    if value_head is not None:
         kernel = value_head["kernel"].astype(jnp.float32)[:, 0]
         values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), kernel)
         values = values + value_head["bias"].astype(jnp.float32)[0]
     valid = jnp.asarray(response_mask) != 0
-    logits = logits[:, p_len - 1 :] / temperature
-    logp = jnp.where(valid, losses.token_logprobs(logits, response_tokens), 0.0)
-    entropy = losses.entropy_from_logits(logits, valid)
+    if chunk > 0:
+        logp, ent = chunked_logprobs(model, params, hidden, response_tokens, temperature, chunk)
+        logp, entropy = jnp.where(valid, logp, 0.0), losses.masked_mean(ent, valid)
+    else:
+        logits = logits[:, p_len - 1 :] / temperature
+        logp = jnp.where(valid, losses.token_logprobs(logits, response_tokens), 0.0)
+        entropy = losses.entropy_from_logits(logits, valid)
     if values is not None:
         values = jnp.where(valid, values, 0.0)
     return logp, entropy, values
+
+
+def chunked_logprobs(
+    model: Transformer,
+    params: PyTree,
+    hidden: jax.Array,
+    targets: jax.Array,
+    temperature: float | jax.Array,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets) f32 [B,N], entropy f32 [B,N]) of softmax(logits / temperature), where
+    logits = the LM head of `hidden` [B,N,D], computed `chunk` positions at a time in a
+    lax.map whose steps are rematerialised: at most [B, chunk, V] logits live at once, in the
+    forward and the backward pass."""
+    b, n, d = hidden.shape
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad)))
+    k = (n + pad) // chunk
+    hs = hidden.reshape(b, k, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, k, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h, t):
+        logits = lm_logits(model.config, params, h) / temperature
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
+        return picked, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+    logp, ent = jax.lax.map(lambda x: one(*x), (hs, ts))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, k * chunk)[:, :n]  # noqa: E731
+    return unchunk(logp), unchunk(ent)
 
 
 def value_forward(
@@ -376,11 +422,14 @@ def rollout(
     seq = (prompt_tokens, prompt_mask, resp, resp_mask)
     head = params.value if cfg.value_head_on_policy else None
     logp, entropy, values = policy_forward(
-        models.policy, params.policy, *seq, cfg.temperature, value_head=head
-    )
+        models.policy, params.policy, *seq, cfg.temperature, value_head=head,
+        chunk=cfg.logprob_chunk,
+    )  # fmt: skip
     if values is None:
         values = value_forward(models.value, params.value, *seq)
-    ref_logp, _, _ = policy_forward(models.policy, params.reference, *seq, cfg.temperature)
+    ref_logp, _, _ = policy_forward(
+        models.policy, params.reference, *seq, cfg.temperature, chunk=cfg.logprob_chunk
+    )
 
     valid = resp_mask != 0
     raw = sg(jnp.asarray(score_fn(params.reward, *seq), jnp.float32))

@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instructrl import chat_format, world
 from instructrl import tokenizer as tokenizer_lib
-from instructrl import world
 from instructrl.data import read_prompts
 from instructrl.data.records import tokenizer_fingerprint
 from instructrl.errors import ConfigError, InputError
@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
+    chat_format.require_plain(config.data, name)
     if not 2 <= c.k_min <= c.k_max:
         raise ConfigError(f"config keys '{name}.k_min/k_max' need 2 <= k_min <= k_max")
     if c.labelers not in LABELERS:

@@ -52,8 +52,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from instructrl import chat_format, world
 from instructrl import tokenizer as tokenizer_lib
-from instructrl import world
 from instructrl.config import stage_names
 from instructrl.data import read_pretrain, read_prompts
 from instructrl.errors import ConfigError, InputError
@@ -427,6 +427,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     from instructrl.eval import plots as eval_plots
 
     c = config[name]
+    chat_format.require_plain(config.data, name)
     out_dir = inputs.stage_dir(workdir, name)
     if c.num_samples < 1 or (not c.greedy and c.temperature <= 0):
         raise ConfigError(f"config keys '{name}.num_samples/temperature' need >= 1 and > 0")

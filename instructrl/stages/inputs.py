@@ -62,7 +62,8 @@ def input_stage(
 def tokenizer_path(config: ml_collections.ConfigDict, name: str, workdir: str) -> str:
     """The tokenizer for stage `name` (for `tokenizer.load`): `tokenizer_from` names a stage, a
     SentencePiece `.model` file, a Hugging Face `tokenizer.json` or a folder holding either
-    (one that is not a stage name and has a "/" or exists, e.g. a `convert` export)."""
+    (one that is not a stage name and has a "/" or exists, e.g. a `convert` export). A stage's
+    tokenizer is in its folder, or in its export (an `import_hf` stage)."""
     source = config[name].get("tokenizer_from", "tokenizer")
     is_path = source.endswith((".model", ".json")) or (
         source not in config and (os.sep in source or os.path.isdir(source))
@@ -72,10 +73,10 @@ def tokenizer_path(config: ml_collections.ConfigDict, name: str, workdir: str) -
             raise InputError(f"config key '{name}.tokenizer_from': {source} not found")
         return source
     folder = input_stage(config, name, "tokenizer_from", workdir, default="tokenizer")
-    if not os.path.exists(os.path.join(folder, TOKENIZER_FILE)) and os.path.exists(
-        os.path.join(folder, HF_TOKENIZER_FILE)
-    ):
-        return os.path.join(folder, HF_TOKENIZER_FILE)
+    for where in (folder, os.path.join(folder, EXPORT_DIR)):  # an import_hf stage: its export
+        for file in (TOKENIZER_FILE, HF_TOKENIZER_FILE):
+            if os.path.exists(os.path.join(where, file)):
+                return os.path.join(where, file)
     return os.path.join(folder, TOKENIZER_FILE)
 
 

@@ -33,8 +33,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instructrl import chat_format, sharding, world
 from instructrl import checkpoint as ckpt_lib
-from instructrl import sharding, world
 from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import ppo_pipeline, prompt_record
 from instructrl.errors import ConfigError
@@ -110,7 +110,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     rm_dir = inputs.export_dir(config, name, "reward_from", workdir)
     norm = Normalization.load(rm_dir)
     penalty_unit = float(c.gold_reward_scale) if c.gold_reward else norm.score_std
-    cfg = ppo_config(c, name, tokenizer.eos_id, tokenizer.pad_id, penalty_unit)
+    data_cfg = driver.data_config(config, workdir, name)
+    stop_id = chat_format.for_data(tokenizer, data_cfg).stop_id  # EOS, or the end of turn
+    cfg = ppo_config(c, name, stop_id, tokenizer.pad_id, penalty_unit)
     logging.info(
         "%s: no-stop penalty %g sd = %.3f score units; EMA decay %.4f",
         name, c.no_stop_penalty, cfg.no_stop_penalty, cfg.ema_decay,
@@ -127,7 +129,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         reward=reward_model,
         value=None if cfg.value_head_on_policy else reward_model,
     )
-    data_cfg = driver.data_config(config, workdir, name)
     data_cfg.ptx_ratio = cfg.ptx_ratio if cfg.ptx_coef > 0 else 0.0
     total_len = data_cfg.max_prompt_len + cfg.max_new_tokens
     for who, mc in (("init_from", setup.model.config), ("reward_from", rm_config)):

@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from instructrl import chat_format, losses, sharding, train_lib
 from instructrl import checkpoint as ckpt_lib
-from instructrl import losses, sharding, train_lib
 from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import rm_pipeline
 from instructrl.errors import ConfigError
@@ -190,7 +190,8 @@ def normalization_scores(config, name, workdir, setup, params, tokenizer, data_c
     )
     if c.normalize == "demonstrations":
         built = inputs.build_data("demonstrations", data_cfg, tokenizer)
-        rows = _demonstration_rows(built, tokenizer, data_cfg.seq_len, c.normalize_num)
+        chat = chat_format.for_data(tokenizer, data_cfg)
+        rows = _demonstration_rows(built, chat, data_cfg.seq_len, c.normalize_num)
         return _batched_scores(score_fn, params, *rows, batch_size=c.batch_size)
     policy_dir = inputs.export_dir(config, name, "normalize_policy_from", workdir)
     return policy_sample_scores(
@@ -198,15 +199,18 @@ def normalization_scores(config, name, workdir, setup, params, tokenizer, data_c
     )
 
 
-def _demonstration_rows(built, tokenizer, seq_len: int, limit: int):
+def _demonstration_rows(built, chat: chat_format.ChatFormat, seq_len: int, limit: int):
+    """[BOS] prompt completion [EOS] rows of the first `limit` demonstrations, in the data's
+    chat format (a template's rendered turn and stop token), right-padded to seq_len."""
     source = built.sources["train"]  # the labeler demonstrations the policy imitates
     n = min(limit, len(source))
-    tokens = np.full((n, seq_len), tokenizer.pad_id, np.int32)
+    tokens = np.full((n, seq_len), chat.tokenizer.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
     for i in range(n):
         rec = json.loads(source[i]["record"])
-        seq = [tokenizer.bos_id, *tokenizer.encode(rec["prompt"])]
-        seq = (seq + tokenizer.encode(rec["completion"]) + [tokenizer.eos_id])[:seq_len]
+        prompt = chat.prompt_ids(rec["prompt"])
+        seq = [*prompt, *chat.response_ids(rec["prompt"], rec["completion"]), chat.stop_id]
+        seq = seq[:seq_len]
         tokens[i, : len(seq)] = seq
         mask[i, : len(seq)] = 1
     return tokens, mask
@@ -234,8 +238,9 @@ def policy_sample_scores(config, policy_dir, setup, params, tokenizer, data_cfg,
     score_fn = jax.jit(
         lambda p, t, m: setup.model.apply({"params": p}, t, positions_from_mask(m), m)
     )
+    stop_id = chat_format.for_data(tokenizer, data_cfg).stop_id
     return sampled_scores(
-        lm, policy_params, lambda t, m: score_fn(params, t, m), it, tokenizer, n=n,
+        lm, policy_params, lambda t, m: score_fn(params, t, m), it, stop_id, tokenizer.pad_id, n=n,
         new_tokens=new_tokens, rng=jax.random.key(config.seed), greedy=False,
     )  # fmt: skip
 
@@ -260,23 +265,25 @@ def mean_greedy_score(config, name, workdir, setup, params) -> float:
     new_tokens = data_cfg.seq_len - data_cfg.max_prompt_len
     scores = sampled_scores(
         setup.model, params, lambda t, m: rm.normalization.apply(rm.raw_tokens(t, m)), it,
-        tokenizer, n=c.select_num_prompts, new_tokens=new_tokens, rng=jax.random.key(0),
+        chat_format.for_data(tokenizer, data_cfg).stop_id, tokenizer.pad_id,
+        n=c.select_num_prompts, new_tokens=new_tokens, rng=jax.random.key(0),
         greedy=True,
     )  # fmt: skip
     return float(scores.mean())
 
 
-def sampled_scores(lm, lm_params, score, batches, tokenizer, *, n, new_tokens, rng, greedy):
+def sampled_scores(lm, lm_params, score, batches, stop_id, pad_id, *, n, new_tokens, rng, greedy):
     """score(tokens, mask) [B] of one sample per prompt by `lm`, for the first n real prompts
     of `batches` (ppo_pipeline batches: left-padded prompt_tokens/prompt_mask; all-pad rows
-    dropped). Batch i samples with fold_in(rng, i); greedy ignores rng."""
+    dropped), each sample ending at `stop_id`. Batch i samples with fold_in(rng, i); greedy
+    ignores rng."""
     scores = []
     for i, batch in enumerate(batches):
         keep = batch["prompt_mask"].any(axis=1)
         out = sample_jit(lm, lm_params, jnp.asarray(batch["prompt_tokens"]),
                          jnp.asarray(batch["prompt_mask"]), jax.random.fold_in(rng, i),
-                         max_new_tokens=new_tokens, greedy=greedy, stop_token=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id)  # fmt: skip
+                         max_new_tokens=new_tokens, greedy=greedy, stop_token=stop_id,
+                         pad_id=pad_id)  # fmt: skip
         tokens = np.concatenate([batch["prompt_tokens"], np.asarray(out.tokens)], axis=1)
         mask = np.concatenate([batch["prompt_mask"], np.asarray(out.mask)], axis=1)
         scores.append(np.asarray(score(tokens, mask))[keep])

@@ -476,13 +476,3 @@ def test_stages_accept_either_backend(folders, sp_model, tmp_path):
         InputError, match=r"'sft\.tokenizer_from': .*missing/tokenizer\.json not found"
     ):
         inputs.tokenizer_path(config, "sft", workdir)
-
-
-def test_chat_template_setting_is_not_wired_yet(folders, tmp_path):
-    from instructrl.data import build_dataset, default_data_config
-
-    data = default_data_config()
-    assert data.chat_template == "none"
-    data.update(chat_template="model", tfds_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"'data\.chat_template' = 'model': .* not wired"):
-        build_dataset("demonstrations", data, tokenizer.load(folders["qwen"]))
