@@ -161,6 +161,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.visible_flaws and not (arg.near_perfect or arg.flawed_demos):
         # demonstrators' several visible slips, each counted by eval (the default world)
         config.world.update(demo_error_rate=arg.visible_flaws, demo_slips="visible")
+        for name in ("ppo", "ppo_ptx"):
+            # Deviation (paper: beta fixed at 0.02): Ziegler et al.'s adaptive controller with
+            # a short horizon; at a fixed beta the RM is hacked into near-empty answers on one
+            # seed in three. docs/results.md, "KL control in the visible-flaws world".
+            config[name].update(adaptive_kl=True, kl_target=1.5, kl_horizon=100.0)
     if arg.rounds == 2:
         add_second_round(config, s)
     elif arg.rounds != 1:
