@@ -99,7 +99,7 @@ def test_exported_generation_stops_where_our_sampler_does(tmp_path):
     import jax
     import numpy as np
 
-    from instructrl import chat_format, checkpoint, convert, tokenizer
+    from instructrl import chat_format, checkpoint, convert, sample, tokenizer
     from instructrl.data import default_data_config
     from instructrl.models import ModelConfig, Transformer, sample_jit
     from tests.unit.test_chat_format import qwen3_folder
@@ -109,10 +109,9 @@ def test_exported_generation_stops_where_our_sampler_does(tmp_path):
     chat = chat_format.ChatFormat(tok, "model")
     ids = chat.prompt_ids("Name a colour.")
     k = _stopping_qwen3(hf_dir, tok.vocab_size, ids, chat.stop_id, eos_id=tok.pad_id)
-    convert.convert(hf_dir, str(tmp_path / "ours"))
-    config = _config(
-        out=("export_hf", dict(export_from=str(tmp_path / "ours"), tokenizer_from=hf_dir))
-    )
+    ours = str(tmp_path / "run" / "ppo" / "export")  # as a stage's export, for the CLI below
+    convert.convert(hf_dir, ours)
+    config = _config(out=("export_hf", dict(export_from=ours, tokenizer_from=hf_dir)))
     config.data = default_data_config()
     config.data.chat_template = "model"
     hf_io.run(config, "out", str(tmp_path / "run"))
@@ -124,7 +123,7 @@ def test_exported_generation_stops_where_our_sampler_does(tmp_path):
     with torch.no_grad():
         theirs = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     theirs = theirs[0, len(ids) :].tolist()
-    params, model_dict = checkpoint.load_exported(str(tmp_path / "ours"))
+    params, model_dict = checkpoint.load_exported(ours)
     model = Transformer(ModelConfig.from_dict(model_dict))
     tokens = np.asarray([ids], np.int32)
     got = sample_jit(model, params, tokens, np.ones_like(tokens), jax.random.key(0),
@@ -134,3 +133,14 @@ def test_exported_generation_stops_where_our_sampler_does(tmp_path):
     assert ours == theirs
     assert len(theirs) == k + 1 and theirs[-1] == chat.stop_id and chat.stop_id not in theirs[:-1]
     assert mask.tolist() == [1] * (k + 1) + [0] * (7 - k)
+
+    # python -m instructrl.sample reads the stage's template and tokenizer from its config.json
+    stage_config = {"data": {"chat_template": "model"}, "ppo": {"tokenizer_from": hf_dir}}
+    (tmp_path / "run" / "ppo" / "config.json").write_text(json.dumps(stage_config))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Name a colour."}) + "\n")
+    argv = [f"--workdir={tmp_path / 'run'}", "--stage=ppo", f"--prompts={tmp_path / 'prompts.jsonl'}",
+            f"--out={tmp_path / 'samples.jsonl'}", "--greedy", "--max_new_tokens=8", "--batch_size=1"]  # fmt: skip
+    assert sample.main(argv) == 0
+    line = json.loads((tmp_path / "samples.jsonl").read_text())
+    assert line["responses"] == [chat.response_text("Name a colour.", theirs[:-1])]
+    assert line["stopped"] == [True]
