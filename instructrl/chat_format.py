@@ -4,6 +4,7 @@
     fmt.prompt_ids(prompt)               # what the policy samples from
     fmt.response_ids(prompt, response)   # the assistant turn's tokens, stop token excluded
     fmt.stop_id                          # the token that ends a response
+    fmt.response_text(prompt, ids)       # sampled ids (stop excluded) -> the reply's text
 
 Plain ("none"): prompt_ids = [BOS] prompt (no BOS when the tokenizer has none), response_ids
 = the response's tokens, stop_id = EOS: the `[BOS] prompt response [EOS]` layout.
@@ -143,17 +144,29 @@ class ChatFormat:
             )
         return ids[: ends[-1]]
 
+    def response_text(self, prompt: str, ids: list[int]) -> str:
+        """The text of a sampled response's ids (stop token excluded): plain, their decoding;
+        with a template, without the framing the template writes before an assistant
+        message's content (Qwen3's empty think block) when the response starts with it, so
+        judges and readers see the reply alone and `response_ids(prompt, text)` gives the
+        ids back."""
+        text = self.tokenizer.decode(list(ids))
+        if self.template is None:
+            return text
+        prefix = self._response_prefix(prompt)
+        return text[len(prefix) :] if prefix and text.startswith(prefix) else text
+
+    def _response_prefix(self, prompt: str) -> str:
+        messages = turns(prompt)
+        head = self._render(messages, True)
+        reply = [*messages, {"role": "assistant", "content": _SENTINEL}]
+        full = self._render(reply, False)
+        return full[len(head) :].split(_SENTINEL)[0] if full.startswith(head) else ""
+
+
+_SENTINEL = "INSTRUCTRL_REPLY_CONTENT"
+
 
 def for_data(tokenizer: Any, data_config: Any) -> ChatFormat:
     """The ChatFormat of a `config.data` section."""
     return ChatFormat(tokenizer, data_config.get("chat_template", "none"))
-
-
-def require_plain(data_config: Any, name: str) -> None:
-    """A ConfigError for stages that know only the plain layout (collect, eval)."""
-    setting = data_config.get("chat_template", "none")
-    if setting != "none":
-        raise ConfigError(
-            f"config key 'data.chat_template' = {setting!r}: stage '{name}' samples and scores "
-            "plain `[BOS] prompt` rows only; run it with 'none'"
-        )

@@ -76,6 +76,7 @@ def activation_bytes(
     train: bool,
     logits: bool,
     kv_len: int = 0,
+    logit_positions: int = 0,
 ) -> dict[str, int]:
     """Estimated per-device activations of a forward (train: and backward) over [rows, seq]
     tokens, rows split over data x fsdp, heads/mlp/vocab over tensor.
@@ -83,6 +84,9 @@ def activation_bytes(
     saved: kept for the backward (a rematerialised block keeps only its input); working: one
     block's intermediates (twice while its backward runs); logits: f32 logits and their
     softmax (and gradient). An estimate: XLA fuses some of these, keeps others longer.
+    logit_positions > 0: logits of that many positions per row exist at once, not `seq`
+    (PPO's logprob_chunk: [rows, chunk, V] per rematerialised chunk; its backward recomputes
+    one chunk's logits, softmax and gradient, the same 3 copies).
     """
     tp, s, f32 = mesh["tensor"], jnp.dtype(mc.dtype).itemsize, 4
     b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
@@ -94,7 +98,8 @@ def activation_bytes(
         + t * mc.d_model * (2 * f32 + 3 * s)  # f32 norm statistics, residual stream
     )
     saved = mc.num_layers * (t * mc.d_model * s if mc.remat else block) if train else 0
-    logit = t * _split(mc.vocab_size, tp) * f32 * (3 if train else 2) if logits else 0
+    logit_rows = b * (logit_positions or seq)
+    logit = logit_rows * _split(mc.vocab_size, tp) * f32 * (3 if train else 2) if logits else 0
     return {"saved": saved, "working": block * (2 if train else 1), "logits": logit}
 
 

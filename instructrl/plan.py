@@ -263,12 +263,17 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     length = p + n - 1  # the sampler's cache; the scoring passes' sequence
     kv = kv_cache_bytes(pol_mc, b, length, mshape)
     prefill = activation_bytes(pol_mc, b, p, mshape, train=False, logits=False, kv_len=length)
-    scoring = activation_bytes(pol_mc, b, length, mshape, train=False, logits=True)
+    chunk = cfg.logprob_chunk  # > 0: policy/reference logits [rows, chunk, V] at a time
+    scoring = activation_bytes(
+        pol_mc, b, length, mshape, train=False, logits=True, logit_positions=chunk
+    )
     scoring_weights = max(weight_bytes(pol_mc, mshape), weight_bytes(rm_mc, mshape))
     rollout_temp = max(kv + combine_passes(prefill), combine_passes(scoring) + scoring_weights)
     # Update, per minibatch: policy, value and ptx passes, all saved until one backward.
     mb = cfg.minibatch_size
-    passes = [activation_bytes(pol_mc, mb, length, mshape, train=True, logits=True)]
+    passes = [
+        activation_bytes(pol_mc, mb, length, mshape, train=True, logits=True, logit_positions=chunk)
+    ]
     weights = weight_bytes(pol_mc, mshape)
     if separate_value:
         passes.append(activation_bytes(rm_mc, mb, length, mshape, train=True, logits=False))
@@ -327,7 +332,7 @@ def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     note = (
         f"{b} prompts x ({p} prompt + {n} response) tokens, minibatch {mb}, {cfg.num_epochs} "
         f"epoch(s), ptx {cfg.ptx_batch_size} x {t} tokens; policy from {pol_src}, RM and "
-        f"value from {rm_src}"
+        f"value from {rm_src}" + (f"; log-probs {chunk} positions at a time" if chunk else "")
     )
     counts = {"policy": n_pol, "reference": n_pol, "value": n_val, "reward model": n_rm}
     return StagePlan(name, "ppo", counts, resident, programs, [note], c.num_iterations)

@@ -18,7 +18,8 @@ or chat_template.jinja next to tokenizer.json) or a path to a `.jinja` file; ren
 instructrl/chat_template.py as transformers' apply_chat_template does. With a template the
 prompt is the rendered user turn(s) + generation prompt and EOS is the template's stop token
 (instructrl/chat_format.py); lengths count those tokens. The collect and eval stages and
-`python -m instructrl.sample` know only "none" (they stop with a ConfigError otherwise).
+`python -m instructrl.sample` sample from the rendered prompt until that stop token and
+judge or write the reply without the template's framing.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ class RMMap(_Tokenizing):
     def __init__(self, tokenizer: Any, limits: LengthLimits, k_max: int):
         super().__init__(tokenizer, limits)
         self.k_max = k_max
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.fingerprint = tokenizer_fingerprint(tokenizer, self.chat)
 
     def __call__(self, element: dict[str, Any]) -> Example:
         r = _decode(element)

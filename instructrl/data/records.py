@@ -533,10 +533,14 @@ def read_pretrain(paths: str | Sequence[str], **kw: Any) -> tuple[list[Record], 
     return read_records("pretrain", paths, **kw)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any, chat: Any = None) -> str:
     """Hash of a tokenizer's behaviour through its public API: special ids, every piece,
-    and the encoding of a probe text (catches normaliser differences)."""
+    and the encoding of a probe text (catches normaliser differences). With a chat template
+    (`chat`, a chat_format.ChatFormat that is not plain) its fingerprint too: sampled
+    response ids hold the template's framing."""
     h = hashlib.sha256()
+    if chat is not None and not chat.plain:
+        h.update(json.dumps(chat.fingerprint(), sort_keys=True).encode())
     ids = (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     h.update(repr(ids).encode())
     for i in range(tokenizer.vocab_size):

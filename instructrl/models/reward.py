@@ -93,18 +93,24 @@ def encode_pairs(
     responses: Sequence[str],
     seq_len: int,
     stopped: Sequence[bool] | None = None,
+    chat: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`[BOS] prompt response [EOS]` right-padded to [B, seq_len] (the RM training layout);
     no EOS where stopped[i] is False. Overlong rows keep their start and lose the EOS, as
-    in the data pipeline."""
+    in the data pipeline. With `chat` (a chat_format.ChatFormat) its layout instead: the
+    rendered prompt, the response's assistant-turn ids and the template's stop token."""
     if len(prompts) != len(responses):
         raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
     stopped = [True] * len(responses) if stopped is None else stopped
     tokens = np.full((len(prompts), seq_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(prompts), seq_len), np.int32)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        eos = [tokenizer.eos_id] if stopped[i] else []
-        seq = [tokenizer.bos_id, *tokenizer.encode(p), *tokenizer.encode(r), *eos]
+        if chat is not None and not chat.plain:
+            stop = [chat.stop_id] if stopped[i] else []
+            seq = [*chat.prompt_ids(p), *chat.response_ids(p, r), *stop]
+        else:
+            eos = [tokenizer.eos_id] if stopped[i] else []
+            seq = [tokenizer.bos_id, *tokenizer.encode(p), *tokenizer.encode(r), *eos]
         seq = seq[:seq_len]
         tokens[i, : len(seq)] = seq
         mask[i, : len(seq)] = 1
@@ -120,13 +126,17 @@ class RewardModel:
     normalization: Normalization
     tokenizer: Any = None
     seq_len: int = 0
+    chat: Any = None  # a chat_format.ChatFormat: score its rows (encode_pairs)
 
     @classmethod
-    def load(cls, export_dir: str, tokenizer: Any = None, shardings: Any = None) -> RewardModel:
+    def load(
+        cls, export_dir: str, tokenizer: Any = None, shardings: Any = None, chat: Any = None
+    ) -> RewardModel:
         params, model_dict = ckpt_lib.load_exported(export_dir, shardings)
         norm = Normalization.load(export_dir)
         config = ModelConfig.from_dict(model_dict)
-        return cls(Transformer(config, head="scalar"), params, norm, tokenizer, config.max_len)
+        model = Transformer(config, head="scalar")
+        return cls(model, params, norm, tokenizer, config.max_len, chat)
 
     def __post_init__(self):
         # One compiled scorer per RewardModel; rows are padded to whole batches below, so
@@ -165,7 +175,9 @@ class RewardModel:
                 "RewardModel.score needs a tokenizer (RewardModel.load(..., tokenizer))"
             )
         stopped = [True] * len(responses) if stopped is None else list(stopped)
-        tokens, mask = encode_pairs(self.tokenizer, prompts, responses, self.seq_len, stopped)
+        tokens, mask = encode_pairs(
+            self.tokenizer, prompts, responses, self.seq_len, stopped, self.chat
+        )
         scores = self.raw_tokens(tokens, mask)
         if not raw:
             scores = np.asarray(self.normalization.apply(scores), np.float32)

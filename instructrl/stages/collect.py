@@ -17,6 +17,12 @@ as "ties" groups, each response's "stopped" flag and its sampled "response_ids" 
 "tokenizer" fingerprint they belong to) and `labelers.json`.
 Only the synthetic world has gold scorers, so this stage needs its prompt records
 (`family`, `params` fields).
+
+With a chat template (data.chat_template, a Hugging Face tokenizer) the policies sample from
+the rendered prompt until the template's end-of-turn token, as PPO does; labelers judge the
+reply's text without the template's framing, and the "response_ids" are the ids after the
+generation prompt (framing included), tagged with a fingerprint of tokenizer and template so
+the RM reuses them only under the same template.
 """
 
 from __future__ import annotations
@@ -63,7 +69,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
-    chat_format.require_plain(config.data, name)
     if not 2 <= c.k_min <= c.k_max:
         raise ConfigError(f"config keys '{name}.k_min/k_max' need 2 <= k_min <= k_max")
     if c.labelers not in LABELERS:
@@ -82,12 +87,13 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         if not inputs.is_done(workdir, p):
             raise InputError(f"config key '{name}.policies': stage '{p}' has not finished")
     tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
+    chat = chat_format.for_data(tokenizer, config.data)
     records = [r.data for r in read_prompts(inputs.resolve_path(c.prompts, workdir))[0]]
     rng = np.random.default_rng(c.seed)
     ks = rng.integers(c.k_min, c.k_max + 1, size=len(records))
 
     # ---- sample K responses per prompt, slot j from policy j % len(policies)
-    prompt_len = max(len(tokenizer.encode(r["prompt"])) + 1 for r in records)
+    prompt_len = max(len(chat.prompt_ids(r["prompt"])) for r in records)
     new_tokens = min(config.data.max_response_len + 1, config.model.max_len - prompt_len)
     responses = [[] for _ in records]
     stopped = [[] for _ in records]
@@ -100,7 +106,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         texts, stops, _, ids = generate(
             model, params, tokenizer, [records[i]["prompt"] for i in rows],
             max_new_tokens=new_tokens, max_prompt_len=prompt_len,
-            seed=c.seed * 1000 + j, temperature=c.temperature, with_ids=True,
+            seed=c.seed * 1000 + j, temperature=c.temperature, with_ids=True, chat=chat,
         )  # fmt: skip
         for i, t, s, x in zip(rows, texts, stops, ids, strict=True):
             # Empty answers (an immediate stop token) are kept and ranked: an RM that never
@@ -110,8 +116,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             sampled_ids[i].append(x)
     # The RM scores the policy's sampled ids in PPO; a text re-encoded need not give them
     # back, so the records keep the ids (with the tokenizer they belong to) for RM training.
-    flat = [(t, x) for ts, xs in zip(responses, sampled_ids, strict=True) for t, x in zip(ts, xs, strict=True)]  # fmt: skip
-    retokenized = float(np.mean([tokenizer.encode(t) != x for t, x in flat]))
+    flat = [(r["prompt"], t, x) for r, ts, xs in zip(records, responses, sampled_ids, strict=True) for t, x in zip(ts, xs, strict=True)]  # fmt: skip
+    retokenized = float(np.mean([chat.response_ids(p, t) != x for p, t, x in flat]))
 
     # ---- labelers: calibrate on half the prompts, measure agreement on the other half
     pool = labelers.LabelerPool(num_labelers=c.num_labelers, seed=c.seed)
@@ -146,7 +152,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     comparisons = labelers.collect_comparisons(
         records, responses, stopped, pool, rng, response_ids=sampled_ids
     )
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer, chat)
     for rec in comparisons:
         rec["tokenizer"] = fingerprint
     gold = [

@@ -37,6 +37,11 @@ outcome is the mean of the gold comparisons over all num_samples x num_samples p
 model and reference responses (an unbiased estimate of P(model beats reference) on that
 prompt); the standard error is over prompts, since samples of one prompt are correlated.
 `greedy=True` takes one response per prompt.
+
+With a chat template (data.chat_template) models sample from the rendered prompts until the
+template's end-of-turn token, the gold judge reads replies without the template's framing,
+and RMs and the KL term score the template's rows, as in training; the alignment tax stays
+on raw text (pretraining text and the cloze task are not conversations).
 """
 
 from __future__ import annotations
@@ -187,12 +192,12 @@ class EvalData:
 
 
 def sample_responses(
-    model, params, tokenizer, prompts: Sequence[str], c, *, seed: int, budget: int, key: str
+    model, params, chat, prompts: Sequence[str], c, *, seed: int, budget: int, key: str
 ) -> tuple[list[list[str]], list[list[bool]], int]:
-    """k responses per prompt: texts [N][k], stopped [N][k], the new-token budget used, and
-    the sampled token ids [N][k] (stop token excluded)."""
+    """k responses per prompt (`chat`: a chat_format.ChatFormat): texts [N][k], stopped
+    [N][k], the new-token budget used, and the sampled token ids [N][k] (stop excluded)."""
     k = 1 if c.greedy else c.num_samples
-    prompt_len = max(len(tokenizer.encode(p)) + 1 for p in prompts)
+    prompt_len = max(len(chat.prompt_ids(p)) for p in prompts)
     new_tokens = min(budget, model.config.max_len - prompt_len)
     if new_tokens < 1:
         raise ConfigError(f"config key '{key}': prompts of {prompt_len} tokens fill the context")
@@ -207,7 +212,7 @@ def sample_responses(
     texts, stopped, _, ids = generate(
         model,
         params,
-        tokenizer,
+        chat.tokenizer,
         [p for p in prompts for _ in range(k)],
         max_new_tokens=new_tokens,
         max_prompt_len=prompt_len,
@@ -216,6 +221,7 @@ def sample_responses(
         greedy=c.greedy,
         batch_size=c.batch_size,
         with_ids=True,
+        chat=chat,
     )
     per_prompt = [slice(i * k, (i + 1) * k) for i in range(len(prompts))]
     return (
@@ -226,7 +232,7 @@ def sample_responses(
     )
 
 
-def reward_model_results(name, workdir, rm_stage, tokenizer, prompts, ref, bon) -> tuple:
+def reward_model_results(name, workdir, rm_stage, chat, prompts, ref, bon) -> tuple:
     """(gold accuracy dict, best-of-n raw scores [N, S] or None) of RM stage `rm_stage`,
     loaded once.
 
@@ -236,7 +242,7 @@ def reward_model_results(name, workdir, rm_stage, tokenizer, prompts, ref, bon) 
     (best_of_n_samples) or None.
     """
     export = os.path.join(inputs.stage_dir(workdir, rm_stage), inputs.EXPORT_DIR)
-    rm = RewardModel.load(export, tokenizer)
+    rm = RewardModel.load(export, chat.tokenizer, chat=chat)
     raw = rm_scores(rm, prompts, ref["texts"], ref["stopped"])
     accuracy, pairs = ranking_accuracy(raw, ref["scores"])
     logging.info("%s: RM %s orders %s of %d gold pairs", name, rm_stage, accuracy, pairs)
@@ -276,7 +282,7 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     texts, stopped, _, _ = sample_responses(
         model,
         params,
-        tokenizer,
+        chat_format.for_data(tokenizer, config.data),
         [r["prompt"] for r in data.records],
         sample_cfg,
         seed=sample_seed(config.seed, "best_of_n", policy),
@@ -287,14 +293,15 @@ def best_of_n_samples(config, name, workdir, tokenizer, data: EvalData, loaded) 
     return {"policy": policy, "texts": texts, "stopped": stopped, "gold": gold}
 
 
-def response_rows(tokenizer, prompts, ids, stopped) -> tuple[list[list[int]], list[int]]:
-    """Token rows [BOS] prompt response [EOS if it stopped] of sampled ids [N][k], and the
-    index of each row's first response token (where its NLL starts counting)."""
+def response_rows(chat, prompts, ids, stopped) -> tuple[list[list[int]], list[int]]:
+    """Token rows prompt response [stop if it stopped] of sampled ids [N][k] (`chat`'s
+    layout: plain, [BOS] prompt response [EOS]), and the index of each row's first response
+    token (where its NLL starts counting)."""
     rows, first = [], []
     for prompt, row_ids, row_stopped in zip(prompts, ids, stopped, strict=True):
-        prefix = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        prefix = chat.prompt_ids(prompt)
         for x, stop in zip(row_ids, row_stopped, strict=True):
-            rows.append(prefix + list(x) + ([tokenizer.eos_id] if stop else []))
+            rows.append(prefix + list(x) + ([chat.stop_id] if stop else []))
             first.append(len(prefix))
     return rows, first
 
@@ -333,6 +340,7 @@ def evaluate_stage(
     """The results and samples of the specs that use `stage`'s model (alignment tax once).
     loaded: (stage, model, params) already in memory, used when it is `stage`."""
     c = config[name]
+    chat = chat_format.for_data(tokenizer, config.data)
     model, params = stage_model(workdir, stage, loaded)
     tax = alignment_tax(model, params, tokenizer, data.heldout_rows, data.public, c)
     results, samples = [], []
@@ -341,7 +349,7 @@ def evaluate_stage(
         texts, stopped, new_tokens, ids = sample_responses(
             model,
             params,
-            tokenizer,
+            chat,
             prompts,
             c,
             seed=sample_seed(config.seed, stage, s.fewshot),
@@ -360,7 +368,7 @@ def evaluate_stage(
         )
         sample = {**dataclasses.asdict(s), "texts": texts, "stopped": stopped, "scores": scores}
         if not s.fewshot and not c.greedy:  # KL to the reference: its samples, this model's NLL
-            rows, first = response_rows(tokenizer, prompts, ids, stopped)
+            rows, first = response_rows(chat, prompts, ids, stopped)
             nll, _ = batched_nll(
                 model, params, rows, first, pad_id=tokenizer.pad_id, batch_size=c.batch_size
             )
@@ -427,7 +435,6 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     from instructrl.eval import plots as eval_plots
 
     c = config[name]
-    chat_format.require_plain(config.data, name)
     out_dir = inputs.stage_dir(workdir, name)
     if c.num_samples < 1 or (not c.greedy and c.temperature <= 0):
         raise ConfigError(f"config keys '{name}.num_samples/temperature' need >= 1 and > 0")
@@ -441,6 +448,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
     # ---- data
     tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
+    chat = chat_format.for_data(tokenizer, config.data)  # a bad template fails before work
     data = load_data(config, name, workdir, tokenizer, any(s.fewshot for s in specs))
     prompts = [r["prompt"] for r in data.records]
     logging.info(
@@ -452,7 +460,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     ref_texts, ref_stopped, _, _ = sample_responses(
         model,
         params,
-        tokenizer,
+        chat,
         prompts,
         c,
         seed=sample_seed(config.seed, "reference", c.reference),
@@ -497,7 +505,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     reward_models, rm_selectors = [], {}
     for s in stage_list(c.rm_from):
         accuracy, bon_scores = reward_model_results(
-            name, workdir, s, tokenizer, prompts, samples[0], bon
+            name, workdir, s, chat, prompts, samples[0], bon
         )
         reward_models.append({"stage": s, **_read_json(workdir, s, "results.json"), **accuracy})
         rm_selectors[f"RM {s}"] = bon_scores

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from instructrl import chat_format
 from instructrl.errors import ConfigError, InputError
 from instructrl.eval import plots as eval_plots
 from instructrl.models import ModelConfig, Transformer, positions_from_mask
@@ -37,7 +38,7 @@ def test_response_rows_are_what_the_sampler_scored():
             return [ord(ch) for ch in text]
 
     rows, first = evaluate.response_rows(
-        Tok(), ["ab", "c"], [[[5], [6, 7]], [[]]], [[True, False], [True]]
+        chat_format.ChatFormat(Tok()), ["ab", "c"], [[[5], [6, 7]], [[]]], [[True, False], [True]]
     )
     assert rows == [[1, 97, 98, 5, 2], [1, 97, 98, 6, 7], [1, 99, 2]] and first == [3, 3, 2]
 

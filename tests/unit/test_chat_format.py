@@ -161,7 +161,7 @@ def test_cache_key_follows_the_template(qwen3, tmp_path):
 
 
 def test_errors(qwen3, tmp_path):
-    tok, _, data, root = qwen3
+    tok, _, _, root = qwen3
     path = tmp_path / "chat.jinja"
     path.write_text(QWEN3_TEMPLATE)
     sentencepiece = tokenizer.Tokenizer.__new__(tokenizer.Tokenizer)  # any other backend
@@ -182,5 +182,3 @@ def test_errors(qwen3, tmp_path):
     assert chat.tokenizer.id_to_piece(chat.stop_id) == "<|endoftext|>"
     with pytest.raises(ConfigError, match=r"rendered assistant turn has no stop token"):
         chat.response_ids("hi", "hello")
-    with pytest.raises(ConfigError, match=r"stage 'collect' samples and scores plain"):
-        chat_format.require_plain(data, "collect")

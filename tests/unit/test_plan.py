@@ -234,3 +234,28 @@ def test_plan_ppo_with_value_head_on_policy_has_no_value_network():
     assert stage["params"]["value"] == d + 1
     assert stage["resident"]["value params"] == (d + 1) * 4  # replicated f32 head
     assert stage["resident"]["value optimizer"] == 0  # one optimizer over policy + head
+
+
+def test_plan_ppo_logprob_chunk_shrinks_the_logits_term():
+    """With ppo.logprob_chunk the policy/reference logits are [rows, chunk, V] at a time, not
+    [rows, P + N - 1, V]: the update's analytic temporaries drop by exactly that difference
+    (3 f32 copies: logits, softmax, gradient), the rollout's scoring does not grow."""
+    config = _load(os.path.join(REPO, "experiments", "tiny_instructgpt.py"), "smoke")
+    mesh_shape = {"data": 1, "fsdp": 2, "tensor": 2}
+    mesh = AbstractMesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    rules = sharding.rules_from_config(config.get("rules"))
+    temps = {}
+    for chunk in (0, 8):
+        config_lib.apply_overrides(config, [f"ppo.logprob_chunk={chunk}"])
+        sp = plan.build_stage(config, "ppo", mesh, rules, mesh_shape)
+        temps[chunk] = {prog.name: prog.temp for prog in sp.programs}
+        assert ("8 positions at a time" in sp.notes[0]) == bool(chunk)
+    ppo = config.ppo
+    rows = math.ceil(ppo.batch_size // ppo.num_minibatches / 2)  # over data x fsdp
+    length = config.data.max_prompt_len + ppo.max_new_tokens - 1
+    vocab = math.ceil(config.model.vocab_size / 2)  # over tensor
+    assert temps[0]["update"] - temps[8]["update"] == rows * (length - 8) * vocab * 4 * 3
+    assert temps[8]["rollout"] <= temps[0]["rollout"]
+    logits = plan.activation_bytes(ModelConfig.from_dict(config.model), 6, 40, mesh_shape,
+                                   train=False, logits=True, logit_positions=8)["logits"]  # fmt: skip
+    assert logits == 3 * 8 * vocab * 4 * 2
