@@ -41,6 +41,7 @@ STAGE_MODULES = {
     "collect": "instructrl.stages.collect",
     "rm": "instructrl.stages.reward",
     "ppo": "instructrl.stages.ppo",
+    "grpo": "instructrl.stages.grpo",
     "eval": "instructrl.stages.evaluate",
 }
 

@@ -189,6 +189,7 @@ PPO = {
     ),
     "ema_horizon": zero_means("no EMA"),
     "warmup_iterations": NONNEG,
+    "group_size": POSITIVE,
     # the stage driver (stages/ppo.py)
     "num_iterations": POSITIVE,
     "log_every": POSITIVE,
@@ -245,6 +246,7 @@ KINDS: dict[str, dict[str, Range]] = {
     "collect": COLLECT,
     "rm": RM,
     "ppo": PPO,
+    "grpo": {**PPO, "group_size": Range(ge=2, note="samples per prompt")},
     "eval": EVAL,
 }
 SUBSECTIONS = {"optimizer": OPTIMIZER, "value_optimizer": OPTIMIZER, "data": DATA, "model": MODEL}
