@@ -199,6 +199,14 @@ PPO = {
     "max_to_keep": POSITIVE,
 }
 
+DPO = {
+    **_TRAINING,
+    "dropout": PROB,
+    "beta": GT0,
+    "ptx_coef": zero_means("no ptx term"),
+    "ptx_rows": zero_means("batch_size"),
+}
+
 WORLD = {
     "seed": ANY,
     "num_pretrain": POSITIVE,
@@ -247,6 +255,7 @@ KINDS: dict[str, dict[str, Range]] = {
     "rm": RM,
     "ppo": PPO,
     "grpo": {**PPO, "group_size": Range(ge=2, note="samples per prompt")},
+    "dpo": DPO,
     "eval": EVAL,
 }
 SUBSECTIONS = {"optimizer": OPTIMIZER, "value_optimizer": OPTIMIZER, "data": DATA, "model": MODEL}

@@ -118,9 +118,10 @@ def rm_example(
     stopped: list[bool] | None = None,
 ) -> Example:
     """tokens/mask/positions int32 [K_max, seq_len], response_mask int32 [K_max],
-    pair_mask float32 [K_max, K_max]. stopped [K]: whether each response ended with the stop
-    token (None: all did); one that did not gets no EOS, as the policy's cut-off samples in
-    PPO have none, so the RM reads it at its last token there and here alike."""
+    pair_mask float32 [K_max, K_max], prompt_len int32 [] (the first response token's
+    index). stopped [K]: whether each response ended with the stop token (None: all did);
+    one that did not gets no EOS, as the policy's cut-off samples in PPO have none, so the RM
+    reads it at its last token there and here alike."""
     k, t = len(responses_ids), limits.seq_len
     if k > k_max:
         raise ValueError(f"comparison has {k} responses but K_max={k_max} (data.max_responses)")
@@ -140,6 +141,7 @@ def rm_example(
         "positions": positions,
         "response_mask": (np.arange(k_max) < k).astype(np.int32),
         "pair_mask": pairs_from_ranking(ranking, k, k_max, ties),
+        "prompt_len": np.int32(len(prompt)),  # [BOS] + prompt; responses start here (DPO)
     }
 
 

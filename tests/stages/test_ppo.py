@@ -279,7 +279,11 @@ def interrupt(env, workdir, stage: str, sig, at_step: int) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(ppo_base):  # session-scoped in conftest.py: test_algorithms.py shares it
+    return ppo_base
+
+
+def make_env(tmp_path_factory) -> Env:
     """The config file and the pre-PPO stages, run once in this process."""
     from instructrl import config as config_lib
     from instructrl import main
