@@ -107,7 +107,7 @@ def test_metrics_learning_and_compile_once(ref):
     late = np.mean([m["accuracy"] for m in dpo[-3:]])
     print("dpo accuracy by step:", [round(m["accuracy"], 3) for m in dpo])
     assert late > 0.6, [m["accuracy"] for m in dpo]
-    assert dpo[-1]["margin"] > 0 and "val_accuracy" in dpo[-1]
+    assert dpo[-1]["margin"] > 0
     assert compile_counts(log, "dpo").get("inner") == 1, compile_counts(log, "dpo")
     assert os.path.exists(os.path.join(workdir, "dpo", "export"))
 
