@@ -4,7 +4,8 @@ model's training stage cost, and the win-rate-against-KL frontier of all of them
   training_cost(workdir, stage)   {"train_seconds", "train_peak_rss_mb", "train_device_peak_mb"}
                                   from the stage's DONE marker (main._run_stage writes them)
   frontier_lines(summary)         Markdown table: win rate, gold score, KL to the reference,
-                                  held-out NLL, wall time and peak memory of each model
+                                  held-out NLL, wall time and peak memory of each model (the
+                                  latter two from summary["training_costs"][stage])
   plot_frontier(summary, path)    win rate vs KL of every evaluated model, with best-of-n's
                                   curve(s): the paper-style frontier, one PNG
 """
@@ -49,14 +50,16 @@ def frontier_lines(summary: Mapping[str, Any]) -> list[str]:
         "| model | win rate vs ref | gold score | KL to ref | held-out NLL | train s | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
     ]
+    costs = summary.get("training_costs", {})
     for m in summary["models"]:
         if m.get("fewshot"):
             continue
+        cost = costs.get(m["stage"], {})
         rows.append(
             f"| {m['label']} | {_fmt(m.get('win_rate'), '.3f')} | "
             f"{_fmt(m.get('gold_score'), '.3f')} | {_fmt(m.get('kl_to_reference'), '.2f')} | "
-            f"{_fmt(m.get('heldout_nll'), '.3f')} | {_fmt(m.get('train_seconds'), '.0f')} | "
-            f"{_fmt(m.get('train_peak_rss_mb'), '.0f')} |"
+            f"{_fmt(m.get('heldout_nll'), '.3f')} | {_fmt(cost.get('train_seconds'), '.0f')} | "
+            f"{_fmt(cost.get('train_peak_rss_mb'), '.0f')} |"
         )
     return rows
 

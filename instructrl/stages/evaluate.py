@@ -509,8 +509,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         for s in specs
         if config[s.stage].get("kind") in ("ppo", "grpo")
     }
-    for r in results:  # wall time and peak memory of each model's training stage
-        r.update(frontier.training_cost(workdir, r["stage"]))
+
     summary = {
         "reference": {"stage": c.reference, **ref_metrics},
         "settings": {
@@ -530,6 +529,11 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": labelers.PAPER_AGREEMENT},
         "ppo": eval_plots.ppo_summaries(ppo_runs),
         "best_of_n": best_of_n(config, name, bon, rm_selectors, ref_scores),
+        # wall time and peak memory of each model's training stage (not of a model's numbers:
+        # a re-run changes these, never the models' results)
+        "training_costs": {
+            r["stage"]: frontier.training_cost(workdir, r["stage"]) for r in results
+        },
     }
     if jax.process_index() != 0:
         return

@@ -53,7 +53,8 @@ def test_algorithms_smoke_end_to_end(tmp_path):
         m = by_label[label]
         assert 0 <= m["win_rate"] <= 1 and m["kl_to_reference"] is not None, label
         assert m["heldout_nll"] > 0 and m["gold_score"] is not None, label
-        assert m["train_seconds"] > 0 and m["train_peak_rss_mb"] > 0, label
+        cost = results["training_costs"][m["stage"]]
+        assert cost["train_seconds"] > 0 and cost["train_peak_rss_mb"] > 0, label
     assert results["best_of_n"] and "frontier.png" in results["plots"]
     with open(os.path.join(workdir, "eval", "frontier.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
