@@ -115,6 +115,58 @@ class ZipIterator:
         self.ptx.set_state(d["ptx"])
 
 
+def init_state(reference, optimizer, seed: int, state_shardings) -> train_lib.TrainState:
+    """Step 0: the policy a copy of `reference` (the state is donated, the reference kept in
+    its extras), built directly into `state_shardings`."""
+
+    def create(p):
+        policy = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
+        key = jax.random.key(seed + 1)
+        return train_lib.create_train_state(policy, optimizer, key, {"reference": p})
+
+    return jax.jit(create, out_shardings=state_shardings)(reference)
+
+
+def make_steps(model, c, optimizer, schedule, *, mesh, rules, ptx: bool, state_shardings,
+               param_shardings):  # fmt: skip
+    """(train_step(state, batch, rng) -> (state, metrics), eval_step(params, reference,
+    batch) -> f32[5] sums of preference_terms), jitted for `mesh`. A batch holds the RM
+    pipeline's keys, plus `ptx_<key>` pretraining rows when `ptx`."""
+
+    def loss_fn(reference, params, batch, rng):
+        pref = {k: v for k, v in batch.items() if not k.startswith("ptx_")}
+        total, count, correct, margin, pairs = preference_terms(
+            model, c, params, reference, pref, deterministic=False, rng=rng
+        )
+        loss = total / jnp.maximum(count, 1.0)
+        metrics = {"accuracy": correct / jnp.maximum(pairs, 1.0),
+                   "margin": margin / jnp.maximum(pairs, 1.0), "weight": count}  # fmt: skip
+        if ptx:
+            rows = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
+            logits = model.apply({"params": params}, rows["tokens"], rows["positions"],
+                                 rows["mask"])  # fmt: skip
+            metrics["ptx_loss"] = losses.lm_loss(logits, rows["targets"], rows["loss_mask"])
+            loss = loss + c.ptx_coef * metrics["ptx_loss"]
+        metrics["preference_loss"] = total / jnp.maximum(count, 1.0)
+        return loss, metrics
+
+    def step(state, batch, rng):
+        fn = functools.partial(loss_fn, state.extras["reference"])
+        inner = train_lib.make_train_step(
+            fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
+        )
+        return inner(state, batch, rng)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    with sharding.mesh_context(mesh, rules):
+        train_step = train_lib.jit_train_step(step, state_shardings, batch_sh)
+        eval_step = jax.jit(
+            lambda p, r, b: jnp.stack(preference_terms(model, c, p, r, b)),
+            in_shardings=(param_shardings, param_shardings, batch_sh),
+        )
+    return train_step, eval_step
+
+
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     c = config[name]
     if c.loss not in LOSSES:
@@ -177,48 +229,14 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         logging.info("%s: resumed from step %d", name, restored.step)
         state = restored.state
     else:
-        reference = setup.init_params(config.seed)
-
-        def create(p):  # the policy is a copy: the state is donated, the reference kept
-            policy = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
-            key = jax.random.key(config.seed + 1)
-            return train_lib.create_train_state(policy, optimizer, key, {"reference": p})
-
-        state = jax.jit(create, out_shardings=state_shardings)(reference)
+        state = init_state(setup.init_params(config.seed), optimizer, config.seed, state_shardings)
 
     # ---- the one train step
-    def loss_fn(reference, params, batch, rng):
-        pref, ptx = {k: v for k, v in batch.items() if not k.startswith("ptx_")}, None
-        total, count, correct, margin, pairs = preference_terms(
-            model, c, params, reference, pref, deterministic=False, rng=rng
-        )
-        loss = total / jnp.maximum(count, 1.0)
-        metrics = {"accuracy": correct / jnp.maximum(pairs, 1.0),
-                   "margin": margin / jnp.maximum(pairs, 1.0), "weight": count}  # fmt: skip
-        if ptx_rows:
-            ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-            logits = model.apply({"params": params}, ptx["tokens"], ptx["positions"], ptx["mask"])
-            metrics["ptx_loss"] = losses.lm_loss(logits, ptx["targets"], ptx["loss_mask"])
-            loss = loss + c.ptx_coef * metrics["ptx_loss"]
-        metrics["preference_loss"] = total / jnp.maximum(count, 1.0)
-        return loss, metrics
-
     schedule = train_lib.make_schedule(c.optimizer, total_steps)
-
-    def step(state, batch, rng):
-        fn = functools.partial(loss_fn, state.extras["reference"])
-        inner = train_lib.make_train_step(
-            fn, optimizer, accum_steps=c.accum_steps, lr_schedule=schedule
-        )
-        return inner(state, batch, rng)
-
-    batch_sh = sharding.batch_sharding(mesh)
-    with sharding.mesh_context(mesh, rules):
-        train_step = train_lib.jit_train_step(step, state_shardings, batch_sh)
-        eval_step = jax.jit(
-            lambda p, r, b: jnp.stack(preference_terms(model, c, p, r, b)),
-            in_shardings=(setup.param_shardings, setup.param_shardings, batch_sh),
-        )
+    train_step, eval_step = make_steps(
+        model, c, optimizer, schedule, mesh=mesh, rules=rules, ptx=ptx_rows > 0,
+        state_shardings=state_shardings, param_shardings=setup.param_shardings,
+    )  # fmt: skip
 
     def loop_step(state, batch, step_index):
         del step_index

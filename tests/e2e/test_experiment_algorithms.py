@@ -1,21 +1,25 @@
 """experiments/tiny_instructgpt.py `:algorithms` (issue 22's comparison): its stages and
 settings, and its smoke version end to end through the CLI (eval's per-method table with
-KL, NLL and training cost, and frontier.png)."""
+KL, NLL and training cost, and frontier.png).
+
+The end-to-end test starts from a copy of the shared `smoke,full` run's stages up to
+ppo_ptx (tests/e2e/conftest.py `smoke_full`): `algorithms,smoke` runs those stages with the
+very settings of `smoke` (checked here), so the run skips them, as a re-run in a finished
+workdir does, and trains only dpo, grpo and rloo before eval."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
 from instructrl import config as config_lib
-from tests.conftest import REPO, subprocess_env
+from tests.e2e.conftest import EXPERIMENT, run_experiment
 
-EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 METHODS = ("SFT", "PPO", "PPO-ptx", "DPO", "GRPO", "RLOO")
+NEW = ("dpo", "grpo", "rloo", "eval")  # the stages the end-to-end run trains
 
 
 @pytest.mark.parametrize("arg", ["algorithms", "algorithms,smoke"])
@@ -36,16 +40,31 @@ def test_algorithms_config_shares_sft_rm_and_episodes(arg):
     assert all(m in labels for m in METHODS) and config.eval.best_of_n > 0
 
 
+def test_algorithms_smoke_reruns_smoke_stages_unchanged():
+    """What lets the end-to-end test reuse the `smoke,full` run: the stages and settings
+    before dpo are `smoke`'s (and `smoke,full`'s)."""
+    alg, full = (config_lib.load_config(f"{EXPERIMENT}:{a}") for a in ("algorithms,smoke",
+                                                                     "smoke,full"))  # fmt: skip
+    stages = config_lib.stage_names(alg)
+    shared = [s for s in stages if s not in NEW]
+    assert shared == config_lib.stage_names(full)[: len(shared)] and shared[-1] == "ppo_ptx"
+    for key in ("seed", "model", "data", "mesh", *shared):
+        assert alg[key] == full[key], key
+
+
 @pytest.mark.slow
-def test_algorithms_smoke_end_to_end(tmp_path):
+@pytest.mark.xdist_group("smoke_full")
+def test_algorithms_smoke_end_to_end(smoke_full, tmp_path):
     workdir = str(tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "instructrl.main", f"--config={EXPERIMENT}:algorithms,smoke",
-         f"--workdir={workdir}"],
-        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+    stages = config_lib.stage_names(config_lib.load_config(f"{EXPERIMENT}:algorithms,smoke"))
+    for name in stages:
+        if name not in NEW:
+            shutil.copytree(os.path.join(smoke_full.workdir, name), os.path.join(workdir, name))
+    log = run_experiment("algorithms,smoke", workdir, smoke_full.cache)
+    for name in stages:
+        skipped = f"stage {name}: finished earlier, skipped" in log
+        assert skipped == (name not in NEW), name
+        assert os.path.exists(os.path.join(workdir, name, "DONE")), name
     with open(os.path.join(workdir, "eval", "results.json")) as f:
         results = json.load(f)
     by_label = {m["label"]: m for m in results["models"] if not m["fewshot"]}
