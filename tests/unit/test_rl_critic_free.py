@@ -5,6 +5,9 @@ with those advantages), learning on a programmatic reward for grpo, dr_grpo and 
 one compilation of each program, and 1 vs 8 devices.
 
 The pure objectives are tested against naive references in test_objectives.py.
+Compile time is most of this module's time: its tests share a persistent XLA cache (one
+worker, xdist group "critic_free"), so a program another test compiled is loaded instead,
+e.g. the learning runs' rollout, which is the same program for grpo and dr_grpo.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pytest
 from instructrl import sharding
 from instructrl.errors import ConfigError
 from instructrl.rl import critic_free, ppo
+from tests.conftest import persistent_compilation_cache
 from tests.unit.test_rl_ppo import (
     EOS,
     MC,
@@ -36,6 +40,8 @@ from tests.unit.test_rl_ppo import (
     make_ptx,
     random_params,
 )
+
+pytestmark = pytest.mark.xdist_group("critic_free")
 
 G = 4
 CFG_G = ppo.PPOConfig(
@@ -57,6 +63,12 @@ CFG_G = ppo.PPOConfig(
     kl_horizon=100.0,
     warmup_iterations=1,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    with persistent_compilation_cache(str(tmp_path_factory.mktemp("critic_free_xla"))):
+        yield
 
 
 @dataclasses.dataclass
