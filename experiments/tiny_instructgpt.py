@@ -10,7 +10,10 @@ SFT model; `rounds=2` adds a second comparison round on a first PPO policy's sam
 default VISIBLE_FLAW_RATE, the world `make demo` shows); `near_perfect` instead gives 10% of
 the demonstrations a small random slip (the world where RLHF adds little here);
 `flawed_demos` instead makes half of them end in filler words; `seed=N`;
-`size=tiny|small|large`.
+`size=tiny|small|large`; `algorithms` adds DPO, GRPO and RLOO from the same SFT model and RM
+(and drops the ppo_gold oracle): eval then compares SFT, best-of-n, PPO, PPO-ptx, DPO, GRPO
+and RLOO by win rate, gold score, KL to SFT, held-out NLL and training cost, and plots them
+on one win-rate-against-KL frontier (eval/frontier.png).
 
 Stages, in order, each writing `DIR/<stage>/`: world (the synthetic instruction world as
 JSONL), tokenizer, pretrain (the base model), sft, collect (K = 4..9 SFT samples per
@@ -24,7 +27,19 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.data import default_data_config
-from instructrl.stages import collect, evaluate, ppo, pretrain, reward, sft, smoke, tokenizer, world
+from instructrl.stages import (
+    collect,
+    dpo,
+    evaluate,
+    grpo,
+    ppo,
+    pretrain,
+    reward,
+    sft,
+    smoke,
+    tokenizer,
+    world,
+)  # fmt: skip
 
 SHAPES = {
     "tiny": dict(num_layers=1, d_model=32, num_heads=2, d_ff=128),
@@ -60,7 +75,7 @@ def methods(suffix: str = "", size: str = "") -> list[str]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(
         arg, smoke=False, full=False, size="small", seed=0, rounds=1, flawed_demos=False,
-        near_perfect=False, visible_flaws=VISIBLE_FLAW_RATE,
+        near_perfect=False, visible_flaws=VISIBLE_FLAW_RATE, algorithms=False,
     )  # fmt: skip
     if arg.near_perfect and arg.flawed_demos:
         raise config_lib.ConfigError(
@@ -172,7 +187,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError(f"config argument 'rounds' must be 1 or 2, got {arg.rounds}")
     if arg.full:
         add_large_size(config, model_config("small" if s else "large", vocab_size, max_len))
+    if arg.algorithms:
+        add_algorithms(config, s)
     return config
+
+
+ALGORITHM_MODELS = ["DPO=dpo", "GRPO=grpo", "RLOO=rloo"]
+
+
+def add_algorithms(config: ml_collections.ConfigDict, smoke_run: bool) -> None:
+    """`algorithms`: DPO on the RM's comparisons, GRPO (k3 KL in the loss) and RLOO (KL in
+    the reward) against the RM, all from `sft` like PPO; settings shared with PPO where they
+    mean the same (episodes per iteration, iterations, LR, beta), otherwise the methods'
+    papers'. Not tuned here (Deviation: one setting each, chosen before any run)."""
+    shared = {k: config.ppo[k] for k in (
+        "init_from", "reward_from", "num_minibatches", "max_new_tokens", "num_iterations",
+        "warmup_iterations", "gold_every", "checkpoint_every", "kl_coef", "ptx_ratio",
+    )}  # fmt: skip
+    config.grpo = grpo.default_config()
+    config.grpo.update(shared)
+    # G = 4 samples of a quarter of PPO's prompts: PPO's episodes per iteration.
+    config.grpo.update(batch_size=config.ppo.batch_size // 4, group_size=4)
+    config.grpo.optimizer.lr = config.ppo.optimizer.lr
+    config.rloo = ml_collections.ConfigDict(config.grpo.to_dict())
+    config.rloo.update(advantage="rloo", kl_penalty="reward")  # Ahmadian et al.: KL in reward
+    config.dpo = dpo.default_config()
+    config.dpo.update(init_from="sft", batch_size=8 if smoke_run else 32, beta=0.1,
+                      num_steps=3 if smoke_run else 0, log_every=5 if smoke_run else 10)  # fmt: skip
+    config.dpo.optimizer.lr = 1e-4  # Deviation (paper: 5e-7 at 6B+): tiny models, untuned
+    config.stages = [s for s in config.stages if s != "ppo_gold"]
+    at = config.stages.index("eval")
+    config.stages[at:at] = ["dpo", "grpo", "rloo"]
+    config.eval.models = [m for m in config.eval.models if m != GOLD_MODEL] + ALGORITHM_MODELS
 
 
 def add_flawed_demonstrations(config: ml_collections.ConfigDict) -> None:

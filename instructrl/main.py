@@ -41,6 +41,8 @@ STAGE_MODULES = {
     "collect": "instructrl.stages.collect",
     "rm": "instructrl.stages.reward",
     "ppo": "instructrl.stages.ppo",
+    "grpo": "instructrl.stages.grpo",
+    "dpo": "instructrl.stages.dpo",
     "eval": "instructrl.stages.evaluate",
     "import_hf": "instructrl.stages.hf_io",
     "convert_data": "instructrl.stages.hf_io",
@@ -144,10 +146,25 @@ def _run_stage(config, name: str, workdir: str, runner) -> None:
         _forget_empty(stage_dir, new_dir)
         raise
     if jax.process_index() == 0:
+        done = {"seconds": round(time.time() - start, 1), **_peak_memory()}
         with open(os.path.join(stage_dir, DONE_MARKER), "w") as f:
-            f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+            f.write(json.dumps(done) + "\n")
         _write_config(config, workdir)
     logging.info("stage %s: done in %.1f s", name, time.time() - start)
+
+
+def _peak_memory() -> dict[str, float]:
+    """{"peak_rss_mb": the process's peak resident memory so far, "device_peak_mb": the first
+    device's peak bytes in use, where the platform reports it (not on CPU)}."""
+    import resource
+
+    import jax
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    return out
 
 
 def _forget_empty(stage_dir: str, new_dir: bool) -> None:

@@ -190,6 +190,7 @@ PPO = {
     ),
     "ema_horizon": zero_means("no EMA"),
     "warmup_iterations": NONNEG,
+    "group_size": POSITIVE,
     # the stage driver (stages/ppo.py)
     "num_iterations": POSITIVE,
     "log_every": POSITIVE,
@@ -197,6 +198,14 @@ PPO = {
     "gold_reward_scale": ANY,
     "checkpoint_every": POSITIVE,
     "max_to_keep": POSITIVE,
+}
+
+DPO = {
+    **_TRAINING,
+    "dropout": PROB,
+    "beta": GT0,
+    "ptx_coef": zero_means("no ptx term"),
+    "ptx_rows": zero_means("batch_size"),
 }
 
 WORLD = {
@@ -246,6 +255,8 @@ KINDS: dict[str, dict[str, Range]] = {
     "collect": COLLECT,
     "rm": RM,
     "ppo": PPO,
+    "grpo": {**PPO, "group_size": Range(ge=2, note="samples per prompt")},
+    "dpo": DPO,
     "eval": EVAL,
 }
 SUBSECTIONS = {"optimizer": OPTIMIZER, "value_optimizer": OPTIMIZER, "data": DATA, "model": MODEL}

@@ -7,6 +7,7 @@ must never leak into the main pytest process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -56,6 +57,32 @@ def run_in_subprocess(
             f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str) -> Iterator[None]:
+    """This process's jit compilations read/write the persistent XLA cache at `path`, so a
+    program whose HLO was compiled before (by an earlier test of the same worker) is loaded,
+    not recompiled: the very executable, so no number changes. jax's settings are restored
+    afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {
+        "jax_compilation_cache_dir": path,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": -1,
+    }
+    old = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # re-read the settings at the next compile
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def free_port() -> int:

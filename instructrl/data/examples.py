@@ -122,10 +122,11 @@ def rm_example(
     stopped: list[bool] | None = None,
 ) -> Example:
     """tokens/mask/positions int32 [K_max, seq_len], response_mask int32 [K_max],
-    pair_mask float32 [K_max, K_max]. stopped [K]: whether each response ended with the stop
-    token (None: all did); one that did not gets no EOS, as the policy's cut-off samples in
-    PPO have none, so the RM reads it at its last token there and here alike. `prompt`
-    holds its BOS (or the rendered turn); `eos` is the stop token."""
+    pair_mask float32 [K_max, K_max], prompt_len int32 [] (the first response token's
+    index). stopped [K]: whether each response ended with the stop token (None: all did);
+    one that did not gets no EOS, as the policy's cut-off samples in PPO have none, so the RM
+    reads it at its last token there and here alike. `prompt` holds its BOS (or the rendered
+    turn); `eos` is the stop token."""
     k, t = len(responses_ids), limits.seq_len
     if k > k_max:
         raise ValueError(f"comparison has {k} responses but K_max={k_max} (data.max_responses)")
@@ -144,6 +145,7 @@ def rm_example(
         "positions": positions,
         "response_mask": (np.arange(k_max) < k).astype(np.int32),
         "pair_mask": pairs_from_ranking(ranking, k, k_max, ties),
+        "prompt_len": np.int32(len(prompt)),  # [BOS] + prompt; responses start here (DPO)
     }
 
 

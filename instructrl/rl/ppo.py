@@ -61,6 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructrl import losses, sharding, train_lib
 from instructrl.errors import ConfigError
+from instructrl.rl import critic_free
 from instructrl.rl.rollout import (
     PPOConfig,
     PPOModels,
@@ -196,7 +197,7 @@ def make_ppo_optimizer(
         )
 
     policy, policy_lr = build("optimizer")
-    if cfg.value_head_on_policy:
+    if cfg.value_head_on_policy or cfg.critic_free:
         return PPOOptimizer(policy, None, policy_lr, None)
     value, value_lr = build("value_optimizer")
     return PPOOptimizer(policy, value, policy_lr, value_lr)
@@ -217,7 +218,10 @@ def init_value_params(
     Why the fold: rewards are normalised scores, and with gamma = 1 a constant offset c in V
     shifts each GAE advantage by -c * lam^(T-t); advantage whitening removes the mean, not
     this position-dependent part, which would push against late tokens and the stop token.
+    None when critic-free (no value function).
     """
+    if cfg.critic_free:
+        return None
     if cfg.value_head_on_policy:
         d = models.policy.config.d_model
         dtype = jnp.dtype(models.policy.config.param_dtype)
@@ -259,6 +263,8 @@ def init_ppo_state(
     # (often the reference / RM params themselves) nor itself (params vs EMA).
     copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
     params = copy({"policy": policy_params, "value": value_params})
+    if value_params is None:  # critic-free: no value function
+        del params["value"]
     # float32 EMA: with bf16 params the 0.8% steps of a 0.992 EMA would round away.
     ema = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), policy_params)
     return PPOState(
@@ -287,7 +293,9 @@ def abstract_ppo_state(
     models.check(cfg)
     rep = NamedSharding(mesh, PartitionSpec())
     pol_abs, pol_sh = model_param_shardings(models.policy, mesh, rules)
-    if cfg.value_head_on_policy:
+    if cfg.critic_free:
+        val_abs = val_sh = None
+    elif cfg.value_head_on_policy:
         val_abs = jax.eval_shape(lambda: init_value_params(models, cfg))
         val_sh = jax.tree.map(lambda _: rep, val_abs)
     else:
@@ -295,7 +303,7 @@ def abstract_ppo_state(
     abstract = jax.eval_shape(
         lambda p, v: init_ppo_state(cfg, optimizer, p, v, jax.random.key(0)), pol_abs, val_abs
     )
-    params_sh = {"policy": pol_sh, "value": val_sh}
+    params_sh = {"policy": pol_sh} if cfg.critic_free else {"policy": pol_sh, "value": val_sh}
 
     def opt_shardings(tx, state, param_sh):
         return optax.tree_utils.tree_map_params(
@@ -369,16 +377,8 @@ def ppo_loss(
         values, mb["old_values"], mb["returns"], mask, cfg.cliprange_value
     )
     vf_coef = cfg.vf_coef if cfg.value_head_on_policy else 1.0
-    loss = pg_loss + vf_coef * vf_loss
-    ptx_loss = jnp.zeros((), jnp.float32)
-    if cfg.ptx_coef > 0:
-        if ptx is None:
-            raise ConfigError("ppo update: ptx_coef > 0 needs a pretraining batch (ptx_batch)")
-        logits = models.policy.apply(
-            {"params": params["policy"]}, ptx["tokens"], ptx["positions"], ptx["mask"]
-        )
-        ptx_loss = losses.lm_loss(logits, ptx["targets"], ptx["loss_mask"])
-        loss = loss + cfg.ptx_coef * ptx_loss
+    ptx_loss = critic_free.ptx_lm_loss(models, cfg, params, ptx)
+    loss = pg_loss + vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
     sg = jax.lax.stop_gradient
     log_ratio = jnp.where(mask != 0, sg(logp) - mb["old_logprobs"], 0.0)
     aux = {
@@ -392,6 +392,34 @@ def ppo_loss(
         **vf_stats,
     }
     return loss, aux
+
+
+def _gae_data(cfg: PPOConfig, batch: Rollout) -> tuple[dict[str, jax.Array], dict]:
+    """PPO: GAE on the (optionally whitened) rewards, whitened advantages; the arrays the
+    minibatches are cut from, and the advantage / return metrics."""
+    mask = batch.response_mask
+    rewards = batch.rewards
+    if cfg.whiten_rewards:
+        rewards = losses.whiten(rewards, mask, shift_mean=False)
+    adv, returns = losses.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+    metrics = {
+        "advantages_mean": losses.masked_mean(adv, mask),
+        "returns_mean": losses.masked_mean(returns, mask),
+        "value_explained_var_rollout": losses.explained_variance(batch.values, returns, mask),
+    }
+    if cfg.whiten_advantages:
+        adv = losses.whiten(adv, mask)
+    data = {
+        "prompt_tokens": batch.prompt_tokens,
+        "prompt_mask": batch.prompt_mask,
+        "response_tokens": batch.response_tokens,
+        "response_mask": mask,
+        "old_logprobs": batch.logprobs,
+        "old_values": batch.values,
+        "advantages": adv,
+        "returns": returns,
+    }
+    return data, metrics
 
 
 def _minibatches(x: jax.Array, num: int) -> jax.Array:
@@ -423,24 +451,13 @@ def update(
     if b % m:
         raise ConfigError(f"config key 'ppo.num_minibatches' = {m} does not divide batch {b}")
     _, rng = iteration_keys(rng, state.step)
-    mask = batch.response_mask
-    rewards = batch.rewards
-    if cfg.whiten_rewards:
-        rewards = losses.whiten(rewards, mask, shift_mean=False)
-    adv, returns = losses.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-    raw_adv_mean = losses.masked_mean(adv, mask)
-    if cfg.whiten_advantages:
-        adv = losses.whiten(adv, mask)
-    data = {
-        "prompt_tokens": batch.prompt_tokens,
-        "prompt_mask": batch.prompt_mask,
-        "response_tokens": batch.response_tokens,
-        "response_mask": mask,
-        "old_logprobs": batch.logprobs,
-        "old_values": batch.values,
-        "advantages": adv,
-        "returns": returns,
-    }
+    if cfg.critic_free:  # group-relative advantages, no value function (rl/critic_free.py)
+        data, extra = critic_free.update_data(cfg, batch)
+        kl_coef = state.kl["beta"] if cfg.kl_penalty == "loss" else 0.0
+        loss_fn = functools.partial(critic_free.critic_free_loss, models, cfg, kl_coef)
+    else:
+        data, extra = _gae_data(cfg, batch)
+        loss_fn = functools.partial(ppo_loss, models, cfg)
     ptx_mbs = None
     if cfg.ptx_coef > 0:
         if ptx_batch is None:
@@ -454,7 +471,7 @@ def update(
             )
         ptx_mbs = {k: _minibatches(ptx_batch[k], m) for k in PTX_KEYS}
 
-    loss_grad = jax.value_and_grad(functools.partial(ppo_loss, models, cfg), has_aux=True)
+    loss_grad = jax.value_and_grad(loss_fn, has_aux=True)
     decay = cfg.ema_decay
     count0 = state.step * cfg.updates_per_iteration
 
@@ -468,8 +485,9 @@ def update(
             **aux,
             "loss": loss,
             "policy_grad_norm": optax.tree.norm(grads["policy"]),
-            "value_grad_norm": optax.tree.norm(grads["value"]),
         }
+        if "value" in grads:
+            aux["value_grad_norm"] = optax.tree.norm(grads["value"])
         if optimizer.policy_lr is not None:
             aux["lr"] = optimizer.policy_lr(count)
         if optimizer.value_lr is not None:
@@ -491,13 +509,7 @@ def update(
     metrics["log_ratio_absmax"] = jnp.max(stacked["log_ratio_absmax"])
     kl_batch = jnp.mean(batch.kl)
     kl_state = losses.kl_controller_update(state.kl, kl_batch, b)
-    metrics.update(
-        beta=kl_state["beta"],
-        kl_batch=kl_batch,
-        advantages_mean=raw_adv_mean,
-        returns_mean=losses.masked_mean(returns, mask),
-        value_explained_var_rollout=losses.explained_variance(batch.values, returns, mask),
-    )
+    metrics.update(beta=kl_state["beta"], kl_batch=kl_batch, **extra)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema=ema, kl=kl_state
     )

@@ -42,19 +42,21 @@ from instructrl import losses, sharding
 from instructrl.errors import ConfigError
 from instructrl.models import Transformer, positions_from_mask, sample
 from instructrl.models.transformer import lm_logits
+from instructrl.rl.objectives import ADVANTAGE_MODES, AGGREGATIONS
 
 PyTree = Any
 ScoreFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Keys of the `ppo.optimizer` / `ppo.value_optimizer` sub-configs are train_lib's.
 _OPTIMIZER_SECTIONS = ("optimizer", "value_optimizer")
+ADVANTAGES = ("gae", *ADVANTAGE_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """PPO settings (hashable: closed over by the compiled programs). Defaults: the paper's."""
 
-    batch_size: int = 512  # episodes (prompts) per iteration
+    batch_size: int = 512  # prompts per iteration (episodes: batch_size x group_size)
     num_minibatches: int = 8  # minibatch 64
     num_epochs: int = 1
     max_new_tokens: int = 256  # response length N
@@ -91,10 +93,39 @@ class PPOConfig:
     # ppo stage sets it from `ema_horizon` and the run length (ema_decay_for_run).
     ema_decay: float = 0.992
     warmup_iterations: int = 10  # LR warm-up from optimizer.warmup_init * lr, in iterations
+    # Critic-free RL (stage kind `grpo`, rl/critic_free.py). "gae": PPO, advantages from a
+    # value function by GAE. "grpo" | "dr_grpo" | "rloo": group-relative advantages over the
+    # group_size samples of each prompt (rl/objectives.py group_advantages), no value network.
+    advantage: str = "gae"
+    group_size: int = 1  # samples per prompt in the rollout (G); >= 2 when critic-free
+    # Where the KL to the reference enters: "reward" (PPO's -beta x log-ratio per token, in
+    # the return) or "loss" (GRPO: beta x the k3 estimator per token, in the loss; critic-free
+    # only). beta is the controller's either way.
+    kl_penalty: str = "reward"
+    # Critic-free token weighting (objectives.AGGREGATIONS); "" = by advantage: grpo
+    # "token_mean_per_seq", dr_grpo and rloo "constant" (a sum over the sequence's tokens /
+    # max_new_tokens: no length normalisation).
+    loss_aggregation: str = ""
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage != "gae"
+
+    @property
+    def episodes(self) -> int:
+        """Episodes (sampled responses) per iteration."""
+        return self.batch_size * self.group_size
+
+    @property
+    def aggregation(self) -> str:
+        """The critic-free loss's token weighting (loss_aggregation or its default)."""
+        if self.loss_aggregation:
+            return self.loss_aggregation
+        return "token_mean_per_seq" if self.advantage == "grpo" else "constant"
 
     @property
     def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
+        return self.episodes // self.num_minibatches
 
     @property
     def updates_per_iteration(self) -> int:
@@ -102,8 +133,8 @@ class PPOConfig:
 
     @property
     def ptx_batch_size(self) -> int:
-        """Pretraining rows per iteration (0 without ptx)."""
-        return round(self.ptx_ratio * self.batch_size) if self.ptx_coef > 0 else 0
+        """Pretraining rows per iteration (0 without ptx): ptx_ratio per episode."""
+        return round(self.ptx_ratio * self.episodes) if self.ptx_coef > 0 else 0
 
     @classmethod
     def from_config(
@@ -132,9 +163,15 @@ class PPOConfig:
             ("num_epochs", self.num_epochs >= 1, "must be >= 1"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             (
+                "group_size",
+                self.group_size >= (2 if self.critic_free else 1),
+                f"must be >= {2 if self.critic_free else 1} (advantage={self.advantage!r})",
+            ),
+            (
                 "batch_size",
-                self.batch_size >= 1 and self.batch_size % self.num_minibatches == 0,
-                f"must be a positive multiple of num_minibatches={self.num_minibatches}",
+                self.batch_size >= 1 and self.episodes % self.num_minibatches == 0,
+                f"x group_size={self.group_size} must be a positive multiple of "
+                f"num_minibatches={self.num_minibatches}",
             ),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -145,6 +182,15 @@ class PPOConfig:
             ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
             ("warmup_iterations", self.warmup_iterations >= 0, "must be >= 0"),
         ]
+        choices = [
+            ("advantage", ADVANTAGES),
+            ("kl_penalty", ("reward", "loss") if self.critic_free else ("reward",)),
+            ("loss_aggregation", ("", *AGGREGATIONS)),
+        ]
+        checks = [
+            (key, getattr(self, key) in allowed, f"must be one of {allowed}")
+            for key, allowed in choices
+        ] + checks
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key '{name}.{key}' = {getattr(self, key)!r}: {why}")
@@ -189,7 +235,13 @@ class PPOModels:
             model = getattr(self, name)
             if model is not None and model.head != "scalar":
                 raise ConfigError(f"PPOModels.{name}: head must be 'scalar', got {model.head!r}")
-        if cfg.value_head_on_policy != (self.value is None):
+        if cfg.critic_free:
+            if self.value is not None:
+                raise ConfigError(
+                    f"config key 'ppo.advantage' = {cfg.advantage!r} is critic-free but "
+                    "PPOModels.value is set (no value network)"
+                )
+        elif cfg.value_head_on_policy != (self.value is None):
             raise ConfigError(
                 "config key 'ppo.value_head_on_policy' = "
                 f"{cfg.value_head_on_policy} but PPOModels.value is "
@@ -405,6 +457,9 @@ def rollout(
         score_fn = rm_score_fn(models.reward)
     sg = jax.lax.stop_gradient
     params = sg(params)
+    if cfg.group_size > 1:  # G samples of each prompt: rows n*G .. n*G + G-1 are prompt n's
+        prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), cfg.group_size, axis=0)
+        prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), cfg.group_size, axis=0)
     out = sample(
         models.policy,
         params.policy,
@@ -420,12 +475,14 @@ def rollout(
     )
     resp, resp_mask = out.tokens, out.mask
     seq = (prompt_tokens, prompt_mask, resp, resp_mask)
-    head = params.value if cfg.value_head_on_policy else None
+    head = params.value if cfg.value_head_on_policy and not cfg.critic_free else None
     logp, entropy, values = policy_forward(
         models.policy, params.policy, *seq, cfg.temperature, value_head=head,
         chunk=cfg.logprob_chunk,
     )  # fmt: skip
-    if values is None:
+    if cfg.critic_free:
+        values = jnp.zeros_like(logp)  # no value network
+    elif values is None:
         values = value_forward(models.value, params.value, *seq)
     ref_logp, _, _ = policy_forward(
         models.policy, params.reference, *seq, cfg.temperature, chunk=cfg.logprob_chunk
@@ -438,7 +495,9 @@ def rollout(
     scores = normalised
     if cfg.penalize_no_stop:
         scores = losses.score_no_stop_penalty(normalised, has_stop, cfg.no_stop_penalty)
-    rewards = losses.kl_penalty_rewards(logp, ref_logp, resp_mask, scores, beta)
+    # kl_penalty="loss": the KL enters the update's loss (k3), not the rewards.
+    beta_r = beta if cfg.kl_penalty == "reward" else jnp.zeros_like(beta)
+    rewards = losses.kl_penalty_rewards(logp, ref_logp, resp_mask, scores, beta_r)
     kl = losses.sequence_kl(logp, ref_logp, resp_mask)
 
     length = jnp.sum(valid, axis=1).astype(jnp.float32)
@@ -495,7 +554,7 @@ def rollout_params(
     return RolloutParams(
         policy=state.params["policy"],
         reference=reference,
-        value=state.params["value"],
+        value=state.params.get("value"),  # None when critic-free
         reward=reward,
         reward_gain=jnp.asarray(gain, jnp.float32),
         reward_bias=jnp.asarray(bias, jnp.float32),
@@ -508,7 +567,9 @@ def rollout_params_shardings(
     """RolloutParams of NamedShardings (reward: None when models.reward is None)."""
     rep = NamedSharding(mesh, PartitionSpec())
     _, pol_sh = model_param_shardings(models.policy, mesh, rules)
-    if cfg.value_head_on_policy:
+    if cfg.critic_free:
+        val_sh = None
+    elif cfg.value_head_on_policy:
         val_sh = {"kernel": rep, "bias": rep}
     else:
         val_sh = model_param_shardings(models.value, mesh, rules)[1]

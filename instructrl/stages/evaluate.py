@@ -62,6 +62,7 @@ from instructrl import tokenizer as tokenizer_lib
 from instructrl.config import stage_names
 from instructrl.data import read_pretrain, read_prompts
 from instructrl.errors import ConfigError, InputError
+from instructrl.eval import frontier
 from instructrl.eval.alignment_tax import alignment_tax
 from instructrl.eval.judge import best_of_n, fillers_dropped, gold_scores, response_metrics
 from instructrl.eval.metrics import (
@@ -515,8 +516,9 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     ppo_runs = {
         s.stage: eval_plots.read_metrics(os.path.join(workdir, s.stage, "metrics.jsonl"))
         for s in specs
-        if config[s.stage].get("kind") == "ppo"
+        if config[s.stage].get("kind") in ("ppo", "grpo")
     }
+
     summary = {
         "reference": {"stage": c.reference, **ref_metrics},
         "settings": {
@@ -536,17 +538,28 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         "paper": {"rm_accuracy": 0.72, "inter_labeler_agreement": labelers.PAPER_AGREEMENT},
         "ppo": eval_plots.ppo_summaries(ppo_runs),
         "best_of_n": best_of_n(config, name, bon, rm_selectors, ref_scores),
+        # wall time and peak memory of each model's training stage (not of a model's numbers:
+        # a re-run changes these, never the models' results)
+        "training_costs": {
+            r["stage"]: frontier.training_cost(workdir, r["stage"]) for r in results
+        },
     }
     if jax.process_index() != 0:
         return
     os.makedirs(out_dir, exist_ok=True)
     summary["plots"] = eval_plots.write_plots(summary, ppo_runs, out_dir)
+    if frontier.plot_frontier(summary, os.path.join(out_dir, "frontier.png")):
+        summary["plots"].append("frontier.png")
     _write_samples(os.path.join(out_dir, "samples.jsonl"), data.records, samples)
     _write_text(
         os.path.join(out_dir, "results.json"),
         json.dumps(eval_plots.json_safe(summary), indent=1, allow_nan=False),
     )
-    _write_text(os.path.join(out_dir, "results.md"), eval_plots.results_markdown(summary))
+    markdown = eval_plots.results_markdown(summary)
+    markdown += "\n\n## Methods: win rate, KL and cost\n\n" + "\n".join(
+        frontier.frontier_lines(summary)
+    )
+    _write_text(os.path.join(out_dir, "results.md"), markdown + "\n")
     print(eval_plots.main_table(summary), flush=True)
     for line in eval_plots.best_of_n_lines(summary.get("best_of_n")):
         print(line, flush=True)

@@ -1,4 +1,5 @@
-"""Stage `ppo`: PPO and PPO-ptx against the reward model (docs/method.md §3).
+"""Stages `ppo` and `grpo`: PPO / PPO-ptx against the reward model (docs/method.md §3), and
+critic-free RL (GRPO, Dr.GRPO, RLOO; stages/grpo.py has its defaults) in the same programs.
 
 Policy and frozen reference both start from the export of `init_from` (the PPO-init SFT
 model); the reward model is the normalised RM of `reward_from`; the value function is a
@@ -127,9 +128,10 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     models = ppo.PPOModels(
         policy=setup.model,
         reward=reward_model,
-        value=None if cfg.value_head_on_policy else reward_model,
+        value=None if cfg.value_head_on_policy or cfg.critic_free else reward_model,
     )
-    data_cfg.ptx_ratio = cfg.ptx_ratio if cfg.ptx_coef > 0 else 0.0
+    # ptx rows per prompt (the pipeline's unit): ptx_ratio per episode x G episodes a prompt
+    data_cfg.ptx_ratio = cfg.ptx_ratio * cfg.group_size if cfg.ptx_coef > 0 else 0.0
     total_len = data_cfg.max_prompt_len + cfg.max_new_tokens
     for who, mc in (("init_from", setup.model.config), ("reward_from", rm_config)):
         if total_len > mc.max_len:
@@ -217,13 +219,14 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             rollout_seconds=mid - start,
             update_seconds=end - mid,
             rollout_fraction=(mid - start) / (end - start),
-            rollout_tokens_per_s=cfg.batch_size * total_len / (mid - start),
+            rollout_tokens_per_s=cfg.episodes * total_len / (mid - start),
             generated_tokens_per_s=generated / (mid - start),
-            update_tokens_per_s=cfg.batch_size * total_len / (end - mid),
-            episodes=step * cfg.batch_size,
+            update_tokens_per_s=cfg.episodes * total_len / (end - mid),
+            episodes=step * cfg.episodes,
         )
         if c.gold_every and (step % c.gold_every == 0 or step == c.num_iterations):
-            out.update(gold_metrics(rollout, batch["index"], prompts, tokenizer))
+            index = np.repeat(sharding.to_host(batch["index"]), cfg.group_size)
+            out.update(gold_metrics(rollout, index, prompts, tokenizer))
         return out
 
     run = driver.Run(state, data_iter, {}, restored.step if restored is not None else None)
@@ -237,7 +240,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         total_steps=c.num_iterations,
         log_every=c.log_every,
         on_log=on_log,
-        tokens_per_step=cfg.batch_size * total_len,
+        tokens_per_step=cfg.episodes * total_len,
         unit="iteration",
     )
 
@@ -250,8 +253,8 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
 
 def gold_metrics(rollout, index, prompts, tokenizer) -> dict[str, float]:
     """Mean gold score of a rollout's responses, for prompts of the synthetic world; {} when
-    the prompt records carry no task family."""
-    tokens, mask, index = sharding.to_host((rollout.response_tokens, rollout.response_mask, index))
+    the prompt records carry no task family. index: host ints, the prompt of each row."""
+    tokens, mask = sharding.to_host((rollout.response_tokens, rollout.response_mask))
     records = [prompt_record(prompts, int(i)) for i in index]
     if any("family" not in r for r in records):
         return {}

@@ -1,7 +1,7 @@
 """The sandbox of the gcp/ script tests (test_gcp_scripts.py, test_gcp_remote.py): a fake gcloud
-and hostname first on PATH, a fake HOME, and an env file with test values.
-
-Nothing here needs gcloud, network or a TPU.
+and hostname first on PATH, a fake HOME, and an env file with test values (nothing here
+needs gcloud, network or a TPU); and `smoke_full`, the one `smoke,full` experiment run that
+test_experiment_full.py and test_experiment_algorithms.py share (xdist group "smoke_full").
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
+
+EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 
 GCP = Path(REPO) / "gcp"
 SCRIPTS = sorted(p.name for p in GCP.glob("*.sh"))
@@ -120,3 +123,35 @@ def remote_command(line: str) -> str:
     """The --command=... value of a printed gcloud ssh line."""
     (value,) = [w for w in shlex.split(line) if w.startswith("--command=")]
     return value[len("--command=") :]
+
+
+def run_experiment(arg: str, workdir: str, cache: str, timeout: float = 900) -> str:
+    """experiments/tiny_instructgpt.py:`arg` through the CLI with a persistent XLA cache at
+    `cache`; returns its output (fails the test on a non-zero exit)."""
+    cli = [sys.executable, "-m", "instructrl.main", f"--config={EXPERIMENT}:{arg}"]
+    proc = subprocess.run(
+        [*cli, f"--workdir={workdir}"],
+        env=subprocess_env(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def smoke_full(tmp_path_factory):
+    """One `smoke,full` run (every stage, eval included) in `.workdir`, its XLA cache in
+    `.cache`. Tests copy its folders and must not change them. A session fixture: its users
+    carry the mark xdist_group("smoke_full"), so one worker runs them all on one run."""
+    root = tmp_path_factory.mktemp("smoke_full")
+    workdir, cache = str(root / "first"), str(root / "xla_cache")
+    run_experiment("smoke,full", workdir, cache)
+    return SimpleNamespace(workdir=workdir, cache=cache, root=str(root))

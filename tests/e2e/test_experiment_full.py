@@ -40,8 +40,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +49,9 @@ from instructrl import config as config_lib
 from instructrl import train_lib
 from instructrl.models import ModelConfig, Transformer
 from instructrl.stages import evaluate
-from tests.conftest import REPO, subprocess_env, tree_digest
+from tests.conftest import tree_digest
+from tests.e2e.conftest import EXPERIMENT, run_experiment
 
-EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 SMALL = ("pretrain", "sft", "ppo", "ppo_ptx")
 LARGE = tuple(f"{s}_large" for s in SMALL)
 LABELS = ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")
@@ -226,26 +224,6 @@ def test_full_large_model_is_8x_small(smoke):
 
 
 # ---------------------------------------------------------------- end to end
-def _run(workdir: str, cache: str, timeout: float = 900) -> str:
-    """`smoke,full` through the CLI; returns its output (fails the test on a non-zero exit)."""
-    cli = [sys.executable, "-m", "instructrl.main", f"--config={EXPERIMENT}:smoke,full"]
-    proc = subprocess.run(
-        [*cli, f"--workdir={workdir}"],
-        env=subprocess_env(
-            JAX_COMPILATION_CACHE_DIR=cache,
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
-    return proc.stdout + proc.stderr
-
-
 def _check_eval(workdir: str) -> dict:
     """The eval stage's outputs of a `smoke,full` run; returns results.json."""
     out = os.path.join(workdir, "eval")
@@ -289,10 +267,9 @@ def _rerun(name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_smoke_full_end_to_end_and_reuse(tmp_path):
-    cache = str(tmp_path / "xla_cache")
-    first = str(tmp_path / "first")
-    _run(first, cache)
+@pytest.mark.xdist_group("smoke_full")
+def test_smoke_full_end_to_end_and_reuse(smoke_full, tmp_path):
+    first, cache = smoke_full.workdir, smoke_full.cache  # the first run: tests/e2e/conftest.py
     stages = config_lib.stage_names(_config("smoke,full"))
     for name in stages:
         assert os.path.exists(os.path.join(first, name, "DONE")), f"{name}: no DONE"
@@ -303,7 +280,7 @@ def test_smoke_full_end_to_end_and_reuse(tmp_path):
     shutil.copytree(
         first, second, ignore=lambda d, names: [n for n in names if d == first and _rerun(n)]
     )
-    log = _run(second, cache)
+    log = run_experiment("smoke,full", second, cache)
     for name in stages:
         skipped = f"stage {name}: finished earlier, skipped" in log
         started = f"stage {name} (" in log

@@ -222,3 +222,12 @@ def env(files):
     assert len(short) == 16
     _write_jsonl(os.path.join(e.data, "demos16.jsonl"), short)
     return e
+
+
+@pytest.fixture(scope="session")
+def ppo_base(tmp_path_factory):
+    """test_ppo.py's config and pre-PPO stages (world ... rm), run once per session for
+    test_ppo.py and test_algorithms.py (both in xdist group "ppo_stage": one worker)."""
+    from tests.stages.test_ppo import make_env
+
+    return make_env(tmp_path_factory)

@@ -36,7 +36,6 @@ budget, so it is not repeated.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -49,7 +48,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, subprocess_env, wait_for_logged_step
+from tests.conftest import (
+    REPO,
+    persistent_compilation_cache,
+    subprocess_env,
+    wait_for_logged_step,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ppo_stage")]
 
@@ -151,30 +155,6 @@ class Env:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(path: str):
-    """This process's jit compilations read/write the persistent cache at `path` (the
-    pre-PPO stages share train-step programs); jax's settings are restored afterwards."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": path,
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": -1,
-    }
-    old = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # re-read the settings at the next compile
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 def read_metrics(workdir, stage: str) -> list[dict]:
@@ -279,7 +259,11 @@ def interrupt(env, workdir, stage: str, sig, at_step: int) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(ppo_base):  # session-scoped in conftest.py: test_algorithms.py shares it
+    return ppo_base
+
+
+def make_env(tmp_path_factory) -> Env:
     """The config file and the pre-PPO stages, run once in this process."""
     from instructrl import config as config_lib
     from instructrl import main

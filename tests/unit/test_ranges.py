@@ -18,13 +18,25 @@ from instructrl import ranges
 from instructrl.data import default_data_config
 from instructrl.errors import ConfigError
 from instructrl.models import ModelConfig
-from instructrl.stages import collect, evaluate, ppo, pretrain, reward, sft, smoke, tokenizer, world
+from instructrl.stages import (
+    collect,
+    dpo,
+    evaluate,
+    grpo,
+    ppo,
+    pretrain,
+    reward,
+    sft,
+    smoke,
+    tokenizer,
+    world,
+)  # fmt: skip
 from instructrl.train_lib import default_optimizer_config
 from tests.conftest import REPO
 
 STAGE_MODULES = dict(
     smoke=smoke, world=world, tokenizer=tokenizer, pretrain=pretrain, sft=sft, collect=collect,
-    rm=reward, ppo=ppo, eval=evaluate,
+    rm=reward, ppo=ppo, grpo=grpo, dpo=dpo, eval=evaluate,
 )  # fmt: skip
 TINY = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 
