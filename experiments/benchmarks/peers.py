@@ -142,7 +142,9 @@ def generate(
             )  # fmt: skip
         _sync(device)
         if out.shape[1] != ids.shape[1] + new_tokens:
-            raise RuntimeError(f"generate: {out.shape[1] - ids.shape[1]} new tokens, not {new_tokens}")
+            raise RuntimeError(
+                f"generate: {out.shape[1] - ids.shape[1]} new tokens, not {new_tokens}"
+            )
 
     run()
     return run

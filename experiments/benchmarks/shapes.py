@@ -69,12 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = config_lib.parse_arg(arg, shape="tiny", dtype="float32")
     if a.dtype not in ("float32", "bfloat16"):
         raise config_lib.ConfigError(f"dtype={a.dtype!r}: float32 or bfloat16")
-    w = WORKLOADS[a.shape] if a.shape in WORKLOADS else {}
     c = ml_collections.ConfigDict()
+    c.model = model(a.shape, a.dtype)  # checks the shape
+    w = WORKLOADS[a.shape]
     c.seed = 0
     c.stages = ["sft", "rm", "ppo"]
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.model = model(a.shape, a.dtype)
     (train_batch, seq), (rm_batch, k) = w["train"], w["rm"]
     ppo_batch, minibatches, prompt_len, new_tokens, chunk = w["ppo"]
     c.data = ml_collections.ConfigDict(

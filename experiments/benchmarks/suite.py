@@ -453,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "device": {"jax": str(jax.devices()[0].device_kind), "torch": str(device)},
-        "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},  # fmt: skip
+        "versions": {
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "roofline": roofline,
         "rows": rows,
     }
