@@ -80,7 +80,9 @@ section() {
   SECTIONS+=("{\"section\": \"$name\", \"status\": \"$status\", \"seconds\": $(( $(date +%s) - t0 )), \"time_box_s\": $budget}")
 }
 
-log "environment: $($PY -c 'import jax, flax, optax, orbax.checkpoint, torch, transformers, ml_collections, numpy; print("jax", jax.__version__, jax.default_backend(), jax.devices()[0].device_kind, "| torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu", "| transformers", transformers.__version__)')"
+log "environment: $("$PY" -c 'import importlib.metadata as m
+print(", ".join(f"{p} {m.version(p)}" for p in ("jax", "flax", "optax", "orbax-checkpoint",
+      "ml_collections", "numpy", "torch", "transformers")))')"
 
 for shape in $SHAPES; do
   cfg="experiments/benchmarks/shapes.py:shape=$shape,dtype=$DTYPE"
