@@ -96,7 +96,8 @@ for shape in $SHAPES; do
     "$PY" -m experiments.benchmarks.suite "${common[@]}" --rows "$SUITE_ROWS" --device-report \
     --json "$OUT_DIR/suite_$shape.json" --markdown "$OUT_DIR/suite_$shape.md"
   [[ "$SUITE_ROWS" == *ppo* ]] && continue
-  section "ppo_$shape" "$PPO_S" - \
+  # No torch in the PPO row: jax may take most of the GPU.
+  section "ppo_$shape" "$PPO_S" - env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     "$PY" -m experiments.benchmarks.suite "${common[@]}" --rows ppo \
     --json "$OUT_DIR/ppo_$shape.json" --markdown "$OUT_DIR/ppo_$shape.md"
 done

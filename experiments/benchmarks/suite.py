@@ -20,7 +20,7 @@ called in turn rep by rep (experiments/benchmarks/timing.py), same threads, same
                    (experiments/benchmarks/ppo_speed.PPOBench): episodes/s, the rollout's
                    share, peak memory. No peer. Each RL algorithm is one function in RL_ROWS.
 
-Denominators, measured in this run (the best of jax and torch, median of reps):
+Denominators, measured in this run after the rows (the best of jax and torch, median of reps):
   peak FLOP/s     an [n, n] x [n, n] product in the run's dtype, 2 n^3 / time;
   copy bytes/s    y = x + 1 over a large f32 array, (bytes read + bytes written) / time.
 MFU = model FLOPs / step time / peak FLOP/s, model FLOPs = 3 x instructrl.costs.forward_flops
@@ -56,12 +56,13 @@ GROUPS = ("sft", "rm", "sample", "ppo")
 class Context:
     """What every row reads: the experiment config, dtype, torch device, reps and budget."""
 
-    def __init__(self, exp, dtype: str, reps: int, budget_s: float, device, roofline: dict):
+    def __init__(self, exp, dtype: str, reps: int, budget_s: float, device):
         self.exp, self.dtype, self.reps, self.budget_s = exp, dtype, reps, budget_s
-        self.device, self.roofline = device, roofline
+        self.device = device
 
     def interleave(self, runs: dict[str, Callable[[], None]]) -> tuple[dict, dict]:
-        """Medians of runs rep by rep within the budget; (medians, {"reps", "budget_hit"})."""
+        """Medians of runs rep by rep within the budget; (medians, {"reps",
+        "budget_exhausted"})."""
         medians, done = interleaved_within(runs, self.reps, self.budget_s)
         return medians, {"reps": done, "budget_exhausted": done < self.reps}
 
@@ -202,13 +203,11 @@ def train_row(ctx: Context, kind: str) -> dict:
     flops = 3 * forward_flops(model.config, rows * seq, seq, head)
     out = {"batch": list(peer_tokens.shape), "tokens_per_step": rows * seq, "model_flops": flops,
            "first_call_s_incl_compile": round(compile_s, 3), **reps}  # fmt: skip
-    peak = ctx.roofline["matmul_flops_per_s"]["peak"]
     for side, t in medians.items():
         out[side] = {
             "step_s": t["wall_s"],
             "cpu_s": t["cpu_s"],
             "tokens_per_s": rows * seq / t["wall_s"],
-            "mfu": flops / t["wall_s"] / peak,
         }
     out["ratio_ours_over_peer"] = medians["peer"]["wall_s"] / medians["ours"]["wall_s"]
     return out
@@ -255,7 +254,6 @@ def sample_row(ctx: Context, batch: int) -> dict:
     peer = peers.generate(mc, prompts, n, device=ctx.device, dtype=ctx.dtype)
     medians, reps = ctx.interleave({"ours": ours, "peer": peer})
     step_bytes = sample_bytes_per_token(mc, batch, p, n)
-    bandwidth = ctx.roofline["copy_bytes_per_s"]["peak"]
     out = {"batch": batch, "prompt_len": p, "new_tokens": n, "bytes_per_decode_step": step_bytes,
            "first_call_s_incl_compile": round(compile_s, 3), **reps}  # fmt: skip
     for side, t in medians.items():
@@ -263,7 +261,6 @@ def sample_row(ctx: Context, batch: int) -> dict:
             "call_s": t["wall_s"],
             "cpu_s": t["cpu_s"],
             "tokens_per_s": batch * n / t["wall_s"],
-            "bandwidth_fraction": step_bytes * n / t["wall_s"] / bandwidth,
         }
     out["ratio_ours_over_peer"] = medians["peer"]["wall_s"] / medians["ours"]["wall_s"]
     return out
@@ -300,6 +297,21 @@ def ppo_row(ctx: Context) -> dict:
 
 # One function per RL algorithm: Context -> row dict with "ours" (add GRPO etc. here).
 RL_ROWS: dict[str, Callable[[Context], dict]] = {"ppo_iteration": ppo_row}
+
+
+def add_fractions(rows: dict[str, dict], roofline: dict) -> None:
+    """MFU of the train rows, bandwidth share of the sampling rows, from the roofline."""
+    flops = roofline["matmul_flops_per_s"]["peak"]
+    bandwidth = roofline["copy_bytes_per_s"]["peak"]
+    for row in rows.values():
+        for side in ("ours", "peer"):
+            if side not in row:
+                continue
+            if "model_flops" in row:
+                row[side]["mfu"] = row["model_flops"] / row[side]["step_s"] / flops
+            if "bytes_per_decode_step" in row:
+                moved = row["bytes_per_decode_step"] * row["new_tokens"]
+                row[side]["bandwidth_fraction"] = moved / row[side]["call_s"] / bandwidth
 
 
 def plan_peaks(path: str) -> dict[str, int]:
@@ -375,7 +387,7 @@ def markdown(result: dict) -> str:
             notes.append("budget hit")
         if row.get("plan"):
             p = row["plan"]
-            notes.append(f"peak {_fmt(p['measured_peak_bytes'])} B vs plan "
+            notes.append(f"peak so far {_fmt(p['measured_peak_bytes'])} B vs plan "
                          f"{_fmt(p['predicted_peak_bytes'])} B")  # fmt: skip
         lines.append(
             f"| {name} | {shape} | {speed} | "
@@ -439,10 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else 7)
     device = peers.torch_device(jax.default_backend())
     load_before = os.getloadavg()[0]
-    roofline = measure_roofline(args.quick, dtype, device, reps)
-    ctx = Context(exp, dtype, reps, args.budget_s, device, roofline)
+    ctx = Context(exp, dtype, reps, args.budget_s, device)
     predicted = plan_peaks(args.plan_json) if args.plan_json else {}
     rows = run_rows(ctx, args.rows.split(","), predicted)
+    # After the rows, so their peak memory does not include the probes' arrays.
+    roofline = measure_roofline(args.quick, dtype, device, reps)
+    add_fractions(rows, roofline)
     result = {
         "benchmark": "suite",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

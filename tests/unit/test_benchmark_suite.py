@@ -78,7 +78,7 @@ def test_sample_bytes_and_markdown_and_plan_peaks(tmp_path):
     table = suite.markdown(result).splitlines()
     assert table[2].startswith("| row |") and len(table) == 6
     assert "| sft_train_step | 2x8 | 10 tok/s | 10 tok/s | 1 | 50.0% | 50.0% | 1 |" in table[4]
-    assert "budget hit" in table[4] and "vs plan 10 B" in table[4]
+    assert "budget hit" in table[4] and "so far - B vs plan 10 B" in table[4]
     assert "| ppo_iteration | 4x(2+2) | 3 episodes/s | - | - | rollout 25% |" in table[5]
     with pytest.raises(SystemExit):
         suite.parse_args(["--rows", "sft,bogus"])
