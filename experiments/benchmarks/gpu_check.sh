@@ -9,7 +9,8 @@
 # PLAN_COMPILE=1 for XLA's compile of the same programs); the suite's train-step and sampling
 # rows (MFU against the measured matmul peak, sampling against the measured copy bandwidth and
 # against torch `generate`), with the plan's SFT/RM peaks beside the measured ones; the PPO
-# iteration row alone (episodes/s, rollout share, measured vs planned peak).
+# iteration row alone (episodes/s, rollout share, measured vs planned peak). --quick runs all
+# rows in one suite process per shape (a CPU has no device peak to keep apart).
 # Writes into ${OUT:-out}/: plan_SHAPE.json, suite_SHAPE.{json,md}, ppo_SHAPE.{json,md},
 # sections.json (each section's status and seconds; a section past its time box is killed
 # and marked "timeout") and summary.md. Needs only jax (with CUDA on a GPU), flax, optax,

@@ -50,6 +50,19 @@ from experiments.benchmarks import peers, shapes
 from experiments.benchmarks.timing import interleaved_within, peak_rss_mib
 
 MESH1 = {"data": 1, "fsdp": 1, "tensor": 1}
+DEFINITIONS = {
+    "tokens_per_s": "train: batch x length (x K for the RM) / step; sampling: batch x "
+    "new_tokens / call (prefill included)",
+    "mfu": "model_flops / step_s / roofline.matmul_flops_per_s.peak; model_flops = 3 x "
+    "instructrl.costs.forward_flops (6 x matmul params incl. unembedding x tokens + "
+    "12 x layers x T x heads x head_dim x tokens)",
+    "bandwidth_fraction": "bytes_per_decode_step x new_tokens / call_s / "
+    "roofline.copy_bytes_per_s.peak; bytes_per_decode_step = weight matmuls incl. "
+    "unembedding in the param dtype + KV cache of prompt + new_tokens / 2 tokens",
+    "ratio_ours_over_peer": "peer wall time / our wall time (> 1: ours is faster)",
+    "memory_peak_so_far": "the process's peaks after the row (jax device stats where the "
+    "backend has them, torch CUDA, RSS): later rows include earlier ones",
+}
 GROUPS = ("sft", "rm", "sample", "ppo")
 
 
@@ -473,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": transformers.__version__,
         },
         "roofline": roofline,
+        "definitions": DEFINITIONS,
         "rows": rows,
     }
     if args.device_report:
