@@ -402,6 +402,11 @@ def markdown(result: dict) -> str:
             p = row["plan"]
             notes.append(f"peak so far {_fmt(p['measured_peak_bytes'])} B vs plan "
                          f"{_fmt(p['predicted_peak_bytes'])} B")  # fmt: skip
+        elif "memory_peak_so_far" in row:
+            mem = row["memory_peak_so_far"]
+            device = mem["jax_device_peak_bytes"]
+            notes.append(f"peak so far {_fmt(device)} B on device" if device is not None
+                         else f"peak RSS so far {mem['peak_rss_mib']} MiB")  # fmt: skip
         lines.append(
             f"| {name} | {shape} | {speed} | "
             + (f"{peer['tokens_per_s']:.4g} tok/s" if peer else "-")

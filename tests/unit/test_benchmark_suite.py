@@ -72,7 +72,9 @@ def test_sample_bytes_and_markdown_and_plan_peaks(tmp_path):
                                "ratio_ours_over_peer": 1.0, "reps": 1, "budget_exhausted": True,
                                "plan": {"measured_peak_bytes": None, "predicted_peak_bytes": 10}},
             "ppo_iteration": {"batch": 4, "prompt_len": 2, "new_tokens": 2, "reps": 1,
-                              "ours": {"episodes_per_s": 3.0, "rollout_fraction": 0.25}},
+                              "ours": {"episodes_per_s": 3.0, "rollout_fraction": 0.25},
+                              "memory_peak_so_far": {"jax_device_peak_bytes": None,
+                                                     "peak_rss_mib": 12.5}},
         },
     }  # fmt: skip
     table = suite.markdown(result).splitlines()
@@ -80,8 +82,23 @@ def test_sample_bytes_and_markdown_and_plan_peaks(tmp_path):
     assert "| sft_train_step | 2x8 | 10 tok/s | 10 tok/s | 1 | 50.0% | 50.0% | 1 |" in table[4]
     assert "budget hit" in table[4] and "so far - B vs plan 10 B" in table[4]
     assert "| ppo_iteration | 4x(2+2) | 3 episodes/s | - | - | rollout 25% |" in table[5]
+    assert "peak RSS so far 12.5 MiB" in table[5]
     with pytest.raises(SystemExit):
         suite.parse_args(["--rows", "sft,bogus"])
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny_qwen3"])
+def test_the_peer_is_the_same_model(shape):
+    """transformers' model of a shape has our parameter count (LM; the RM: trunk + head)."""
+    import torch
+
+    from experiments.benchmarks import peers
+    from instructrl.costs import param_count
+
+    mc = ModelConfig.from_dict(shapes.get_config(f"shape={shape}").model)
+    for head in ("lm", "scalar"):
+        model = peers.hf_model(mc, head, torch.device("cpu"))
+        assert sum(p.numel() for p in model.parameters()) == param_count(mc, head), head
 
 
 def _positive_numbers(tree, where=""):
