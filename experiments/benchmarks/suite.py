@@ -381,7 +381,8 @@ def markdown(result: dict) -> str:
         f"{result['load_avg_1min']}); peak {r['matmul_flops_per_s']['peak']:.3e} FLOP/s "
         f"(matmul n={r['matmul_n']}), copy {r['copy_bytes_per_s']['peak']:.3e} B/s"
     )
-    lines = [head, "", "| row | shape | ours | peer | ours/peer | ours MFU or BW share | "
+    lines = [head, *(f"**Warning:** {w}" for w in result.get("warnings", [])), ""]
+    lines += ["| row | shape | ours | peer | ours/peer | ours MFU or BW share | "
              "peer MFU or BW share | reps | notes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in result["rows"].items():
         ours, peer = row["ours"], row.get("peer")
@@ -415,6 +416,16 @@ def markdown(result: dict) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def busy_warnings(load: float, cores: int, threads: int) -> list[str]:
+    """A warning when the load average before the run says other work had the cores."""
+    if load <= max(0.5, cores - threads + 0.5):
+        return []
+    return [
+        f"load average {load:.2f} on {cores} cores before the run: other work competed with "
+        f"the {threads} threads used, so these are not quiet-machine figures"
+    ]
 
 
 def device_report() -> dict:
@@ -493,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "roofline": roofline,
         "definitions": DEFINITIONS,
         "rows": rows,
+        "warnings": busy_warnings(load_before, len(cores), threads),
     }
     if args.device_report:
         result["device_report"] = device_report()

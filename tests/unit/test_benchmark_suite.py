@@ -85,6 +85,11 @@ def test_sample_bytes_and_markdown_and_plan_peaks(tmp_path):
     assert "peak RSS so far 12.5 MiB" in table[5]
     with pytest.raises(SystemExit):
         suite.parse_args(["--rows", "sft,bogus"])
+    assert suite.busy_warnings(0.3, 2, 2) == [] and suite.busy_warnings(1.2, 2, 1) == []
+    (warning,) = suite.busy_warnings(4.0, 2, 2)
+    assert "load average 4.00 on 2 cores" in warning
+    result["warnings"] = [warning]
+    assert suite.markdown(result).splitlines()[1] == f"**Warning:** {warning}"
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny_qwen3"])
