@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
+BENCH_ARGS ?=
 DEMO_ARG ?=  # e.g. make demo DEMO_ARG=near_perfect,seed=1 (experiments/tiny_instructgpt.py)
 
 .PHONY: demo test lint format bench clean
@@ -36,8 +37,10 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The benchmark suite (experiments/benchmarks/suite.py): JSON on stdout, Markdown table on
+# stderr. e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--threads 1 --json runs/bench.json"
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m experiments.benchmarks.model_speed
+	$(BIN)/python -m experiments.benchmarks.suite $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -158,7 +158,7 @@ def _stage_model(config, section, fallback: str, key: str = "init_from") -> tupl
 
 def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
     """SFT / pretraining (LM loss) or RM (K-wise loss): one train_lib step, as the drivers."""
-    from instructrl.stages.reward import rewards_of
+    from instructrl.models.reward import rewards_of
 
     c, seq = config[name], config.data.seq_len
     rm = c.kind == "rm"
@@ -224,7 +224,7 @@ def _train_stage(config, name, mesh, rules, mshape, k: int) -> StagePlan:
 
 def _ppo_stage(config, name, mesh, rules, mshape) -> StagePlan:
     """PPO / PPO-ptx: the rollout and the update programs of instructrl/rl/ppo.py."""
-    from instructrl.stages.ppo import ppo_config
+    from instructrl.rl.stage_config import ppo_config
 
     c = config[name]
     cfg = ppo_config(c, name, stop_token=1, pad_id=0, penalty_unit=1.0)

@@ -32,14 +32,16 @@ import argparse
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sentencepiece as spm
 from etils import epath
 
 from instructrl import cli
 from instructrl.errors import InputError
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 DEFAULT_TRAIN_OPTIONS: dict[str, Any] = {
     "model_type": "bpe",
@@ -71,6 +73,8 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _processor(proto: bytes, source: str) -> spm.SentencePieceProcessor:
+    import sentencepiece as spm  # here, not at import: the benchmarks run without it
+
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
@@ -280,6 +284,8 @@ class Tokenizer(TokenizerBase):
 
         outputs = [out_prefix + ext for ext in (".model", ".vocab")]
         existed = {p: os.path.exists(p) for p in outputs}
+        import sentencepiece as spm
+
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines(),

@@ -67,19 +67,27 @@ def captured_stderr(path: str):
 class PPOBench:
     """The PPO pieces of one model size, set up as instructrl/stages/ppo.py sets them up."""
 
-    def __init__(self, size: str, quick: bool):
+    @classmethod
+    def for_size(cls, size: str, quick: bool) -> PPOBench:
+        """model_config(size) of experiments/tiny_instructgpt.py and its `ppo` section."""
+        from experiments import tiny_instructgpt
+
+        exp = tiny_instructgpt.get_config(f"size={size}")
+        if quick:
+            exp.ppo.batch_size = 16
+        return cls(exp)
+
+    def __init__(self, exp):
+        """exp: an experiment config; its `model` (also the reward and value networks'
+        config), `ppo` section, data.max_prompt_len, mesh and rules are used."""
         import jax
 
-        from experiments import tiny_instructgpt
         from instructrl import sharding
         from instructrl.models import ModelConfig, Transformer
         from instructrl.rl import ppo
-        from instructrl.stages.ppo import ppo_config
+        from instructrl.rl.stage_config import ppo_config
 
-        exp = tiny_instructgpt.get_config(f"size={size}")
         section = exp.ppo
-        if quick:
-            section.batch_size = 16
         self.cfg = ppo_config(section, "ppo", EOS, PAD, penalty_unit=1.0)
         self.model_config = ModelConfig.from_dict(exp.model.to_dict())
         self.prompt_len = exp.data.max_prompt_len
@@ -291,7 +299,7 @@ def measure(size: str, quick: bool) -> dict:
     from instructrl.models import sample_jit
 
     reps = 3 if quick else 5
-    bench = PPOBench(size, quick)
+    bench = PPOBench.for_size(size, quick)
     b, n = bench.cfg.batch_size, bench.cfg.max_new_tokens
 
     # ---- iterations: the first compiles both programs

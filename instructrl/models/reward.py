@@ -189,3 +189,12 @@ class RewardModel:
 def score(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """Normalised RM scores np.float32 [N] of (prompt, response) texts."""
     return rm.score(prompts, responses)
+
+
+def rewards_of(model, params, batch, *, deterministic=True, rng=None) -> jax.Array:
+    """Raw rewards f32 [B, K] of an RM batch (tokens/positions/mask [B, K, T])."""
+    b, k, t = batch["tokens"].shape
+    flat = [batch[key].reshape(b * k, t) for key in ("tokens", "positions", "mask")]
+    rngs = None if deterministic else {"dropout": rng}
+    r = model.apply({"params": params}, *flat, deterministic=deterministic, rngs=rngs)
+    return r.reshape(b, k)

@@ -25,7 +25,12 @@ from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import rm_pipeline
 from instructrl.errors import ConfigError
 from instructrl.models import positions_from_mask
-from instructrl.models.reward import NORMALIZATION_FILE, NORMALIZE_MODES, Normalization
+from instructrl.models.reward import (
+    NORMALIZATION_FILE,
+    NORMALIZE_MODES,
+    Normalization,
+    rewards_of,
+)
 from instructrl.models.sampling import sample_jit
 from instructrl.stages import driver, inputs
 
@@ -52,15 +57,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = train_lib.default_optimizer_config()
     c.optimizer.lr = 9e-6
     return c
-
-
-def rewards_of(model, params, batch, *, deterministic=True, rng=None) -> jax.Array:
-    """Raw rewards f32 [B, K] of an RM batch (tokens/positions/mask [B, K, T])."""
-    b, k, t = batch["tokens"].shape
-    flat = [batch[key].reshape(b * k, t) for key in ("tokens", "positions", "mask")]
-    rngs = None if deterministic else {"dropout": rng}
-    r = model.apply({"params": params}, *flat, deterministic=deterministic, rngs=rngs)
-    return r.reshape(b, k)
 
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
