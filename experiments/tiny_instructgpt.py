@@ -203,6 +203,7 @@ def add_algorithms(config: ml_collections.ConfigDict, smoke_run: bool) -> None:
     shared = {k: config.ppo[k] for k in (
         "init_from", "reward_from", "num_minibatches", "max_new_tokens", "num_iterations",
         "warmup_iterations", "gold_every", "checkpoint_every", "kl_coef", "ptx_ratio",
+        "adaptive_kl", "kl_target", "kl_horizon",  # the world's KL control, as PPO's
     )}  # fmt: skip
     config.grpo = grpo.default_config()
     config.grpo.update(shared)
