@@ -93,6 +93,32 @@ def persistent_compilation_cache(path: str) -> Iterator[None]:
         compilation_cache.reset_cache()
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
+    """A folder that `make(folder)` fills once per test session, even across xdist workers.
+
+    Each xdist worker runs its own session, so a session fixture used by tests on two workers
+    would do its work twice (and `--dist loadgroup` did not keep such tests together). Here
+    the folder is in the workers' common temp folder; the first worker makes it under a file
+    lock, the others wait and reuse it. Without xdist it is a plain temp folder."""
+    import fcntl
+    import shutil
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / f"made_once_{name}"  # this session's
+        root.mkdir(exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp(name)
+    folder = str(root / "made")
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # another worker's failed attempt
+            os.makedirs(folder)
+            make(folder)
+            (root / "done").write_text("ok\n")
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

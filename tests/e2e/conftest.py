@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, made_once, subprocess_env
 
 EXPERIMENT = os.path.join(REPO, "experiments", "tiny_instructgpt.py")
 
@@ -149,9 +149,12 @@ def run_experiment(arg: str, workdir: str, cache: str, timeout: float = 900) -> 
 @pytest.fixture(scope="session")
 def smoke_full(tmp_path_factory):
     """One `smoke,full` run (every stage, eval included) in `.workdir`, its XLA cache in
-    `.cache`. Tests copy its folders and must not change them. A session fixture: its users
-    carry the mark xdist_group("smoke_full"), so one worker runs them all on one run."""
-    root = tmp_path_factory.mktemp("smoke_full")
-    workdir, cache = str(root / "first"), str(root / "xla_cache")
-    run_experiment("smoke,full", workdir, cache)
-    return SimpleNamespace(workdir=workdir, cache=cache, root=str(root))
+    `.cache`. Tests copy its folders and must not change them. Made once per session across
+    xdist workers (tests/conftest.py `made_once`)."""
+
+    def make(root: str) -> None:
+        run_experiment("smoke,full", os.path.join(root, "first"), os.path.join(root, "xla_cache"))
+
+    root = made_once(tmp_path_factory, "smoke_full", make)
+    workdir, cache = os.path.join(root, "first"), os.path.join(root, "xla_cache")
+    return SimpleNamespace(workdir=workdir, cache=cache, root=root)

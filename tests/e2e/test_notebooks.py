@@ -12,11 +12,12 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 
 import nbformat
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, made_once
 
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
 NOTEBOOKS = ("quickstart.ipynb", "reward_model.ipynb", "ppo.ipynb")
@@ -72,10 +73,13 @@ def notebook_env(tmp_path_factory):
 
     from instructrl import main
 
-    root = tmp_path_factory.mktemp("notebooks")
+    experiment = os.path.join(REPO, "experiments", "tiny_instructgpt.py:smoke")
+    made = made_once(  # one smoke run shared by the notebook tests on every xdist worker
+        tmp_path_factory, "notebooks", lambda f: main.run(main.build_config(experiment, []), f)
+    )
+    root = tmp_path_factory.mktemp("notebooks")  # this worker's copy and kernelspec
     workdir = str(root / "run")
-    config = main.build_config(os.path.join(REPO, "experiments", "tiny_instructgpt.py:smoke"), [])
-    main.run(config, workdir)
+    shutil.copytree(made, workdir)  # the notebooks may write into their run
     # A private kernelspec pins the kernel to this interpreter, whatever "python3" is here.
     install(kernel_name=KERNEL, prefix=str(root / "jupyter"))
     with pytest.MonkeyPatch.context() as mp:
