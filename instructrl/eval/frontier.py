@@ -80,6 +80,12 @@ def plot_frontier(summary: Mapping[str, Any], path: str) -> bool:
     bon = summary.get("best_of_n") or {}
     if not points and not bon:
         return False
+    # A base model sits tens of nats away and would squash the frontier into one corner: such
+    # points (KL over 4x the largest of the others and of best-of-n's) are named, not drawn.
+    near = [m["kl_to_reference"] for m in points] + list(bon.get("kl") or [])
+    scale = 4.0 * max([*sorted(near)[: max(1, len(near) - 1)], 1.0])
+    off = [m for m in points if m["kl_to_reference"] > scale]
+    points = [m for m in points if m["kl_to_reference"] <= scale]
     fig, (ax,) = figure(6.4, 4.4)
     for c in bon.get("curves", []):
         ax.errorbar(
@@ -97,6 +103,13 @@ def plot_frontier(summary: Mapping[str, Any], path: str) -> bool:
     ax.set_xlabel(f"KL to {ref}, nats per response")
     ax.set_ylabel(f"win rate vs {ref} (gold judge)")
     ax.set_title("win rate against KL: every method from the same SFT and RM")
+    if off:
+        note = ", ".join(
+            f"{m['label']} (KL {m['kl_to_reference']:.0f}: {m['win_rate']:.2f})" for m in off
+        )
+        ax.text(
+            0.99, 0.02, f"off the chart: {note}", transform=ax.transAxes, ha="right", fontsize=7
+        )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
