@@ -64,12 +64,11 @@ def frontier_lines(summary: Mapping[str, Any]) -> list[str]:
     return rows
 
 
-def plot_frontier(summary: Mapping[str, Any], path: str) -> bool:
-    """Win rate against KL to the reference for every model with both (one point each, with
-    its standard error) and best-of-n's curve per selector (KL log n - (n-1)/n). Returns
-    whether anything was drawn (and written)."""
-    from instructrl.eval.plots import figure
-
+def frontier_points(summary: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(drawn, off the chart): the models with both a win rate and a KL (few-shot rows have
+    no KL). A base model sits tens of nats away and would squash the frontier into a corner:
+    a point over 4x the largest of the other KLs (best-of-n's included, at least 1 nat) is
+    named, not drawn."""
     points = [
         m
         for m in summary["models"]
@@ -77,15 +76,26 @@ def plot_frontier(summary: Mapping[str, Any], path: str) -> bool:
         and m.get("kl_to_reference") is not None
         and m.get("win_rate") is not None
     ]
+    near = [m["kl_to_reference"] for m in points] + list(
+        (summary.get("best_of_n") or {}).get("kl") or []
+    )
+    scale = 4.0 * max([*sorted(near)[: max(1, len(near) - 1)], 1.0])
+    return (
+        [m for m in points if m["kl_to_reference"] <= scale],
+        [m for m in points if m["kl_to_reference"] > scale],
+    )
+
+
+def plot_frontier(summary: Mapping[str, Any], path: str) -> bool:
+    """Win rate against KL to the reference for every model with both (one point each, with
+    its standard error) and best-of-n's curve per selector (KL log n - (n-1)/n). Returns
+    whether anything was drawn (and written)."""
+    from instructrl.eval.plots import figure
+
+    points, off = frontier_points(summary)
     bon = summary.get("best_of_n") or {}
     if not points and not bon:
         return False
-    # A base model sits tens of nats away and would squash the frontier into one corner: such
-    # points (KL over 4x the largest of the others and of best-of-n's) are named, not drawn.
-    near = [m["kl_to_reference"] for m in points] + list(bon.get("kl") or [])
-    scale = 4.0 * max([*sorted(near)[: max(1, len(near) - 1)], 1.0])
-    off = [m for m in points if m["kl_to_reference"] > scale]
-    points = [m for m in points if m["kl_to_reference"] <= scale]
     fig, (ax,) = figure(6.4, 4.4)
     for c in bon.get("curves", []):
         ax.errorbar(

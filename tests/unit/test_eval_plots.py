@@ -145,3 +145,24 @@ def test_results_markdown_shows_visible_flaws_only_when_seen():
     assert "## Visible flaws" in md and "| model | filler | hedge | ramble |" in md
     assert "| sft_large (reference) | 0.100 | 0.125 | 0.000 |" in md
     assert "| PPO [small (1K)] | 0.000 | 0.020 | 0.000 |" in md
+
+
+def test_frontier_names_a_far_base_model_instead_of_drawing_it(tmp_path):
+    from instructrl.eval import frontier
+
+    def model(label, kl, win, fewshot=False):
+        return dict(label=label, kl_to_reference=kl, win_rate=win, stderr=0.01, fewshot=fewshot)
+
+    models = [model("GPT", 82.0, 0.19), model("SFT", 0.0, 0.48), model("PPO", 1.4, 0.62)]
+    models += [model("DPO", 1.3, 0.62), model("GPT (prompted)", None, 0.35, fewshot=True)]
+    bon = dict(kl=[0.0, 0.19, 0.64], curves=[])
+    drawn, off = frontier.frontier_points(dict(models=models, best_of_n=bon))
+    assert [m["label"] for m in drawn] == ["SFT", "PPO", "DPO"]
+    assert [m["label"] for m in off] == ["GPT"]
+    # nothing far away: everything is drawn (a KL of 3 is within 4x of 1.4)
+    drawn, off = frontier.frontier_points(dict(models=[*models[1:3], model("RLOO", 3.0, 0.6)]))
+    assert len(drawn) == 3 and not off
+    path = str(tmp_path / "frontier.png")
+    assert frontier.plot_frontier(dict(models=models, best_of_n=bon), path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
