@@ -87,8 +87,39 @@ def token_logprobs(logits: Array, targets: Array, temperature: float = 1.0) -> A
 
     Policy and reference log-probs for PPO must use the sampling temperature (docs/method.md §3).
     """
-    logp = jax.nn.log_softmax(_up(logits) / temperature, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _token_logprobs(logits, targets.astype(jnp.int32), temperature)
+
+
+def _pick(x: Array, targets: Array) -> Array:
+    return jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+
+
+@jax.custom_vjp
+def _token_logprobs(logits: Array, targets: Array, temperature) -> Array:
+    z = _up(logits) / temperature
+    return _pick(z, targets) - jax.nn.logsumexp(z, axis=-1)
+
+
+def _token_logprobs_fwd(logits, targets, temperature):
+    z = _up(logits) / temperature
+    lse = jax.nn.logsumexp(z, axis=-1)
+    # The empty array carries logits' dtype for the cotangent (a dtype is not a JAX type).
+    return _pick(z, targets) - lse, (z, lse, targets, temperature, jnp.zeros(0, logits.dtype))
+
+
+def _token_logprobs_bwd(res, g):
+    # d/dz (z[t] - logsumexp z) = onehot(t) - softmax(z), written as one elementwise pass over
+    # [B, T, V]. Autodiff of log_softmax + take_along_axis makes a scatter and a second pass,
+    # ~13% of the LM head's gradient on the cpu7m train step (docs/performance.md).
+    z, lse, targets, temperature, like = res
+    onehot = jnp.arange(z.shape[-1], dtype=targets.dtype) == targets[..., None]
+    dz = g[..., None] * (onehot - jnp.exp(z - lse[..., None]))
+    # z = logits / temperature; a -inf logit (a banned token) has dz = 0 and adds nothing.
+    d_temp = -jnp.sum(jnp.where(dz == 0, 0.0, dz * z)) / temperature
+    return (dz / temperature).astype(like.dtype), None, d_temp
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def lm_loss_sum(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Array]:

@@ -31,6 +31,7 @@ Not here: sampling and the KV-cache decode loop (sampling.py), sharding rules (s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -217,6 +218,16 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def matmul_2d(x: jax.Array, w: jax.Array, n_in: int = 1, **kwargs) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] -> [..., *out], computed as one [rows, in] x [in, out]
+    product. XLA:CPU runs the 2-D form and its two gradient products as single fast matmuls;
+    the N-D dot_general's weight gradient (contracting batch and time at once) became a slow
+    matmul after a transposing copy (cpu7m train step: docs/performance.md)."""
+    lead, k_in, out = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    y = jnp.dot(x.reshape(-1, math.prod(k_in)), w.reshape(math.prod(k_in), -1), **kwargs)
+    return y.reshape(*lead, *out)
+
+
 class Proj(nn.Module):
     """x @ kernel (+ bias) contracting x's last `n_in` dims; kernel/bias carry logical names."""
 
@@ -236,8 +247,7 @@ class Proj(nn.Module):
             self.shape,
             self.param_dtype,
         )
-        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (axes, ((), ())))
+        y = matmul_2d(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
         if self.use_bias:
             out_shape, out_names = self.shape[self.n_in :], self.names[self.n_in :]
             bias = self.param(
@@ -426,7 +436,7 @@ class Embed(nn.Module):
     def attend(self, x):
         """Tied unembedding: x [B,T,D] -> logits f32 [B,T,V]."""
         table = self.token.astype(x.dtype)
-        return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        return matmul_2d(x, table.T, preferred_element_type=jnp.float32)
 
 
 class ScalarHead(nn.Module):
