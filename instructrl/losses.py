@@ -110,7 +110,7 @@ def _token_logprobs_fwd(logits, targets, temperature):
 def _token_logprobs_bwd(res, g):
     # d/dz (z[t] - logsumexp z) = onehot(t) - softmax(z), written as one elementwise pass over
     # [B, T, V]. Autodiff of log_softmax + take_along_axis makes a scatter and a second pass,
-    # ~13% of the LM head's gradient on the cpu7m train step (docs/performance.md).
+    # ~13% of the LM head's gradient on the cpu7m train step (docs/results.md, "Performance").
     z, lse, targets, temperature, like = res
     onehot = jnp.arange(z.shape[-1], dtype=targets.dtype) == targets[..., None]
     dz = g[..., None] * (onehot - jnp.exp(z - lse[..., None]))

@@ -98,12 +98,37 @@ def _draw(key: jax.Array, logits: jax.Array) -> jax.Array:
     row). Tokens with logit -inf (probability 0) are never drawn.
     """
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, (*cdf.shape[:-1], 1), cdf.dtype) * cdf[..., -1:]
-    hit = (cdf > u) & (p > 0)
-    # u may round up to the total (probability ~2^-24): fall back to the last possible token.
-    last = p.shape[-1] - 1 - jnp.argmax((p > 0)[..., ::-1], axis=-1)
-    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
+    u = jax.random.uniform(key, (*p.shape[:-1], 1), p.dtype)
+    return inverse_cdf(p, u)
+
+
+def inverse_cdf(p: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
+    """The first index i with cdf[i] > u * cdf[-1] and p[i] > 0, per row of p [B,V] >= 0
+    (u [B,1] in [0, 1)); if rounding leaves none, the last index with p > 0.
+
+    Two levels instead of one cumulative sum over V: the sums of blocks of `block` entries
+    are accumulated, the block holding u is picked, and only its entries are accumulated.
+    XLA:CPU runs a cumsum over [B, V] as a reduce-window costing ~4% (batch 8) to 6%
+    (batch 64) of a decoding step at V = 8192; this is 2 x V adds and a [B, block] cumsum.
+    """
+    b, v = p.shape
+    nb = -(-v // block)
+    blocks = jnp.pad(p, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    ends = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb]
+    target = u * ends[:, -1:]
+    # First block whose running total passes the target (it has mass: an empty block does
+    # not raise the total); none only through rounding, then the last block with mass.
+    hit_block = ends > target
+    has_mass = jnp.sum(blocks, axis=-1) > 0
+    last_block = nb - 1 - jnp.argmax(has_mass[:, ::-1], axis=-1)
+    j = jnp.where(jnp.any(hit_block, axis=-1), jnp.argmax(hit_block, axis=-1), last_block)
+    inside = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [B, block]
+    before = jnp.take_along_axis(ends, jnp.maximum(j - 1, 0)[:, None], axis=1)
+    before = jnp.where(j[:, None] > 0, before, 0.0)  # [B, 1]
+    cdf = before + jnp.cumsum(inside, axis=-1)
+    hit = (cdf > target) & (inside > 0)
+    last = block - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
+    return j * block + jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
 
 
 def _choose(logits, key, temperature, top_k, top_p, greedy):

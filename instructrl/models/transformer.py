@@ -222,7 +222,7 @@ def matmul_2d(x: jax.Array, w: jax.Array, n_in: int = 1, **kwargs) -> jax.Array:
     """x [..., *in] @ w [*in, *out] -> [..., *out], computed as one [rows, in] x [in, out]
     product. XLA:CPU runs the 2-D form and its two gradient products as single fast matmuls;
     the N-D dot_general's weight gradient (contracting batch and time at once) became a slow
-    matmul after a transposing copy (cpu7m train step: docs/performance.md)."""
+    matmul after a transposing copy (cpu7m train step: docs/results.md, "Performance")."""
     lead, k_in, out = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     y = jnp.dot(x.reshape(-1, math.prod(k_in)), w.reshape(math.prod(k_in), -1), **kwargs)
     return y.reshape(*lead, *out)

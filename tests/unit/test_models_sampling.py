@@ -15,6 +15,7 @@ from instructrl.models import (
     positions_from_mask,
     response_logprobs,
     sample_jit,
+    sampling,
 )
 from tests.unit.test_models_transformer import STYLES, make_params, rand_tokens
 
@@ -286,3 +287,34 @@ def test_bf16_sampling_matches_an_f32_forward(style):
     np.testing.assert_allclose(got, want, atol=0.1)  # bf16: ~3 significant digits per op
     assert np.abs(got - want)[mask > 0].mean() < 0.03
     assert np.abs(want[mask > 0]).mean() > 1.0  # the log-probs themselves are not near 0
+
+
+@pytest.mark.parametrize("v,block", [(5, 128), (300, 128), (1000, 16), (8192, 128)])
+def test_inverse_cdf_vs_numpy_float64(v, block):
+    """The two-level inverse CDF picks the token a float64 cumulative sum picks, for every
+    draw not within rounding of a boundary; zero-probability tokens are never picked, even
+    at u = 0 or u -> 1, and a row with one possible token always gets it."""
+    rng = np.random.default_rng(v)
+    b = 64
+    p = rng.random((b, v)) ** 4
+    p[rng.random((b, v)) < 0.3] = 0.0  # banned tokens, whole blocks included
+    p[0, :] = 0.0
+    p[0, v // 2] = 1.0  # one possible token
+    p[1, : min(v, 2 * block)] = 0.0  # leading empty blocks
+    p[1, -1] = max(p[1, -1], 0.5)
+    u = rng.random((b, 1))
+    u[2], u[3], u[4] = 0.0, 1.0 - 2**-24, 0.5
+    got = np.asarray(
+        sampling.inverse_cdf(jnp.asarray(p, jnp.float32), jnp.asarray(u, jnp.float32), block)
+    )
+    p32 = p.astype(np.float32).astype(np.float64)
+    cdf = np.cumsum(p32, axis=-1)
+    target = u * cdf[:, -1:]
+    want = np.argmax((cdf > target) & (p32 > 0), axis=-1)
+    gap = np.min(np.abs(cdf - target), axis=-1) / cdf[:, -1]
+    clear = gap > 1e-5
+    assert clear.sum() > b // 2
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert np.all(p32[np.arange(b), got] > 0)
+    assert got[0] == v // 2
+    assert got[3] == np.flatnonzero(p32[3])[-1] or clear[3]
