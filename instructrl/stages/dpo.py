@@ -22,7 +22,6 @@ Writes `DIR/<name>/export/` (the last policy) like every stage.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -91,28 +90,11 @@ def preference_terms(model, c, params, reference, batch, *, deterministic=True, 
     return total, count, correct, margin, pairs
 
 
-class ZipIterator:
-    """Comparison batches with `ptx_<key>` pretraining rows; one saveable state for both."""
+class ZipIterator(driver.TwoStreams):
+    """Comparison batches with `ptx_<key>` pretraining rows."""
 
-    def __init__(self, main, ptx):
-        self.main, self.ptx = main, ptx
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        a, b = next(self.main), next(self.ptx)
+    def combine(self, a: dict, b: dict) -> dict[str, np.ndarray]:
         return {**a, **{f"ptx_{k}": v for k, v in b.items()}}
-
-    def get_state(self) -> bytes:
-        return json.dumps(
-            {"main": self.main.get_state().decode(), "ptx": self.ptx.get_state().decode()}
-        ).encode()
-
-    def set_state(self, state: bytes | str) -> None:
-        d = json.loads(state)
-        self.main.set_state(d["main"])
-        self.ptx.set_state(d["ptx"])
 
 
 def init_state(reference, optimizer, seed: int, state_shardings) -> train_lib.TrainState:

@@ -9,6 +9,7 @@ calls these in order; see `lm.run_lm_stage` for the shape of a driver.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -280,3 +281,30 @@ def take(it: Iterator, n: int) -> Iterator:
         if n and i >= n:
             return
         yield item
+
+
+class TwoStreams:
+    """Iterates two data iterators in step and merges each pair of batches with `combine`
+    (a subclass defines it); one saveable state for both, as grain's iterators have."""
+
+    def __init__(self, main, ptx):
+        self.main, self.ptx = main, ptx
+
+    def combine(self, a: dict, b: dict) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.combine(next(self.main), next(self.ptx))
+
+    def get_state(self) -> bytes:
+        return json.dumps(
+            {"main": self.main.get_state().decode(), "ptx": self.ptx.get_state().decode()}
+        ).encode()
+
+    def set_state(self, state: bytes | str) -> None:
+        d = json.loads(state)
+        self.main.set_state(d["main"])
+        self.ptx.set_state(d["ptx"])

@@ -284,28 +284,15 @@ def ptx_loss_weights(main_mask: np.ndarray, ptx_mask: np.ndarray, fraction: floa
     return np.concatenate([main, ptx], axis=0).astype(np.float32)
 
 
-class MixedIterator:
-    """Stacks each batch of a main stream over a batch of a pretraining stream, adds their
-    per-token `loss_weights` (ptx_loss_weights), and keeps one saveable state for both."""
+class MixedIterator(driver.TwoStreams):
+    """Stacks each batch of a main stream over a batch of a pretraining stream and adds their
+    per-token `loss_weights` (ptx_loss_weights)."""
 
     def __init__(self, main, ptx, fraction: float):
-        self.main, self.ptx, self.fraction = main, ptx, fraction
+        super().__init__(main, ptx)
+        self.fraction = fraction
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        a, b = next(self.main), next(self.ptx)
+    def combine(self, a: dict, b: dict) -> dict[str, np.ndarray]:
         batch = {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
         batch["loss_weights"] = ptx_loss_weights(a["loss_mask"], b["loss_mask"], self.fraction)
         return batch
-
-    def get_state(self) -> bytes:
-        return json.dumps(
-            {"main": self.main.get_state().decode(), "ptx": self.ptx.get_state().decode()}
-        ).encode()
-
-    def set_state(self, state: bytes | str) -> None:
-        d = json.loads(state)
-        self.main.set_state(d["main"])
-        self.ptx.set_state(d["ptx"])

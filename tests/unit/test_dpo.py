@@ -105,7 +105,9 @@ def test_sequence_logprobs_and_gradient_match_a_float64_loop():
     (want_grads,) = vjp(jnp.asarray(dlogits, jnp.float32))
     flat_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     for (path, g), w in zip(flat_grads, jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        # float32 backprop: absolute error scales with the leaf's largest entry.
+        atol = 2e-6 * max(float(jnp.abs(w).max()), 1.0)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 1e-2
 
 
