@@ -227,7 +227,7 @@ def env(files):
 @pytest.fixture(scope="session")
 def ppo_base(tmp_path_factory):
     """test_ppo.py's config and pre-PPO stages (world ... rm), run once per session for
-    test_ppo.py and test_algorithms.py (both in xdist group "ppo_stage": one worker)."""
+    test_ppo.py and test_algorithms.py (made_once: shared across xdist workers)."""
     from tests.stages.test_ppo import make_env
 
     return make_env(tmp_path_factory)

@@ -22,6 +22,7 @@ import signal
 import numpy as np
 import pytest
 
+from tests.conftest import made_once
 from tests.stages.test_ppo import (
     CONFIG,
     assert_trees_equal,
@@ -82,10 +83,17 @@ def run_alg(env, workdir, stages, **kw):
 
 
 @pytest.fixture(scope="module")
-def ref(alg):
-    workdir = alg.copy_base(os.path.join(alg.root, "alg_ref"))
-    proc = run_alg(alg, workdir, "grpo,dpo")
-    return workdir, proc.stderr
+def ref(alg, tmp_path_factory):
+    """The uninterrupted grpo and dpo run and its log, once per session (made_once)."""
+
+    def make(folder: str) -> None:
+        proc = run_alg(alg, alg.copy_base(os.path.join(folder, "run")), "grpo,dpo")
+        with open(os.path.join(folder, "stderr.log"), "w") as f:
+            f.write(proc.stderr)
+
+    folder = made_once(tmp_path_factory, "alg_ref", make)
+    with open(os.path.join(folder, "stderr.log")) as f:
+        return os.path.join(folder, "run"), f.read()
 
 
 def test_metrics_learning_and_compile_once(ref):

@@ -50,6 +50,7 @@ import pytest
 
 from tests.conftest import (
     REPO,
+    made_once,
     persistent_compilation_cache,
     subprocess_env,
     wait_for_logged_step,
@@ -264,26 +265,42 @@ def env(ppo_base):  # session-scoped in conftest.py: test_algorithms.py shares i
 
 
 def make_env(tmp_path_factory) -> Env:
-    """The config file and the pre-PPO stages, run once in this process."""
+    """The config file and the pre-PPO stages with their XLA cache: run once per session (on
+    whichever xdist worker asks first, made_once) and copied into this worker's folder."""
     from instructrl import config as config_lib
     from instructrl import main
 
+    def make(folder: str) -> None:
+        made = Env(folder)
+        with open(made.config, "w") as f:
+            f.write(CONFIG)
+        with persistent_compilation_cache(made.cache):
+            main.run(config_lib.load_config(made.config), made.base)
+
+    made = Env(made_once(tmp_path_factory, "ppo_base", make))
     e = Env(tmp_path_factory.mktemp("ppo_stage"))
     with open(e.config, "w") as f:
         f.write(CONFIG)
-    with persistent_compilation_cache(e.cache):
-        main.run(config_lib.load_config(e.config), e.base)
+    shutil.copytree(made.base, e.base)
+    shutil.copytree(made.cache, e.cache)
     for stage in PRE_PPO.split(","):
         assert os.path.exists(os.path.join(e.base, stage, main.DONE_MARKER)), stage
     return e
 
 
 @pytest.fixture(scope="module")
-def ref(env):
-    """The uninterrupted reference: ppo then ppo_ptx, ITERS iterations each, one process."""
-    workdir = env.copy_base(os.path.join(env.root, "ref"))
-    proc = env.run(workdir, "ppo,ppo_ptx")
-    return workdir, proc.stderr
+def ref(env, tmp_path_factory):
+    """The uninterrupted reference: ppo then ppo_ptx, ITERS iterations each, one process;
+    run once per session (made_once) and only read."""
+
+    def make(folder: str) -> None:
+        proc = env.run(env.copy_base(os.path.join(folder, "run")), "ppo,ppo_ptx")
+        with open(os.path.join(folder, "stderr.log"), "w") as f:
+            f.write(proc.stderr)
+
+    folder = made_once(tmp_path_factory, "ppo_ref", make)
+    with open(os.path.join(folder, "stderr.log")) as f:
+        return os.path.join(folder, "run"), f.read()
 
 
 # ------------------------------------------------------------------ tests
