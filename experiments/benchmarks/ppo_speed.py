@@ -77,9 +77,10 @@ class PPOBench:
             exp.ppo.batch_size = 16
         return cls(exp)
 
-    def __init__(self, exp):
+    def __init__(self, exp, stage: str = "ppo"):
         """exp: an experiment config; its `model` (also the reward and value networks'
-        config), `ppo` section, data.max_prompt_len, mesh and rules are used."""
+        config), section `stage` (kind ppo or grpo: critic-free, no value network),
+        data.max_prompt_len, mesh and rules are used."""
         import jax
 
         from instructrl import sharding
@@ -87,15 +88,18 @@ class PPOBench:
         from instructrl.rl import ppo
         from instructrl.rl.stage_config import ppo_config
 
-        section = exp.ppo
-        self.cfg = ppo_config(section, "ppo", EOS, PAD, penalty_unit=1.0)
+        section = exp[stage]
+        self.cfg = ppo_config(section, stage, EOS, PAD, penalty_unit=1.0)
         self.model_config = ModelConfig.from_dict(exp.model.to_dict())
         self.prompt_len = exp.data.max_prompt_len
         self.mesh = sharding.make_mesh(exp.mesh)
         self.rules = sharding.rules_from_config(exp.get("rules"))
         self.policy = Transformer(self.model_config)
         scalar = Transformer(self.model_config, head="scalar")
-        self.models = ppo.PPOModels(policy=self.policy, reward=scalar, value=scalar)
+        no_value = self.cfg.critic_free or self.cfg.value_head_on_policy
+        self.models = ppo.PPOModels(
+            policy=self.policy, reward=scalar, value=None if no_value else scalar
+        )
         dummy = [np.zeros((1, 8), np.int32)] * 2 + [np.ones((1, 8), np.int32)]
         init = sharding.init_params_sharded
         self.reference = init(self.policy, jax.random.key(0), dummy, self.mesh, self.rules)

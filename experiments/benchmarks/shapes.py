@@ -18,6 +18,7 @@ import ml_collections
 from instructrl import config as config_lib
 from instructrl import train_lib
 from instructrl.rl.stage_config import default_config as ppo_stage_config
+from instructrl.rl.stage_config import grpo_default_config
 
 _GPT2 = dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True)
 _QWEN3 = dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, qk_norm=True)
@@ -49,6 +50,7 @@ WORKLOADS = {
                        ppo=(128, 8, 128, 128, 128)),
 }  # fmt: skip
 WORKLOADS["tiny_qwen3"] = WORKLOADS["tiny"]
+GROUP_SIZE = 4  # samples per prompt of the critic-free rows (grpo, rloo)
 
 
 def model(shape: str, dtype: str) -> ml_collections.ConfigDict:
@@ -74,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = model(a.shape, a.dtype)  # checks the shape
     w = WORKLOADS[a.shape]
     c.seed = 0
-    c.stages = ["sft", "rm", "ppo"]
+    c.stages = ["sft", "rm", "ppo", "grpo", "rloo"]
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     (train_batch, seq), (rm_batch, k) = w["train"], w["rm"]
     ppo_batch, minibatches, prompt_len, new_tokens, chunk = w["ppo"]
@@ -87,6 +89,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.update(init_from="", reward_from="", batch_size=ppo_batch, num_iterations=100,
                  num_minibatches=minibatches, max_new_tokens=new_tokens,
                  logprob_chunk=chunk, ptx_coef=0.0)  # fmt: skip
+    # GRPO and RLOO at PPO's episodes per iteration: batch / G prompts x G = 4 samples.
+    c.grpo = grpo_default_config()
+    c.grpo.update({k: c.ppo[k] for k in ("init_from", "reward_from", "num_iterations",
+                                         "num_minibatches", "max_new_tokens", "logprob_chunk",
+                                         "ptx_coef")})  # fmt: skip
+    c.grpo.update(batch_size=ppo_batch // GROUP_SIZE, group_size=GROUP_SIZE)
+    c.rloo = ml_collections.ConfigDict(c.grpo.to_dict())
+    c.rloo.update(advantage="rloo", kl_penalty="reward")
     batches, sample_prompt, sample_new = w["sample"]
     c.bench = ml_collections.ConfigDict(
         dict(shape=a.shape, sample_batches=list(batches), sample_prompt_len=sample_prompt,

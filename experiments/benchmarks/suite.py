@@ -18,7 +18,9 @@ called in turn rep by rep (experiments/benchmarks/timing.py), same threads, same
                    tokens/s = B*new_tokens / call time (prefill included).
   ppo_iteration    one PPO iteration (rollout + update) as the stage driver builds it
                    (experiments/benchmarks/ppo_speed.PPOBench): episodes/s, the rollout's
-                   share, peak memory. No peer. Each RL algorithm is one function in RL_ROWS.
+                   share, peak memory. No peer. grpo_iteration and rloo_iteration: the
+                   same for GRPO and RLOO (PPO's critic-free kind) at PPO's episodes per
+                   iteration, G = 4 samples per prompt. One entry of RL_ROWS per algorithm.
 
 Denominators, measured in this run after the rows (the best of jax and torch, median of reps):
   peak FLOP/s     an [n, n] x [n, n] product in the run's dtype, 2 n^3 / time;
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -279,13 +282,14 @@ def sample_row(ctx: Context, batch: int) -> dict:
     return out
 
 
-def ppo_row(ctx: Context) -> dict:
-    """One PPO iteration (rollout + update) as instructrl/stages/ppo.py runs it."""
+def rl_row(ctx: Context, stage: str) -> dict:
+    """One iteration (rollout + update) of the experiment's section `stage` as
+    instructrl/stages/ppo.py runs it (PPO; GRPO and RLOO are its critic-free kind)."""
     import statistics
 
     from experiments.benchmarks.ppo_speed import PPOBench
 
-    bench = PPOBench(ctx.exp)
+    bench = PPOBench(ctx.exp, stage)
     first = bench.iteration()
     runs, start = [], time.perf_counter()
     while len(runs) < ctx.reps:
@@ -293,9 +297,9 @@ def ppo_row(ctx: Context) -> dict:
         if time.perf_counter() - start > ctx.budget_s:
             break
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    b, p, n = bench.cfg.batch_size, bench.prompt_len, bench.cfg.max_new_tokens
+    b, p, n = bench.cfg.episodes, bench.prompt_len, bench.cfg.max_new_tokens
     return {
-        "batch": b, "prompt_len": p, "new_tokens": n,
+        "batch": b, "prompt_len": p, "new_tokens": n, "group_size": bench.cfg.group_size,
         "num_minibatches": bench.cfg.num_minibatches, "num_epochs": bench.cfg.num_epochs,
         "first_iteration_s_incl_compile": round(first["total_s"], 3),
         "reps": len(runs), "budget_exhausted": len(runs) < ctx.reps,
@@ -308,8 +312,11 @@ def ppo_row(ctx: Context) -> dict:
     }  # fmt: skip
 
 
-# One function per RL algorithm: Context -> row dict with "ours" (add GRPO etc. here).
-RL_ROWS: dict[str, Callable[[Context], dict]] = {"ppo_iteration": ppo_row}
+# One row per RL algorithm: Context -> row dict with "ours".
+RL_ROWS: dict[str, Callable[[Context], dict]] = {
+    f"{stage}_iteration": functools.partial(rl_row, stage=stage)
+    for stage in ("ppo", "grpo", "rloo")
+}
 
 
 def add_fractions(rows: dict[str, dict], roofline: dict) -> None:
@@ -345,7 +352,9 @@ def run_rows(ctx: Context, groups: list[str], predicted: dict[str, int]) -> dict
         for b in ctx.exp.bench.sample_batches:
             todo.append((f"sample_b{b}", "", lambda b=b: sample_row(ctx, b)))
     if "ppo" in groups:
-        todo += [(name, "ppo", lambda fn=fn: fn(ctx)) for name, fn in RL_ROWS.items()]
+        for name, fn in RL_ROWS.items():
+            kind = ctx.exp[name.removesuffix("_iteration")].kind  # ppo | grpo
+            todo.append((name, kind, lambda fn=fn: fn(ctx)))
     for name, kind, fn in todo:
         print(f"suite: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()

@@ -64,3 +64,26 @@ def ppo_config(
         c, name=name, extra_keys=DRIVER_KEYS, stop_token=stop_token, pad_id=pad_id,
         no_stop_penalty=c.no_stop_penalty * penalty_unit, ema_decay=ema_decay,
     )  # fmt: skip
+
+
+# PPO's value-function and GAE settings: no meaning without a critic (stage kind `grpo`).
+CRITIC_KEYS = (
+    "value_head_on_policy", "vf_coef", "cliprange_value", "gamma", "lam", "whiten_rewards",
+    "whiten_advantages", "value_optimizer",
+)  # fmt: skip
+
+
+def grpo_default_config() -> ml_collections.ConfigDict:
+    """GRPO as Shao et al. (2024) run it, at PPO's 512 episodes an iteration: 64 prompts x
+    G = 8 samples, beta = 0.04 on the k3 KL in the loss, one epoch, no ptx."""
+    c = default_config()
+    for key in CRITIC_KEYS:
+        del c[key]
+    c.kind = "grpo"
+    c.advantage = "grpo"
+    c.batch_size = 64
+    c.group_size = 8
+    c.kl_penalty = "loss"
+    c.kl_coef = 0.04
+    c.ptx_coef = 0.0
+    return c

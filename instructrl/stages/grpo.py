@@ -12,31 +12,11 @@ are PPO's too.
 
 from __future__ import annotations
 
-import ml_collections
-
+from instructrl.rl import stage_config
 from instructrl.stages import ppo
 
-# PPO's value-function and GAE settings: no meaning without a critic.
-_CRITIC_KEYS = (
-    "value_head_on_policy", "vf_coef", "cliprange_value", "gamma", "lam", "whiten_rewards",
-    "whiten_advantages", "value_optimizer",
-)  # fmt: skip
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """GRPO as Shao et al. (2024) run it, at PPO's 512 episodes an iteration: 64 prompts x
-    G = 8 samples, beta = 0.04 on the k3 KL in the loss, one epoch, no ptx."""
-    c = ppo.default_config()
-    for key in _CRITIC_KEYS:
-        del c[key]
-    c.kind = "grpo"
-    c.advantage = "grpo"
-    c.batch_size = 64
-    c.group_size = 8
-    c.kl_penalty = "loss"
-    c.kl_coef = 0.04
-    c.ptx_coef = 0.0
-    return c
-
+# The section's defaults live beside PPO's (rl/stage_config.py) so that benchmarks can read
+# them without the data stack.
+default_config = stage_config.grpo_default_config
 
 run = ppo.run

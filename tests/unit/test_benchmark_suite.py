@@ -140,13 +140,17 @@ def test_gpu_check_quick_runs_the_suite_with_stock_packages_only(tmp_path):
     result = json.loads((out / "suite_tiny.json").read_text())
     assert result["quick"] and result["shape"] == "tiny" and result["dtype"] == "float32"
     assert {"date", "load_avg_1min", "versions", "device", "device_report"} <= set(result)
+    rl = ["ppo_iteration", "grpo_iteration", "rloo_iteration"]
     assert list(result["rows"]) == ["sft_train_step", "rm_train_step", "sample_b4",
-                                    "sample_b8", "ppo_iteration"]  # fmt: skip
+                                    "sample_b8", *rl]  # fmt: skip
+    # GRPO and RLOO: PPO's episodes per iteration as batch / G prompts x G samples.
+    assert [result["rows"][n]["group_size"] for n in rl] == [1, 4, 4]
+    assert len({result["rows"][n]["batch"] for n in rl}) == 1
     for name, row in result["rows"].items():
-        keys = PPO_KEYS if name == "ppo_iteration" else (
+        keys = PPO_KEYS if name in rl else (
             SAMPLE_KEYS if name.startswith("sample") else TRAIN_KEYS)  # fmt: skip
         assert set(row["ours"]) == keys, name
-        if name != "ppo_iteration":
+        if name not in rl:
             assert set(row["peer"]) == keys and row["ratio_ours_over_peer"] > 0
         if name in ("sft_train_step", "rm_train_step", "ppo_iteration"):
             assert row["plan"]["predicted_peak_bytes"] > 0
@@ -154,4 +158,4 @@ def test_gpu_check_quick_runs_the_suite_with_stock_packages_only(tmp_path):
     figures = {k: v for k, v in figures.items() if "jax_device_peak" not in k}
     assert figures and all(math.isfinite(v) and v > 0 for v in figures.values()), figures
     table = (out / "suite_tiny.md").read_text()
-    assert table.count("\n| ") == 6  # header + 5 rows
+    assert table.count("\n| ") == 8  # header + 7 rows
