@@ -170,13 +170,15 @@ def sample(
     greedy: bool = False,
     stop_token: int | None = None,
     pad_id: int = 0,
+    decode_segment: int = 32,
 ) -> SampleOutput:
     """Samples `max_new_tokens` continuations of LEFT-padded prompts.
 
     prompt_tokens/prompt_mask int32 [B,P] (each row needs >= 1 real token; unpacked prompts).
     params: the model's (unboxed) "params" tree. Generated tokens continue each row's
     positions and segment id; pads are never attended to. Once a row emits `stop_token` it
-    is done: later entries are pad_id with mask 0 and logprob 0.
+    is done: later entries are pad_id with mask 0 and logprob 0. decode_segment: the shortest
+    decoding loop (decode_segments); the numbers do not depend on it.
     Returns SampleOutput(tokens [B,N] int32, logprobs [B,N] f32, mask [B,N] int32).
     """
     if max_new_tokens < 1:
@@ -195,7 +197,8 @@ def sample(
     )
 
     positions = positions_from_mask(prompt_mask)
-    cache = init_cache(model.config, batch, p_len + n - 1)
+    ends = decode_segments(n, decode_segment)
+    cache = init_cache(model.config, batch, p_len + ends[0] - 1)
     logits, cache = model.apply(
         variables, prompt_tokens, positions, prompt_mask, cache=cache, last_only=True
     )
@@ -224,9 +227,9 @@ def sample(
     )
     state = emit(state, 0, logits)
 
-    def cond(carry):
+    def cond(carry, end):
         i, _, state = carry
-        return (i < n) & ~jnp.all(state[3])
+        return (i < end) & ~jnp.all(state[3])
 
     def body(carry):
         i, cache, state = carry
@@ -237,14 +240,49 @@ def sample(
         logits, cache = model.apply(variables, prev, pos, prev_mask, cache=cache, last_only=True)
         return i + 1, cache, emit(state, i, logits)
 
-    _, _, (tokens, logprobs, mask, _) = lax.while_loop(cond, body, (jnp.int32(1), cache, state))
+    # Token i (>= 1) is decoded with a cache of p_len + i slots in use; each segment's loop
+    # holds only the slots its last token needs, so early tokens do not read empty ones.
+    carry = (jnp.int32(1), cache, state)
+    for end in ends:
+        i, cache, state = carry
+        carry = (i, grow_cache(cache, p_len + end - 1), state)
+        carry = lax.while_loop(functools.partial(cond, end=end), body, carry)
+    tokens, logprobs, mask, _ = carry[2]
     return SampleOutput(tokens, logprobs, mask)
+
+
+def decode_segments(n: int, min_len: int = 32, max_segments: int = 4) -> list[int]:
+    """Ends of the decoding loops for n new tokens: segments of max(min_len, n / max_segments)
+    tokens (one loop when n <= min_len). Attention reads every slot of the cache it is given,
+    so a loop per segment with a cache sized to that segment reads p + n/2 + segment/2 slots
+    per token on average instead of p + n (cpu7m, batch 64, 32 + 128 tokens: the KV cache is
+    ~80% of the bytes a decoding step reads). Each segment compiles its own loop body."""
+    size = max(min_len, -(-n // max_segments))
+    return [min(end, n) for end in range(size, n + size, size)]
+
+
+def grow_cache(cache: dict, length: int) -> dict:
+    """The KV cache with `length` slots: new slots empty (mask 0, never attended to)."""
+    extra = length - cache["mask"].shape[1]
+    if extra <= 0:
+        return cache
+    pad = lambda x, axis: jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])  # noqa: E731
+    layers = tuple({k: pad(v, 2) for k, v in layer.items()} for layer in cache["layers"])
+    return {"index": cache["index"], "mask": pad(cache["mask"], 1), "layers": layers}
 
 
 sample_jit = jax.jit(
     sample,
     static_argnums=(0,),
-    static_argnames=("max_new_tokens", "top_k", "top_p", "greedy", "stop_token", "pad_id"),
+    static_argnames=(
+        "max_new_tokens",
+        "top_k",
+        "top_p",
+        "greedy",
+        "stop_token",
+        "pad_id",
+        "decode_segment",
+    ),
 )
 sample_jit.__doc__ = (
     "`sample` compiled once per (model, shapes, static settings); temperature is traced."

@@ -174,7 +174,8 @@ def test_kv_cache_decode_matches_full_forward(lm):
     assert int(cache["index"]) == p_len + N_NEW
 
 
-def test_greedy_equals_argmax_rollout_and_stop(lm):
+@pytest.mark.parametrize("decode_segment", [32, 2])  # one decoding loop; loops of 2 tokens
+def test_greedy_equals_argmax_rollout_and_stop(lm, decode_segment):
     model, params, fwd = lm
     prompt = rand_tokens(2, PROMPT_MASK.shape)
     # Naive rollout: one full forward per new token over a fixed-size right-padded buffer.
@@ -203,6 +204,7 @@ def test_greedy_equals_argmax_rollout_and_stop(lm):
         greedy=True,
         stop_token=stop,
         pad_id=pad_id,
+        decode_segment=decode_segment,
     )
     ends = []
     for row in range(3):
@@ -219,11 +221,12 @@ def test_greedy_equals_argmax_rollout_and_stop(lm):
     assert ends[0] <= 3  # the stop really cut row 0
 
 
-def test_sampled_logprobs_equal_full_forward(lm):
+@pytest.mark.parametrize("decode_segment", [32, 2])
+def test_sampled_logprobs_equal_full_forward(lm, decode_segment):
     model, params, fwd = lm
     prompt = rand_tokens(3, PROMPT_MASK.shape)
     temperature = 0.7
-    kw = dict(max_new_tokens=N_NEW, top_k=8, top_p=0.9, stop_token=5)
+    kw = dict(max_new_tokens=N_NEW, top_k=8, top_p=0.9, stop_token=5, decode_segment=decode_segment)
     out = sample_jit(
         model, params, prompt, PROMPT_MASK, jax.random.key(3), temperature=temperature, **kw
     )
@@ -318,3 +321,13 @@ def test_inverse_cdf_vs_numpy_float64(v, block):
     assert np.all(p32[np.arange(b), got] > 0)
     assert got[0] == v // 2
     assert got[3] == np.flatnonzero(p32[3])[-1] or clear[3]
+
+
+def test_decode_segments_cover_every_token_once():
+    for n in (1, 5, 31, 32, 33, 70, 128, 1000):
+        ends = sampling.decode_segments(n)
+        assert ends[-1] == n and ends == sorted(set(ends)) and len(ends) <= 4, (n, ends)
+        assert ends[0] >= min(n, 32)
+    assert sampling.decode_segments(24) == [24]  # short responses: one loop, as before
+    assert sampling.decode_segments(128) == [32, 64, 96, 128]
+    assert sampling.decode_segments(6, 2) == [2, 4, 6]
