@@ -99,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prompts="@world/prompts_ppo.jsonl", comparisons="@collect/comparisons.jsonl",
         seq_len=64,  # [BOS] prompt (<= 32) response (<= 24) [EOS]; eval uses max_len
         max_prompt_len=32, max_response_len=24, seed=arg.seed,
+        num_threads=0,  # records of a few tokens: reader threads cost more than they save
     )  # fmt: skip
 
     config.world = world.default_config()
