@@ -141,6 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rm.num_epochs = 1 if s else 2  # Deviation (paper: 1): docs/results.md, "Reward model"
     config.rm.normalize_num = 64 if s else 512
     config.rm.optimizer.lr = 1e-3
+    config.rm.pack_responses = True  # skip the padding: K 6 of 9, 36 of 64 tokens on average
 
     config.ppo_init = sft.default_config()  # the paper's PPO-init; run only when listed
     config.ppo_init.update(config.sft.to_dict())
