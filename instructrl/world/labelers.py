@@ -130,16 +130,21 @@ def _agreement(pool: LabelerPool, items: list[tuple[np.ndarray, np.ndarray]], rn
     way, 1/2 if exactly one of them ties them, 0 if they disagree."""
     total, count = 0.0, 0
     traits = pool.traits()  # once: calibration calls this ~40 times over every prompt
+    pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # K -> its upper-triangle pairs
     for gold, lengths in items:
         if len(gold) < 2:
             continue
         l1, l2 = (int(x) for x in rng.choice(pool.num_labelers, size=2, replace=False))
         s1 = _perceived(gold, lengths, l1, traits, rng)
         s2 = _perceived(gold, lengths, l2, traits, rng)
-        d1, d2 = np.sign(s1[:, None] - s1[None, :]), np.sign(s2[:, None] - s2[None, :])
-        upper = np.triu_indices(len(gold), k=1)
-        a, b = d1[upper], d2[upper]
-        total += float(np.sum(np.where(a == b, 1.0, np.where(a * b == 0, 0.5, 0.0))))
+        if len(gold) not in pairs:
+            pairs[len(gold)] = np.triu_indices(len(gold), k=1)
+        i, j = pairs[len(gold)]
+        a, b = np.sign(s1[i] - s1[j]), np.sign(s2[i] - s2[j])
+        # halves and ones: every partial sum is exact, whatever the order
+        total += float(np.count_nonzero(a == b)) + 0.5 * float(
+            np.count_nonzero((a != b) & (a * b == 0))
+        )
         count += len(a)
     if count == 0:
         raise ValueError("no prompt has two distinct responses to compare")
