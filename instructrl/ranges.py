@@ -110,7 +110,7 @@ DATA = {
     "seed": ANY,
     "num_epochs": zero_means("repeat forever"),
     "num_workers": zero_means("read in the main process"),
-    "num_threads": POSITIVE,
+    "num_threads": zero_means("read in the main thread, without prefetch"),
 }
 
 MODEL = {

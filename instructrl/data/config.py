@@ -50,5 +50,5 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0  # shuffle seed
     c.num_epochs = 1  # passes over the data; 0 = repeat forever
     c.num_workers = 0  # grain worker processes (0 = in the main process)
-    c.num_threads = 4  # grain reader threads per process
+    c.num_threads = 4  # grain reader threads per process (0 = in the main thread, no prefetch)
     return c

@@ -134,6 +134,16 @@ def token_nll(
     return -logp
 
 
+def _row_nll(model: Transformer, params: Any, tokens, mask, loss_mask) -> jax.Array:
+    """Summed next-token NLL f32 [B] of token rows (token_nll summed over T)."""
+    return jnp.sum(token_nll(model, params, tokens, mask, loss_mask), axis=1)
+
+
+# Compiled once per (model config, shapes): eval scores six models of one config on the same
+# held-out and public-task rows, which a jit built inside each call recompiled every time.
+_row_nll_jit = jax.jit(_row_nll, static_argnums=0)
+
+
 def batched_nll(
     model: Transformer,
     params: Any,
@@ -145,13 +155,12 @@ def batched_nll(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL f64 [R], counted tokens [R]) of token rows; row r counts its tokens from
     index first_counted[r] (>= 1) on. Rows are right-padded to one length and batches to
-    batch_size rows, so the jitted forward compiles once per call."""
+    batch_size rows, so the jitted forward compiles once per model config and row length."""
     if not rows:
         raise ValueError("batched_nll: no rows")
     length = max(len(r) for r in rows)
     if length > model.config.max_len + 1:
         raise ValueError(f"batched_nll: a row of {length} tokens exceeds max_len + 1")
-    fn = jax.jit(lambda p, t, m, lm: jnp.sum(token_nll(model, p, t, m, lm), axis=1))
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
     for start in range(0, len(rows), batch_size):
         chunk = list(range(start, min(start + batch_size, len(rows))))
@@ -163,7 +172,7 @@ def batched_nll(
             tokens[i, : len(rows[r])], mask[i, : len(rows[r])] = rows[r], 1
             if i < len(chunk):
                 loss_mask[i, first_counted[r] : len(rows[r])] = 1
-        out = np.asarray(fn(params, tokens, mask, loss_mask), np.float64)
+        out = np.asarray(_row_nll_jit(model, params, tokens, mask, loss_mask), np.float64)
         sums[chunk] = out[: len(chunk)]
         counts[chunk] = loss_mask[: len(chunk)].sum(axis=1)
     return sums, counts

@@ -192,9 +192,14 @@ def score(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> 
 
 
 def rewards_of(model, params, batch, *, deterministic=True, rng=None) -> jax.Array:
-    """Raw rewards f32 [B, K] of an RM batch (tokens/positions/mask [B, K, T])."""
+    """Raw rewards f32 [B, K] of an RM batch (tokens/positions/mask [B, K, T]), or of a
+    packed one (data.examples.pack_responses: rows [R, T'] and response_row [B, K])."""
+    rngs = None if deterministic else {"dropout": rng}
+    if "response_row" in batch:
+        rows = [batch[key] for key in ("tokens", "positions", "mask")]
+        r = model.apply({"params": params}, *rows, deterministic=deterministic, rngs=rngs)
+        return r[batch["response_row"]]
     b, k, t = batch["tokens"].shape
     flat = [batch[key].reshape(b * k, t) for key in ("tokens", "positions", "mask")]
-    rngs = None if deterministic else {"dropout": rng}
     r = model.apply({"params": params}, *flat, deterministic=deterministic, rngs=rngs)
     return r.reshape(b, k)

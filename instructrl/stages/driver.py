@@ -45,14 +45,14 @@ class ModelSetup:
     def init_params(self, seed: int, from_lm: bool = False) -> Any:
         """Params from the input stage's export (the trunk only, when `from_lm` and this is a
         scalar-head model), else a random init; always born sharded."""
+        if self.init_dir is not None and not from_lm:  # no random init to compile and run
+            params, _ = ckpt_lib.load_exported(self.init_dir, self.param_shardings)
+            return params
         fresh = sharding.init_params_sharded(
             self.model, jax.random.key(seed), self.dummy, self.mesh, self.rules
         )
         if self.init_dir is None:
             return fresh
-        if not from_lm:
-            params, _ = ckpt_lib.load_exported(self.init_dir, self.param_shardings)
-            return params
         lm_params, _ = ckpt_lib.load_exported(self.init_dir, self.lm_param_shardings())
         return init_scalar_from_lm(lm_params, fresh)
 

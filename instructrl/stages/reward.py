@@ -3,7 +3,10 @@
 The SFT trunk (`init_from`) with a fresh scalar head; each batch element is one prompt with
 its K responses (padded to K_max), so all C(K,2) pairs of a ranking share one element and
 cost K forward passes. Loss: per prompt, −mean over its pairs of log σ(r_w − r_l); 1 epoch,
-cosine to 10%. Validation: pairwise accuracy and loss. After training, a `Normalization`
+cosine to 10%. Validation: pairwise accuracy and loss. With `pack_responses` a batch holds
+only its real responses, padded to whole rows and cut to its longest row
+(data.examples.pack_responses): the same rewards without the padding's work (single-process
+runs; shapes vary by batch, so a few more compiles). After training, a `Normalization`
 (`normalize`: "demonstrations", the paper; "policy", Ziegler et al.; or "none") is fitted and
 saved next to the exported params (`DIR/<name>/export/reward_normalization.json`).
 """
@@ -11,6 +14,7 @@ saved next to the exported params (`DIR/<name>/export/reward_normalization.json`
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -23,6 +27,8 @@ from instructrl import chat_format, losses, sharding, train_lib
 from instructrl import checkpoint as ckpt_lib
 from instructrl import tokenizer as tokenizer_lib
 from instructrl.data import rm_pipeline
+from instructrl.data.examples import pack_responses
+from instructrl.data.pipeline import per_process_batch
 from instructrl.errors import ConfigError
 from instructrl.models import positions_from_mask
 from instructrl.models.reward import (
@@ -54,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.normalize = "demonstrations"  # "demonstrations" | "policy" | "none"
     c.normalize_policy_from = ""  # stage whose samples define mean 0 / std 1 ("policy")
     c.normalize_num = 512  # demonstrations or policy samples used for the fit
+    c.pack_responses = False  # batches of the real responses only (module docstring)
     c.optimizer = train_lib.default_optimizer_config()
     c.optimizer.lr = 9e-6
     return c
@@ -73,12 +80,19 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     tokenizer = tokenizer_lib.load(inputs.tokenizer_path(config, name, workdir))
     data_cfg = driver.data_config(config, workdir, name)
     shard_index, shard_count = sharding.data_shard_info(mesh)
+    if c.pack_responses and jax.process_count() > 1:
+        raise ConfigError(
+            f"config key '{name}.pack_responses' needs one process: packed batches differ in "
+            f"shape between processes ({jax.process_count()} here)"
+        )
+    # packed rows are split over the mesh's batch shards like any batch
+    row_multiple = math.lcm(PACK_ROWS, mesh.shape["data"] * mesh.shape["fsdp"])
     built = inputs.build_data("comparisons", data_cfg, tokenizer)
     if data_cfg.max_responses == 0:  # one K_max for train and validation batches
         data_cfg.max_responses = built.stats.max_responses
 
     def batches(split: str, num_epochs: int, *, train: bool = True):
-        return rm_pipeline(
+        it = rm_pipeline(
             built,
             tokenizer,
             data_cfg,
@@ -91,19 +105,22 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
             process_index=shard_index,
             process_count=shard_count,
         )
+        return PackedBatches(it, row_multiple) if c.pack_responses else it
 
     if c.num_steps > 0:
         total_steps = c.num_steps
         data_iter = batches("train", 0)
     else:
-        per_epoch = sum(1 for _ in batches("train", 1))
+        data_iter = batches("train", c.num_epochs)  # first: it names a missing train split
+        # each process's equal share of the records, in whole batches (pipeline.shard_records)
+        rows = per_process_batch(c.batch_size, shard_count)
+        per_epoch = len(built.sources["train"]) // shard_count // rows
         if per_epoch == 0:
             raise ConfigError(
                 f"config key '{name}.batch_size' ({c.batch_size}) is larger than the "
                 "comparisons training split"
             )
         total_steps = per_epoch * c.num_epochs
-        data_iter = batches("train", c.num_epochs)
     logging.info("%s: %d steps of %d prompts (K_max=%d)", name, total_steps, c.batch_size,
                  data_cfg.max_responses)  # fmt: skip
 
@@ -173,6 +190,28 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
         final = evaluate(state, total_steps)
         with open(os.path.join(stage_dir, "results.json"), "w") as f:
             json.dump({**final, "normalization": norm.__dict__}, f, indent=2)
+
+
+PACK_ROWS, PACK_LENGTH = 32, 8  # packed batches: rows and lengths rounded up to these
+
+
+class PackedBatches:
+    """An RM batch iterator whose batches are packed (pack_responses); same saved state."""
+
+    def __init__(self, it, row_multiple: int):
+        self.it, self.row_multiple = it, row_multiple
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return pack_responses(next(self.it), self.row_multiple, PACK_LENGTH)
+
+    def get_state(self) -> bytes:
+        return self.it.get_state()
+
+    def set_state(self, state: bytes | str) -> None:
+        self.it.set_state(state)
 
 
 def normalization_scores(config, name, workdir, setup, params, tokenizer, data_cfg) -> np.ndarray:

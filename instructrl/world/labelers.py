@@ -66,9 +66,7 @@ class LabelerPool:
 
     def _perceive(self, gold, lengths, labeler, rng) -> np.ndarray:
         """gold, lengths [U] over distinct responses -> perceived [U] (draws U normals)."""
-        sigma, bias = self.traits()
-        z = rng.standard_normal(len(gold))
-        return gold + bias[labeler] * lengths / 10.0 + sigma[labeler] * z
+        return _perceived(gold, lengths, labeler, self.traits(), rng)
 
     def rank(
         self,
@@ -88,6 +86,13 @@ class LabelerPool:
         if not 0 <= labeler < self.num_labelers:
             raise ValueError(f"labeler {labeler} not in [0, {self.num_labelers})")
         return _tie_groups(self.perceived_scores(record, responses, stopped, labeler, rng))
+
+
+def _perceived(gold, lengths, labeler: int, traits, rng) -> np.ndarray:
+    """LabelerPool._perceive with the pool's traits (noise std [L], length bias [L]) given."""
+    sigma, bias = traits
+    z = rng.standard_normal(len(gold))
+    return gold + bias[labeler] * lengths / 10.0 + sigma[labeler] * z
 
 
 def _stopped(responses: Sequence[str], stopped: Sequence[bool] | None) -> list[bool]:
@@ -124,16 +129,22 @@ def _agreement(pool: LabelerPool, items: list[tuple[np.ndarray, np.ndarray]], rn
     """Mean over pairs of distinct responses of: 1 if two random labelers order them the same
     way, 1/2 if exactly one of them ties them, 0 if they disagree."""
     total, count = 0.0, 0
+    traits = pool.traits()  # once: calibration calls this ~40 times over every prompt
+    pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # K -> its upper-triangle pairs
     for gold, lengths in items:
         if len(gold) < 2:
             continue
         l1, l2 = (int(x) for x in rng.choice(pool.num_labelers, size=2, replace=False))
-        s1 = pool._perceive(gold, lengths, l1, rng)
-        s2 = pool._perceive(gold, lengths, l2, rng)
-        d1, d2 = np.sign(s1[:, None] - s1[None, :]), np.sign(s2[:, None] - s2[None, :])
-        upper = np.triu_indices(len(gold), k=1)
-        a, b = d1[upper], d2[upper]
-        total += float(np.sum(np.where(a == b, 1.0, np.where(a * b == 0, 0.5, 0.0))))
+        s1 = _perceived(gold, lengths, l1, traits, rng)
+        s2 = _perceived(gold, lengths, l2, traits, rng)
+        if len(gold) not in pairs:
+            pairs[len(gold)] = np.triu_indices(len(gold), k=1)
+        i, j = pairs[len(gold)]
+        a, b = np.sign(s1[i] - s1[j]), np.sign(s2[i] - s2[j])
+        # halves and ones: every partial sum is exact, whatever the order
+        total += float(np.count_nonzero(a == b)) + 0.5 * float(
+            np.count_nonzero((a != b) & (a * b == 0))
+        )
         count += len(a)
     if count == 0:
         raise ValueError("no prompt has two distinct responses to compare")

@@ -11,8 +11,12 @@ What each test shows:
     <- ppo_large, ppo_ptx_large (reward from the small run's
     last RM); each large stage is its small
     one's recipe; the small
-    stages equal the default config's; eval compares both
-    sizes against sft_large (smoke and non-smoke)
+    stages equal the default config's (with `oracle`, outside
+    smoke); eval compares both sizes against sft_large
+    (smoke and non-smoke)
+  the ppo_gold oracle is opt-in: `oracle` adds it and its   test_oracle_is_opt_in
+    eval model and changes nothing else; `full` keeps it,
+    smoke and `algorithms` leave it out unless asked for
   the large model has >= 8x the small one's parameters       test_full_large_model_is_8x_small
     (built with jax.eval_shape; smoke: large > small)
   `flawed_demos` changes exactly the world's demonstration     test_flawed_demos_changes_only_
@@ -85,7 +89,8 @@ def _param_count(mc: ModelConfig) -> int:
 @pytest.mark.parametrize("smoke", [False, True], ids=["default", "smoke"])
 def test_full_config_stages_and_chain(smoke):
     prefix = "smoke," if smoke else ""
-    full, default = _config(prefix + "full"), _config(prefix.rstrip(","))
+    # `full` keeps the ppo_gold oracle outside smoke: its small stages are an `oracle` run's
+    full, default = _config(prefix + "full"), _config(prefix.rstrip(",") if smoke else "oracle")
     stages = config_lib.stage_names(full)
     for name in stages:
         assert name in full and "kind" in full[name], f"stage {name} has no config section"
@@ -138,6 +143,21 @@ def test_full_config_stages_and_chain(smoke):
                 "PPO-ptx": "ppo_ptx", "PPO (gold reward)": "ppo_gold"}[s.label]  # fmt: skip
         assert s.stage == want + ("_large" if s.size == "large" else ""), s
         assert s.fewshot == (s.label == "GPT (prompted)")
+
+
+@pytest.mark.parametrize("extra", ["", "smoke", "near_perfect", "rounds=2"])
+def test_oracle_is_opt_in(extra):
+    base = _config(extra)
+    oracle = _config(f"{extra},oracle" if extra else "oracle")
+    names = config_lib.stage_names(base)
+    assert "ppo_gold" not in names and names[-1] == "eval"
+    assert config_lib.stage_names(oracle) == [*names[:-1], "ppo_gold", "eval"]
+    assert [m for m in oracle.eval.models if "ppo_gold" in m] == ["PPO (gold reward)=ppo_gold"]
+    assert oracle.eval.models[:-1] == base.eval.models
+    assert _diff(oracle.to_dict(), base.to_dict()) == {"stages", "eval.models"}
+    for arg, has_oracle in [("full", True), ("smoke,full", False), ("algorithms", False),
+                            ("full,algorithms", False), ("algorithms,oracle", True)]:  # fmt: skip
+        assert ("ppo_gold" in config_lib.stage_names(_config(arg))) == has_oracle, arg
 
 
 def _diff(a, b, prefix=""):

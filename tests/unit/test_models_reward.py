@@ -69,3 +69,41 @@ def test_reward_model_scores_texts_like_the_model(tokenizer, tmp_path):
     penalised = rm.score(prompts, responses, stopped=stopped, no_stop_score=-7.0)
     assert np.all(penalised[~np.asarray(stopped)] == -7.0)
     np.testing.assert_array_equal(penalised[np.asarray(stopped)], got[np.asarray(stopped)])
+
+
+def test_packed_rm_batches_give_the_padded_batches_rewards_and_loss():
+    """pack_responses keeps only the real responses, cut to the longest row: rewards_of gives
+    the same rewards (causal attention, right padding) and the K-wise loss the same value and
+    gradient, up to float rounding, on rows of different K and lengths."""
+    from instructrl import losses
+    from instructrl.data.examples import pack_responses, rm_example
+    from instructrl.data.records import LengthLimits
+    from instructrl.models.reward import rewards_of
+
+    rng = np.random.default_rng(0)
+    limits = LengthLimits(tokenizer=None, max_prompt_len=8, max_response_len=12, seq_len=24)
+    rows = []
+    for k in (2, 5, 3):  # K_max 6: padded responses in every row
+        prompt = [2, *rng.integers(4, 60, rng.integers(1, 7)).tolist()]
+        responses = [rng.integers(4, 60, rng.integers(1, 12)).tolist() for _ in range(k)]
+        rows.append(rm_example(prompt, responses, rng.permutation(k).tolist(), [], limits, 6,
+                               3, 0, [bool(i % 2) for i in range(k)]))  # fmt: skip
+    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+    packed = pack_responses(batch, row_multiple=4, len_multiple=8)
+    assert packed["tokens"].shape == (12, 24 if batch["mask"][..., 16:].any() else 16)
+    assert packed["response_row"].shape == (3, 6) and packed["mask"][10:].sum() == 0
+    config = ModelConfig(vocab_size=64, max_len=24, num_layers=2, d_model=16, num_heads=2, d_ff=32)
+    model = Transformer(config, head="scalar")
+    dummy = np.ones((1, 24), np.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, dummy, dummy)["params"])
+
+    def loss(p, b):
+        return losses.reward_loss(rewards_of(model, p, b), b["pair_mask"])
+
+    want, got = rewards_of(model, params, batch), rewards_of(model, params, packed)
+    real = batch["response_mask"] > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss(params, packed), loss(params, batch), rtol=1e-6)
+    grads = [jax.grad(loss)(params, b) for b in (batch, packed)]
+    for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
