@@ -178,7 +178,7 @@ def sample(
     params: the model's (unboxed) "params" tree. Generated tokens continue each row's
     positions and segment id; pads are never attended to. Once a row emits `stop_token` it
     is done: later entries are pad_id with mask 0 and logprob 0. decode_segment: the shortest
-    decoding loop (decode_segments); the numbers do not depend on it.
+    decoding loop (decode_segments); it changes speed, and the numbers only by rounding.
     Returns SampleOutput(tokens [B,N] int32, logprobs [B,N] f32, mask [B,N] int32).
     """
     if max_new_tokens < 1:
