@@ -96,10 +96,8 @@ class PPOBench:
         self.rules = sharding.rules_from_config(exp.get("rules"))
         self.policy = Transformer(self.model_config)
         scalar = Transformer(self.model_config, head="scalar")
-        no_value = self.cfg.critic_free or self.cfg.value_head_on_policy
-        self.models = ppo.PPOModels(
-            policy=self.policy, reward=scalar, value=None if no_value else scalar
-        )
+        value = scalar if self.cfg.separate_value_network else None
+        self.models = ppo.PPOModels(policy=self.policy, reward=scalar, value=value)
         dummy = [np.zeros((1, 8), np.int32)] * 2 + [np.ones((1, 8), np.int32)]
         init = sharding.init_params_sharded
         self.reference = init(self.policy, jax.random.key(0), dummy, self.mesh, self.rules)

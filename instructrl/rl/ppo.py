@@ -197,7 +197,7 @@ def make_ppo_optimizer(
         )
 
     policy, policy_lr = build("optimizer")
-    if cfg.value_head_on_policy or cfg.critic_free:
+    if not cfg.separate_value_network:
         return PPOOptimizer(policy, None, policy_lr, None)
     value, value_lr = build("value_optimizer")
     return PPOOptimizer(policy, value, policy_lr, value_lr)

@@ -80,6 +80,12 @@ class PPOConfig:
         return self.advantage != "gae"
 
     @property
+    def separate_value_network(self) -> bool:
+        """A value network of its own (the RM's architecture), not a head on the policy and
+        not critic-free."""
+        return not (self.value_head_on_policy or self.critic_free)
+
+    @property
     def episodes(self) -> int:
         """Episodes (sampled responses) per iteration."""
         return self.batch_size * self.group_size

@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, name: str, workdir: str) -> None:
     models = ppo.PPOModels(
         policy=setup.model,
         reward=reward_model,
-        value=None if cfg.value_head_on_policy or cfg.critic_free else reward_model,
+        value=reward_model if cfg.separate_value_network else None,
     )
     # ptx rows per prompt (the pipeline's unit): ptx_ratio per episode x G episodes a prompt
     data_cfg.ptx_ratio = cfg.ptx_ratio * cfg.group_size if cfg.ptx_coef > 0 else 0.0
