@@ -29,6 +29,7 @@ import ml_collections
 
 from instructrl import config as config_lib
 from instructrl.data import default_data_config
+from instructrl.rl import stage_config
 from instructrl.stages import (
     collect,
     dpo,
@@ -216,8 +217,7 @@ def add_algorithms(config: ml_collections.ConfigDict, smoke_run: bool) -> None:
     # G = 4 samples of a quarter of PPO's prompts: PPO's episodes per iteration.
     config.grpo.update(batch_size=config.ppo.batch_size // 4, group_size=4)
     config.grpo.optimizer.lr = config.ppo.optimizer.lr
-    config.rloo = ml_collections.ConfigDict(config.grpo.to_dict())
-    config.rloo.update(advantage="rloo", kl_penalty="reward")  # Ahmadian et al.: KL in reward
+    config.rloo = stage_config.rloo_config(config.grpo)  # Ahmadian et al.: KL in the reward
     config.dpo = dpo.default_config()
     config.dpo.update(init_from="sft", batch_size=8 if smoke_run else 32, beta=0.1,
                       num_steps=3 if smoke_run else 0, log_every=5 if smoke_run else 10)  # fmt: skip

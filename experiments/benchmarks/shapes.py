@@ -18,7 +18,7 @@ import ml_collections
 from instructrl import config as config_lib
 from instructrl import train_lib
 from instructrl.rl.stage_config import default_config as ppo_stage_config
-from instructrl.rl.stage_config import grpo_default_config
+from instructrl.rl.stage_config import grpo_default_config, rloo_config
 
 _GPT2 = dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True)
 _QWEN3 = dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, qk_norm=True)
@@ -95,8 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                          "num_minibatches", "max_new_tokens", "logprob_chunk",
                                          "ptx_coef")})  # fmt: skip
     c.grpo.update(batch_size=ppo_batch // GROUP_SIZE, group_size=GROUP_SIZE)
-    c.rloo = ml_collections.ConfigDict(c.grpo.to_dict())
-    c.rloo.update(advantage="rloo", kl_penalty="reward")
+    c.rloo = rloo_config(c.grpo)
     batches, sample_prompt, sample_new = w["sample"]
     c.bench = ml_collections.ConfigDict(
         dict(shape=a.shape, sample_batches=list(batches), sample_prompt_len=sample_prompt,

@@ -20,7 +20,7 @@ called in turn rep by rep (experiments/benchmarks/timing.py), same threads, same
                    (experiments/benchmarks/ppo_speed.PPOBench): episodes/s, the rollout's
                    share, peak memory. No peer. grpo_iteration and rloo_iteration: the
                    same for GRPO and RLOO (PPO's critic-free kind) at PPO's episodes per
-                   iteration, G = 4 samples per prompt. One entry of RL_ROWS per algorithm.
+                   iteration, G = 4 samples per prompt. One entry of RL_STAGES per algorithm.
 
 Denominators, measured in this run after the rows (the best of jax and torch, median of reps):
   peak FLOP/s     an [n, n] x [n, n] product in the run's dtype, 2 n^3 / time;
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import os
@@ -312,11 +311,8 @@ def rl_row(ctx: Context, stage: str) -> dict:
     }  # fmt: skip
 
 
-# One row per RL algorithm: Context -> row dict with "ours".
-RL_ROWS: dict[str, Callable[[Context], dict]] = {
-    f"{stage}_iteration": functools.partial(rl_row, stage=stage)
-    for stage in ("ppo", "grpo", "rloo")
-}
+# The RL algorithms' sections in shapes.py, one row `<stage>_iteration` each.
+RL_STAGES = ("ppo", "grpo", "rloo")
 
 
 def add_fractions(rows: dict[str, dict], roofline: dict) -> None:
@@ -352,9 +348,8 @@ def run_rows(ctx: Context, groups: list[str], predicted: dict[str, int]) -> dict
         for b in ctx.exp.bench.sample_batches:
             todo.append((f"sample_b{b}", "", lambda b=b: sample_row(ctx, b)))
     if "ppo" in groups:
-        for name, fn in RL_ROWS.items():
-            kind = ctx.exp[name.removesuffix("_iteration")].kind  # ppo | grpo
-            todo.append((name, kind, lambda fn=fn: fn(ctx)))
+        for stage in RL_STAGES:  # kind ppo or grpo: the plan's prediction to compare with
+            todo.append((f"{stage}_iteration", ctx.exp[stage].kind, lambda s=stage: rl_row(ctx, s)))
     for name, kind, fn in todo:
         print(f"suite: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()

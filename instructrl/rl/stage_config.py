@@ -87,3 +87,11 @@ def grpo_default_config() -> ml_collections.ConfigDict:
     c.kl_coef = 0.04
     c.ptx_coef = 0.0
     return c
+
+
+def rloo_config(grpo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """RLOO (Ahmadian et al., 2024) as a copy of a GRPO section: leave-one-out advantages and
+    the KL to the reference in the reward, not in the loss."""
+    c = ml_collections.ConfigDict(grpo.to_dict())
+    c.update(advantage="rloo", kl_penalty="reward")
+    return c
